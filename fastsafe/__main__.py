@@ -1,0 +1,5 @@
+import sys
+
+from fastsafe.cli import main
+
+sys.exit(main())

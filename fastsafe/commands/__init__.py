@@ -1,0 +1,1 @@
+"""Sub-commands of the ``fastsafe`` command line (see ``fastsafe.cli``)."""

@@ -1,0 +1,1 @@
+"""Triton kernels of fastsafe, installed as ``fastsafe.kernels`` (GPU; CPU under TRITON_INTERPRET=1)."""
