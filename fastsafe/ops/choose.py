@@ -32,6 +32,7 @@ def candidate_scores(out: SafeTopK, candidate_reward=None, reward_weight: float 
                      candidate_allowed=None) -> torch.Tensor:
     """``[B, k]`` float32 ``s = (values - logsumexp) + reward_weight * candidate_reward``, ``-inf`` where disallowed."""
     s = out.values - out.logsumexp.unsqueeze(-1)
+    s = s.masked_fill(torch.isneginf(out.values), NEG_INF)   # all-banned rows: -inf - -inf would be NaN
     if candidate_reward is not None and reward_weight != 0.0:
         s = s + reward_weight * candidate_reward.float()
     if candidate_allowed is not None:
@@ -69,7 +70,7 @@ def choose(out: SafeTopK, candidate_reward=None, reward_weight: float = 0.0, can
         >>> ids = choose(out, do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(0))
     """
     for name in ("values", "indices", "logsumexp"):
-        if not hasattr(out, name):
+        if not isinstance(getattr(out, name, None), torch.Tensor):
             raise TypeError(f"out: expected the SafeTopK result of safe_topk, got {type(out).__name__}")
     values = out.values
     check_tensor("out.values", values, ndims=(2,))
