@@ -1,0 +1,57 @@
+"""Argument checks shared by the training losses.
+
+Every error names the argument, the expected and the received value (the convention of
+``fastsafe.ops.validate``, whose helpers are reused here).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastsafe.ops.validate import check_real, check_same_device, check_tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_KIND = "a floating point type (float32, float16, bfloat16 or float64)"
+
+__all__ = ["FLOAT_DTYPES", "check_real", "check_same_device", "check_tensor", "check_float",
+           "check_int_tensor", "check_same_shape", "check_finite", "check_shape", "as_weights"]
+
+
+def check_float(name: str, value, *, ndims=None) -> torch.Tensor:
+    """A floating point tensor (any of :data:`FLOAT_DTYPES`) of one of ``ndims`` ranks."""
+    return check_tensor(name, value, ndims=ndims, dtypes=FLOAT_DTYPES, kind=_FLOAT_KIND)
+
+
+def check_int_tensor(name: str, value, *, ndims=None) -> torch.Tensor:
+    check_tensor(name, value, ndims=ndims)
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer dtype (int64, int32, ...), got {value.dtype}")
+    return value
+
+
+def check_shape(name: str, value: torch.Tensor, shape, ref_desc: str) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)} ({ref_desc}), got {list(value.shape)}")
+
+
+def check_same_shape(name: str, value: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if value.shape != ref.shape:
+        raise ValueError(f"{name}: expected the shape of {ref_name} {list(ref.shape)}, got {list(value.shape)}")
+    check_same_device(name, value, ref, ref_name)
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raise ValueError if ``value`` holds a NaN or an infinity (one device sync)."""
+    if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+        bad = value[~torch.isfinite(value)]
+        raise ValueError(f"{name}: expected finite values, got {bad.numel()} non-finite "
+                         f"(first: {bad.flatten()[0].item()})")
+
+
+def as_weights(name: str, value, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+    """Per-token weights: a float, bool or integer tensor of ``ref``'s shape, finite, as ``ref.dtype``."""
+    check_tensor(name, value)
+    check_same_shape(name, value, ref, ref_name)
+    if value.dtype.is_complex:
+        raise TypeError(f"{name}: expected a real (float, int or bool) tensor, got {value.dtype}")
+    check_finite(name, value)
+    return value.to(ref.dtype)

@@ -1,0 +1,379 @@
+"""Fused per-token log-probabilities from hidden states and the lm_head weight.
+
+``token_logps`` never builds the ``[N*T, V]`` logits. Two backends compute it:
+
+- ``torch``: a chunked PyTorch path (any device; the default on CPU tensors). It walks the active
+  tokens in chunks of ``chunk_size`` rows, so its extra memory is O(chunk_size x V) plus an fp32
+  weight-gradient accumulator; the backward recomputes each chunk's logits.
+- ``triton``: Triton kernels (``kernels/token_logps.py``) that tile tokens and vocabulary with an
+  online logsumexp, forward and backward, accumulating gradients in fp32. The default on CUDA
+  tensors; on the CPU only when asked for with ``backend="triton"`` and ``TRITON_INTERPRET=1``.
+
+Both are ``torch.autograd.Function``s whose backward takes a gradient per token for each output
+(log-prob, KL, entropy), of any sign and value, so per-token weights and signed masks compose.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from ._checks import check_float, check_int_tensor, check_real, check_same_device, check_tensor
+
+__all__ = ["token_logps", "token_logps_backend", "default_chunk_size", "TOKEN_LOGPS_BACKENDS"]
+
+TOKEN_LOGPS_BACKENDS = ("torch", "triton")
+# Elements of one [chunk, V] fp32 buffer in the chunked path (64 MiB); a few such buffers live at once.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
+    """Rows per chunk of the torch path: about 2**24 logits per chunk, between 16 and 4096 rows."""
+    c = max(16, min(4096, _CHUNK_ELEMENTS // max(1, vocab_size)))
+    return max(1, min(c, num_tokens))
+
+
+def _interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreter()):
+        return (f"the triton backend runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), "
+                f"got a {device.type} tensor")
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("fastsafe.kernels.token_logps")
+    except Exception as exc:  # ImportError, or a Triton that cannot build for this GPU
+        return f"triton kernels not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def token_logps_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
+    """Name of the backend :func:`token_logps` uses for ``tensor``'s device.
+
+    ``backend=None`` picks ``"triton"`` for CUDA tensors when Triton is importable, else
+    ``"torch"``. CPU tensors always default to ``"torch"`` (even with ``TRITON_INTERPRET=1``);
+    ``backend="triton"`` forces the kernels (on the CPU this needs ``TRITON_INTERPRET=1``).
+
+    Example:
+        >>> token_logps_backend(torch.zeros(2, 8))
+        'torch'
+    """
+    device = tensor.device
+    if backend is None:
+        if device.type == "cuda" and _triton_unavailable_reason(device) is None:
+            return "triton"
+        return "torch"
+    if backend not in TOKEN_LOGPS_BACKENDS:
+        raise ValueError(f"backend: expected one of {TOKEN_LOGPS_BACKENDS} or None, got {backend!r}")
+    if backend == "triton":
+        why = _triton_unavailable_reason(device)
+        if why is not None:
+            raise RuntimeError(f"backend: 'triton' is unavailable: {why}")
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------
+# torch backend: chunked over tokens
+# ----------------------------------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(h, weight, bias, inv_temp, acc):
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z.to(acc)
+    if inv_temp != 1.0:
+        z = z * inv_temp
+    return z
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """Chunked log-softmax-and-gather (plus optional KL and entropy) over packed active tokens.
+
+    ``forward(hidden [M, H], weight [V, H], bias [V] | None, targets [M], ref_hidden [M, H] | None,
+    ref_weight [V, H] | None, ref_bias [V] | None, temperature, chunk_size, want_entropy)`` returns
+    ``(logp [M], kl [M] | empty, entropy [M] | empty)`` in float32 (float64 for float64 inputs).
+    The reference side is constant: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                temperature, chunk_size, want_entropy):
+        M = hidden.shape[0]
+        acc = _acc_dtype(hidden.dtype)
+        inv_temp = 1.0 / temperature
+        want_kl = ref_hidden is not None
+        lse = torch.empty(M, dtype=acc, device=hidden.device)
+        lp = torch.empty(M, dtype=acc, device=hidden.device)
+        kl = torch.empty(M if want_kl else 0, dtype=acc, device=hidden.device)
+        ref_lse = torch.empty(M if want_kl else 0, dtype=acc, device=hidden.device)
+        ent = torch.empty(M if want_entropy else 0, dtype=acc, device=hidden.device)
+        mean_z = torch.empty(M if want_entropy else 0, dtype=acc, device=hidden.device)
+        for s in range(0, M, chunk_size):
+            e = min(M, s + chunk_size)
+            z = _chunk_logits(hidden[s:e], weight, bias, inv_temp, acc)
+            c_lse = torch.logsumexp(z, dim=-1)
+            lse[s:e] = c_lse
+            lp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - c_lse
+            if want_entropy or want_kl:
+                p = torch.exp(z - c_lse[:, None])
+            if want_entropy:
+                ez = (p * z).sum(-1)
+                mean_z[s:e] = ez
+                ent[s:e] = c_lse - ez
+            if want_kl:
+                zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, inv_temp, acc)
+                r_lse = torch.logsumexp(zr, dim=-1)
+                ref_lse[s:e] = r_lse
+                # KL(ref || pi) = sum_v p_ref (z_ref - z) - lse_ref + lse, from logsumexps only.
+                pr = torch.exp(zr - r_lse[:, None])
+                kl[s:e] = (pr * (zr - z)).sum(-1) - r_lse + c_lse
+                del zr, pr
+            del z
+        ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                              lse, ref_lse, mean_z)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.want_kl = want_kl
+        ctx.want_entropy = want_entropy
+        if not want_kl:
+            ctx.mark_non_differentiable(kl)
+        if not want_entropy:
+            ctx.mark_non_differentiable(ent)
+        return lp, kl, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_kl, g_ent):
+        (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+         lse, ref_lse, mean_z) = ctx.saved_tensors
+        M, H = hidden.shape
+        V = weight.shape[0]
+        acc = _acc_dtype(hidden.dtype)
+        inv_temp = 1.0 / ctx.temperature
+        C = ctx.chunk_size
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        use_kl = ctx.want_kl and g_kl is not None
+        use_ent = ctx.want_entropy and g_ent is not None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # The weight gradient is accumulated in fp32 (fp64 for fp64 inputs) over the chunks.
+        grad_w = torch.zeros(V, H, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(V, dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+        v_block = V if hidden.dtype == acc else max(1, min(V, _CHUNK_ELEMENTS // max(1, H)))
+        for s in range(0, M, C):
+            e = min(M, s + C)
+            h = hidden[s:e]
+            z = _chunk_logits(h, weight, bias, inv_temp, acc)
+            p = torch.exp(z - lse[s:e, None])
+            dz = torch.zeros_like(z)
+            if g_lp is not None:
+                gl = g_lp[s:e].to(acc)
+                dz = -gl[:, None] * p
+                dz.scatter_add_(1, targets[s:e, None], gl[:, None])
+            if use_kl:
+                zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, inv_temp, acc)
+                pr = torch.exp(zr - ref_lse[s:e, None])
+                dz.add_(g_kl[s:e].to(acc)[:, None] * (p - pr))
+                del zr, pr
+            if use_ent:
+                dz.sub_(g_ent[s:e].to(acc)[:, None] * p * (z - mean_z[s:e, None]))
+            del z, p
+            if inv_temp != 1.0:
+                dz.mul_(inv_temp)
+            if grad_b is not None:
+                grad_b.add_(dz.sum(0))
+            dzc = dz.to(hidden.dtype)
+            del dz
+            if need_h:
+                grad_h[s:e] = dzc @ weight
+            if need_w:
+                if hidden.dtype == acc:
+                    grad_w.addmm_(dzc.t(), h)
+                else:  # low precision: bound the [block, H] temporary before the fp32 add
+                    for v0 in range(0, V, v_block):
+                        v1 = min(V, v0 + v_block)
+                        grad_w[v0:v1].add_(dzc[:, v0:v1].t() @ h)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+def _check_lm_head(name_w, weight, name_b, bias, hidden, name_h):
+    check_float(name_w, weight, ndims=(2,))
+    check_same_device(name_w, weight, hidden, name_h)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"{name_w}: expected shape [V, H] with H = {H} (the last dim of {name_h}), "
+                         f"got {list(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{name_w}: expected a vocabulary size V >= 1, got shape {list(weight.shape)}")
+    if bias is not None:
+        check_float(name_b, bias, ndims=(1,))
+        check_same_device(name_b, bias, hidden, name_h)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{name_b}: expected shape [V] = [{weight.shape[0]}], got {list(bias.shape)}")
+
+
+def _harmonise_dtypes(pairs):
+    """Same dtype for hidden, weight and bias, or the autocast dtype when autocast is on."""
+    device_type = pairs[0][1].device.type
+    dtypes = {t.dtype for _, t in pairs if t is not None}
+    if len(dtypes) == 1:
+        return [t for _, t in pairs]
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        return [None if t is None else t.to(dt) for _, t in pairs]
+    desc = ", ".join(f"{n} {t.dtype}" for n, t in pairs if t is not None)
+    raise TypeError(f"{pairs[0][0]}: expected one dtype for {', '.join(n for n, t in pairs if t is not None)} "
+                    f"(or an enabled torch.autocast that casts them), got {desc}; cast them with .to(dtype)")
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, ignore_index: int = -100, temperature: float = 1.0, *,
+                active: Optional[torch.Tensor] = None,
+                ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
+                ref_bias: Optional[torch.Tensor] = None, return_kl: bool = False,
+                return_entropy: bool = False, chunk_size: Optional[int] = None,
+                backend: Optional[str] = None):
+    """Per-token ``log p(target)`` from hidden states and the lm_head, without materialising logits.
+
+    ``logits = (hidden @ weight.T + bias) / temperature``; returns ``log_softmax(logits)[target]``.
+
+    Args:
+        hidden: ``[N, T, H]`` or ``[M, H]``, float32 / bfloat16 / float16 (float64 for gradcheck).
+        weight: ``[V, H]`` lm_head weight, same dtype as ``hidden`` (a bf16 ``hidden`` with an fp32
+            ``weight`` is a TypeError unless ``torch.autocast`` is enabled, which casts both to the
+            autocast dtype).
+        targets: ``[N, T]`` (or ``[M]``) integer token ids in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]`` lm_head bias.
+        ignore_index: target value of positions to skip (output 0, no gradient).
+        temperature: logits are divided by it (> 0), for the policy and the reference alike.
+        active: optional mask of ``targets``' shape (bool, or any dtype: nonzero = active, so a
+            per-token weight tensor can be passed as is). Inactive positions are packed out before
+            the matmul, so cost scales with the active tokens; their outputs are 0.
+        ref_hidden, ref_weight, ref_bias: the reference model's hidden states (``hidden``'s shape)
+            and lm_head. ``ref_weight=None`` reuses ``weight`` and ``bias``. Constants: no gradient.
+        return_kl: also return the full-vocabulary ``KL(pi_ref || pi)`` per position, computed
+            from logsumexps (needs ``ref_hidden``). Differentiable w.r.t. the policy side.
+        return_entropy: also return the policy entropy per position (differentiable).
+        chunk_size: rows per chunk of the torch path (default :func:`default_chunk_size`).
+        backend: ``None`` (Triton on CUDA, torch on CPU), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``lp`` of ``targets``' shape, float32 (float64 for float64 inputs), 0 at ignored and
+        inactive positions; or a tuple ``(lp, kl)``, ``(lp, entropy)`` or ``(lp, kl, entropy)``.
+        The backward accepts any per-token upstream gradient for each output; gradients flow to
+        ``hidden``, ``weight`` and ``bias`` (the weight gradient is accumulated in fp32).
+
+    Example:
+        >>> h, w = torch.randn(2, 6, 16), torch.randn(50, 16, requires_grad=True)
+        >>> t = torch.randint(0, 50, (2, 6)); t[1, 4:] = -100
+        >>> lp = token_logps(h, w, t)                       # [2, 6] float32, lp[1, 4:] == 0
+        >>> (lp * torch.randn(2, 6)).sum().backward()        # any per-token weights
+        >>> lp, kl = token_logps(h, w, t, ref_hidden=h + 0.1, ref_weight=w.detach(), return_kl=True)
+    """
+    check_float("hidden", hidden, ndims=(2, 3))
+    H = hidden.shape[-1]
+    check_int_tensor("targets", targets)
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets: expected shape {list(hidden.shape[:-1])} (hidden's shape without H), "
+                         f"got {list(targets.shape)}")
+    check_same_device("targets", targets, hidden, "hidden")
+    _check_lm_head("weight", weight, "bias", bias, hidden, "hidden")
+    V = weight.shape[0]
+    temperature = check_real("temperature", temperature, positive=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size!r}")
+    if return_kl and ref_hidden is None:
+        raise ValueError("ref_hidden: required when return_kl=True (the reference model's hidden states, "
+                         f"shape {list(hidden.shape)}), got None")
+    if ref_hidden is not None and not return_kl:
+        raise ValueError("ref_hidden: only used for the KL; pass return_kl=True with it (or drop it)")
+    if ref_hidden is not None:
+        check_float("ref_hidden", ref_hidden)
+        if ref_hidden.shape != hidden.shape:
+            raise ValueError(f"ref_hidden: expected hidden's shape {list(hidden.shape)}, got {list(ref_hidden.shape)}")
+        check_same_device("ref_hidden", ref_hidden, hidden, "hidden")
+        if ref_weight is None:
+            ref_weight, ref_bias = weight.detach(), (None if bias is None else bias.detach())
+        else:
+            _check_lm_head("ref_weight", ref_weight, "ref_bias", ref_bias, hidden, "hidden")
+            if ref_weight.shape[0] != V:
+                raise ValueError(f"ref_weight: expected V = {V} rows (weight's vocabulary), got {list(ref_weight.shape)}")
+    elif ref_weight is not None or ref_bias is not None:
+        raise ValueError("ref_weight: only used with ref_hidden and return_kl=True, got a tensor without ref_hidden")
+
+    hidden, weight, bias = _harmonise_dtypes([("hidden", hidden), ("weight", weight), ("bias", bias)])
+    if ref_hidden is not None:
+        ref_hidden, ref_weight, ref_bias = _harmonise_dtypes(
+            [("ref_hidden", ref_hidden), ("ref_weight", ref_weight.detach()),
+             ("ref_bias", None if ref_bias is None else ref_bias.detach())])
+        if ref_hidden.dtype != hidden.dtype:
+            raise TypeError(f"ref_hidden: expected hidden's dtype {hidden.dtype}, got {ref_hidden.dtype}")
+        ref_hidden = ref_hidden.detach()
+
+    out_shape = targets.shape
+    flat_t = targets.reshape(-1)
+    valid = flat_t != ignore_index
+    bad = valid & ((flat_t < 0) | (flat_t >= V))
+    if bool(bad.any()):
+        vals = flat_t[bad]
+        raise ValueError(f"targets: expected ids in [0, V) = [0, {V}) or ignore_index = {ignore_index}, got "
+                         f"{vals.numel()} out of range (min {vals.min().item()}, max {vals.max().item()})")
+    if active is not None:
+        check_tensor("active", active)
+        if active.shape != targets.shape:
+            raise ValueError(f"active: expected targets' shape {list(targets.shape)}, got {list(active.shape)}")
+        check_same_device("active", active, hidden, "hidden")
+        valid = valid & (active.reshape(-1) != 0)
+
+    M_all = flat_t.numel()
+    h2 = hidden.reshape(M_all, H)
+    all_active = bool(valid.all())
+    if all_active:
+        idx = None
+        h_act, t_act = h2, flat_t.long()
+        rh_act = None if ref_hidden is None else ref_hidden.reshape(M_all, H)
+    else:
+        idx = valid.nonzero().squeeze(1)
+        h_act = h2.index_select(0, idx)
+        t_act = flat_t.index_select(0, idx).long()
+        rh_act = None if ref_hidden is None else ref_hidden.reshape(M_all, H).index_select(0, idx)
+    M = h_act.shape[0]
+    h_act = h_act if h_act.stride(-1) == 1 else h_act.contiguous()
+    chosen = token_logps_backend(hidden, backend)
+    if chosen == "triton":
+        from fastsafe.kernels.token_logps import TritonTokenLogps
+        lp, kl, ent = TritonTokenLogps.apply(h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
+                                             temperature, bool(return_entropy))
+    else:
+        C = chunk_size if chunk_size is not None else default_chunk_size(max(M, 1), V)
+        lp, kl, ent = ChunkedTokenLogps.apply(h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
+                                              temperature, C, bool(return_entropy))
+
+    def scatter(x):
+        if idx is None:
+            return x.view(out_shape)
+        return x.new_zeros(M_all).index_copy(0, idx, x).view(out_shape)
+
+    outs = [scatter(lp)]
+    if return_kl:
+        outs.append(scatter(kl))
+    if return_entropy:
+        outs.append(scatter(ent))
+    return outs[0] if len(outs) == 1 else tuple(outs)
