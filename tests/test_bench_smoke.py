@@ -1,0 +1,127 @@
+"""Smoke tests of the decode benchmark and the ``fastsafe bench`` command (tiny sizes, no timing assertions)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import common, decode
+from fastsafe.commands import bench
+
+TINY = ["--batch", "1,3", "--vocab", "257", "--k", "5", "--banned", "20", "--dense-ban", "0.9",
+        "--repeat", "2", "--warmup", "1"]
+
+
+def _backends():
+    from fastsafe.ops import backends
+    return ",".join(b for b in ("torch", "cpp") if backends()[b].available)
+
+
+def _load(path):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def test_decode_main_writes_json(tmp_path):
+    out = tmp_path / "decode.json"
+    chosen = _backends().split(",")
+    assert decode.main(TINY + ["--backends", ",".join(chosen), "--out", str(out)]) == 0
+    data = _load(out)
+    assert data["benchmark"] == "decode"
+    assert data["device"]["type"] == "cpu" and data["device"]["slug"] == "cpu" and data["device"]["name"]
+    env = data["environment"]
+    assert env["torch"] == torch.__version__
+    assert {"triton", "transformers", "torch_threads", "date"} <= set(env)
+    impls = [decode.HF, decode.TORCH_OPS] + [decode.fastsafe_impl(b) for b in chosen]
+    assert set(data["implementations"]) == set(impls)
+    rows = data["results"]
+    # 2 batch sizes x (20 banned, 90% banned) x every implementation
+    assert len(rows) == 2 * 2 * len(impls)
+    for r in rows:
+        assert r["check"] == "ok", r
+        assert r["median_ms"] > 0 and r["stats"]["runs"] == 2
+        assert r["bytes"] == decode.required_bytes(decode.Case(r["batch"], 257, 5, r["banned"]), torch.float32)
+        if r["impl"] == decode.HF:
+            assert r["speedup_vs_hf"] == pytest.approx(1.0)
+        assert ("time_vs_base_ban" in r) == r["dense_ban"]
+    assert sorted({r["banned"] for r in rows}) == [20, round(0.9 * 257)]
+    assert {r["banned_label"] for r in rows} == {"20", "90%"}
+
+
+def test_cli_bench_decode_runs_the_checkout_benchmark(tmp_path):
+    from fastsafe.cli import main
+    out = tmp_path / "cli.json"
+    argv = ["bench", "decode", "--batch", "2", "--vocab", "100", "--k", "3", "--banned", "4",
+            "--dense-ban", "0", "--repeat", "1", "--warmup", "0", "--backends", "torch", "--out", str(out)]
+    assert main(argv) == 0
+    rows = _load(out)["results"]
+    assert [r["impl"] for r in rows] == [decode.HF, decode.TORCH_OPS, "fastsafe[torch]"]
+    assert all(r["check"] == "ok" for r in rows)
+
+
+def test_bench_missing_checkout_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"benchmark 'decode' not found: expected .*benchmarks"):
+        bench.load_benchmark("decode", root=tmp_path)
+    with pytest.raises(ValueError, match="name: expected one of"):
+        bench.load_benchmark("nope", root=tmp_path)
+    assert bench.load_benchmark("decode") is decode
+
+
+def test_triton_is_not_timed_on_the_cpu_by_default():
+    chosen, skipped = decode.select_backends(None, torch.device("cpu"))
+    assert "torch" in chosen and "triton" not in chosen and "cuda" not in chosen
+    assert {s["backend"] for s in skipped} >= {"triton", "cuda"}
+    with pytest.raises(ValueError, match="--backends: expected names"):
+        decode.select_backends(["fast"], torch.device("cpu"))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="--k"):
+        decode.main(["--vocab", "100", "--k", "101", "--out", "unused.json"])
+    with pytest.raises(ValueError, match="--batch"):
+        decode.main(["--batch", "0", "--out", "unused.json"])
+    with pytest.raises(ValueError, match="--dense-ban"):
+        decode.main(["--dense-ban", "1.0", "--out", "unused.json"])
+
+
+def test_check_outputs_catches_a_wrong_implementation():
+    case = decode.Case(2, 300, 4, 30)
+    inp = decode.make_inputs(case, torch.float32, torch.device("cpu"))
+    good = decode.torch_ops(inp, 4)()
+    values, indices, lse = good
+    shifted = (values, (indices + 1) % 300, lse)
+    checks = decode.check_outputs(inp, 4, {"good": good, "hf": decode.hf_chain(inp, 4)(), "bad": shifted,
+                                           "bad_lse": (values, indices, lse + 0.1)})
+    assert checks == {"good": "ok", "hf": "ok", "bad": "MISMATCH", "bad_lse": "MISMATCH"}
+
+
+def test_peak_bandwidth_table_and_estimate():
+    assert common.lookup_peak_bandwidth("NVIDIA H100 80GB HBM3") == pytest.approx(3.35e12)
+    assert common.lookup_peak_bandwidth("NVIDIA H100 PCIe") == pytest.approx(2.0e12)
+    assert common.lookup_peak_bandwidth("NVIDIA H100 NVL") == pytest.approx(3.9e12)
+    assert common.lookup_peak_bandwidth("NVIDIA H200") == pytest.approx(4.8e12)
+    assert common.lookup_peak_bandwidth("NVIDIA A100-SXM4-80GB") == pytest.approx(2.039e12)
+    assert common.lookup_peak_bandwidth("NVIDIA A100-PCIE-40GB") == pytest.approx(1.555e12)
+    assert common.lookup_peak_bandwidth("Some Future GPU") is None
+    # H100 SXM: 2619 MHz HBM3 on a 5120-bit bus
+    assert common.estimate_peak_bandwidth(2_619_000, 5120) == pytest.approx(3.352e12, rel=1e-3)
+    assert common.peak_bandwidth(torch.device("cuda"), "NVIDIA H100 PCIe")[0] == pytest.approx(2.0e12)
+    assert common.peak_bandwidth(torch.device("cpu"))[0] is None
+
+
+def test_bandwidth_report_and_helpers():
+    rep = common.bandwidth_report(2e9, 2.0, 2e12)   # 2 GB in 2 ms = 1 TB/s, roofline 1 ms
+    assert rep["achieved_GBps"] == pytest.approx(1000.0)
+    assert rep["peak_fraction"] == pytest.approx(0.5)
+    assert rep["roofline_ratio"] == pytest.approx(2.0)
+    assert "roofline_ratio" not in common.bandwidth_report(1e6, 1.0, None)
+    assert common.summarize([3.0, 1.0, 2.0])["median_ms"] == 2.0
+    assert common.parse_int_list("1, 8,64", "--batch") == [1, 8, 64]
+    assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.device_slug(torch.device("cpu")) == "cpu"
+    table = common.format_table([["a", 1], ["bb", 22]], ["name", "n"])
+    assert table.splitlines()[2] == "a      1"
+    # 8 x 151936 fp32 logits + 4748 mask words + one bias row + positions, then [8, 50] values/ids + lse/flag
+    assert decode.required_bytes(decode.Case(8, 151936, 50, 1000), torch.float32) == (
+        8 * 151936 * 4 + 4748 * 4 + 151936 * 4 + 8 * 8 + 8 * 50 * 12 + 8 * 5)
