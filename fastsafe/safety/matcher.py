@@ -1,0 +1,769 @@
+"""Phrase matching for risk filtering: a token-level ban automaton and a text-level candidate check.
+
+Two complementary checks, both stateless per call (a row is described by its history, so beam
+reordering and finished rows need no bookkeeping):
+
+* :meth:`PhraseMatcher.banned_bitmask` -- token level, over the whole vocabulary. Every entity
+  is tokenised in every variant (the phrase as written, lower case, Capitalised, UPPER and its
+  normalised form, each with and without a leading space); a token is banned for a row when the
+  row's history ends with all but the last token of a variant and the token is that last one
+  (single-token variants are always banned). With ``token_id_phrases`` this is exactly the rule
+  of transformers' ``NoBadWordsLogitsProcessor``. Lookup walks the history backwards through a
+  sorted table of reversed prefixes (``bisect``), so a step costs a few table probes per row
+  however many entities there are.
+* :meth:`PhraseMatcher.check_candidates` -- text level, on the chosen top-k candidates. The row's
+  recent text plus each candidate is normalised (:func:`fastsafe.safety.normalize.normalize_text`:
+  NFKC, case folding, invisible characters, confusables, leetspeak) and a candidate is blocked
+  when a *new* occurrence of a normalised entity ends inside the candidate's text. This catches
+  split tokenisations (``" bo" + "mb"``) and spelling variants (``"B0MB"``, ``"b\\u200bomb"``)
+  that the token table cannot list. Occurrences are whole words (entity edges that are letters or
+  digits must sit at word boundaries; the end of the text counts as a boundary, since the word
+  may stop there) unless ``word_boundaries=False``. Regex entities are searched in the
+  lightly normalised text (:func:`~fastsafe.safety.normalize.light_normalize`).
+"""
+from __future__ import annotations
+
+import bisect
+import re
+import sys
+import threading
+import time
+import unicodedata
+import weakref
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+import torch
+
+from fastsafe.ops.bitmask import ban_tokens_, bitmask_words, full_bitmask
+
+from .events import SafetyEvent
+from .normalize import is_word_char, light_normalize, normalize_text
+from .store import RiskEntity, _check_phrase
+
+__all__ = ["PhraseMatcher", "LiveMatcher", "phrase_variants"]
+
+_BIG = sys.maxsize
+_REPLACEMENT = "\ufffd"
+
+
+@lru_cache(maxsize=65536)
+def _word(ch: str) -> bool:
+    return is_word_char(ch)
+
+
+def phrase_variants(phrase: str) -> list[str]:
+    """The surface forms tokenised for one phrase entity (before adding a leading space).
+
+    The phrase as written, lower case, Capitalised, UPPER and its normalised form, duplicates
+    removed, in that order.
+
+    Example:
+        >>> phrase_variants("b0mb")
+        ['b0mb', 'B0mb', 'B0MB', 'bomb']
+    """
+    p = phrase.strip()
+    low = p.lower()
+    out: list[str] = []
+    for v in (p, low, low[:1].upper() + low[1:], p.upper(), normalize_text(p).strip()):
+        if v and v not in out:
+            out.append(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# token texts (shared by every matcher of one tokenizer)
+# ---------------------------------------------------------------------------------------------
+class _TokenTexts:
+    """Per-token text pieces as they appear *inside* a sequence (leading spaces kept), cached."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.lock = threading.Lock()
+        self.raw: dict[int, str] = {}
+        self.norm: dict[int, str] = {}
+        self.light: dict[int, str] = {}
+        ids = tokenizer.encode("a", add_special_tokens=False) if hasattr(tokenizer, "encode") else []
+        self.anchor = int(ids[0]) if ids else None
+        self.anchor_text = self._decode([self.anchor]) if self.anchor is not None else ""
+
+    def _decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _batch_decode(self, seqs):
+        if hasattr(self.tok, "batch_decode"):
+            return self.tok.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return [self._decode(s) for s in seqs]
+
+    def ensure(self, ids: Iterable[int]) -> None:
+        missing = [t for t in set(ids) if t not in self.raw]
+        if not missing:
+            return
+        with self.lock:
+            missing = [t for t in missing if t not in self.raw]
+            if not missing:
+                return
+            if self.anchor is not None:
+                texts = self._batch_decode([[self.anchor, t] for t in missing])
+                a = self.anchor_text
+                plain = None
+                for i, (t, s) in enumerate(zip(missing, texts)):
+                    if s.startswith(a):
+                        piece = s[len(a):]
+                    else:
+                        if plain is None:
+                            plain = self._batch_decode([[m] for m in missing])
+                        piece = plain[i]
+                    self._set(t, piece)
+            else:
+                for t, s in zip(missing, self._batch_decode([[m] for m in missing])):
+                    self._set(t, s)
+
+    def _set(self, t: int, piece: str) -> None:
+        self.norm[t] = normalize_text(piece)
+        self.light[t] = light_normalize(piece)
+        self.raw[t] = piece  # last: `t in raw` means all three are set
+
+
+_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TEXTS_LOCK = threading.Lock()
+
+
+def _token_texts(tokenizer) -> _TokenTexts:
+    with _TEXTS_LOCK:
+        try:
+            tt = _TEXTS.get(tokenizer)
+        except TypeError:  # not weak-referenceable
+            return _TokenTexts(tokenizer)
+        if tt is None:
+            tt = _TokenTexts(tokenizer)
+            _TEXTS[tokenizer] = tt
+        return tt
+
+
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens (batched through the Rust backend when there is one)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(backend, "truncation", None) is None and getattr(backend, "padding", None) is None:
+        enc = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+        return [e.ids for e in enc(texts, add_special_tokens=False)]
+    out = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(x) for x in out]
+
+
+def _as_rows(name: str, histories, tail: int | None = None) -> list[list[int]]:
+    """histories ([B, T] int tensor or list of int lists) -> list of python lists (last ``tail`` tokens)."""
+    if isinstance(histories, torch.Tensor):
+        if histories.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D [B, T] tensor, got shape {tuple(histories.shape)}")
+        if histories.dtype.is_floating_point or histories.dtype.is_complex or histories.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an integer tensor, got {histories.dtype}")
+        h = histories
+        if tail is not None:
+            h = h[:, max(0, h.shape[1] - tail):] if tail > 0 else h[:, :0]
+        return h.tolist()
+    if isinstance(histories, (list, tuple)):
+        rows = []
+        for i, r in enumerate(histories):
+            if isinstance(r, torch.Tensor):
+                r = r.tolist()
+            if not isinstance(r, (list, tuple)):
+                raise TypeError(f"{name}[{i}]: expected a list of token ids, got {type(r).__name__}")
+            if tail is not None:
+                r = r[max(0, len(r) - tail):] if tail > 0 else []
+            rows.append(list(r))
+        return rows
+    raise TypeError(f"{name}: expected a [B, T] integer tensor or a list of lists of ints, "
+                    f"got {type(histories).__name__}")
+
+
+class PhraseMatcher:
+    """Token-id automaton over every tokenisation variant of each entity, plus a text-level check.
+
+    Build with :meth:`build`; the object is immutable afterwards (safe to share across threads).
+
+    Attributes:
+        vocab_size: ``V`` of the bitmask (``len(tokenizer)`` unless overridden).
+        max_phrase_tokens: longest banned token sequence (the history a row needs).
+        max_phrase_chars: longest normalised phrase in characters.
+        entities: the entities it was built from (``RiskEntity``; id 0 for ones not from a store).
+        version: the store version it was built from (None when built from plain lists).
+    """
+
+    def __init__(self, *, tokenizer, vocab_size: int, entities: list[RiskEntity], static: dict,
+                 prefix_map: dict, text_map: dict, regexes: list, word_boundaries: bool,
+                 regex_window: int, variant_cache: dict, version=None):
+        self.tokenizer = tokenizer
+        self.vocab_size = int(vocab_size)
+        self.entities = entities
+        self.version = version
+        self.word_boundaries = bool(word_boundaries)
+        self.regex_window = int(regex_window)
+        self._static = static                      # token -> entity index (always banned)
+        self._prefix_map = prefix_map              # prefix tuple -> {last token: entity index}
+        self._rkeys = sorted(tuple(reversed(p)) for p in prefix_map)
+        self._rcomp = [tuple(prefix_map[tuple(reversed(k))]) for k in self._rkeys]
+        self._max_prefix = max((len(k) for k in self._rkeys), default=0)
+        self.max_phrase_tokens = self._max_prefix + 1 if (self._rkeys or static) else 0
+        if not self._rkeys and static:
+            self.max_phrase_tokens = 1
+        self._text_map = text_map                  # normalised phrase -> entity index
+        self.max_phrase_chars = max((len(k) for k in text_map), default=0)
+        self._text_lengths = frozenset(len(k) for k in text_map)
+        self._regexes = regexes                    # list of (compiled, entity index)
+        self._variant_cache = variant_cache        # phrase -> list of token-id sequences
+        self._base_cpu = full_bitmask(self.vocab_size)
+        if static:
+            ban_tokens_(self._base_cpu, sorted(static))
+        self._base_by_device = {"cpu": self._base_cpu}
+        self._texts = _token_texts(tokenizer) if (text_map or regexes) and tokenizer is not None else None
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, tokenizer, phrases: Iterable = (), *, token_id_phrases: Iterable = (), regexes: Iterable = (),
+              entities: Iterable[RiskEntity] | None = None, vocab_size: int | None = None,
+              eos_token_id=None, word_boundaries: bool = True, regex_window: int = 200,
+              version=None, reuse: "PhraseMatcher | None" = None) -> "PhraseMatcher":
+        """Build a matcher.
+
+        Args:
+            tokenizer: a Hugging Face tokenizer (fast or slow; ``None`` only with token-id phrases alone).
+            phrases: strings (or :class:`RiskEntity`); tokenised in every variant (see :func:`phrase_variants`),
+                each with and without a leading space, and matched at text level after normalisation.
+            token_id_phrases: lists of token ids banned verbatim, with exactly the semantics of
+                ``NoBadWordsLogitsProcessor(bad_words_ids=token_id_phrases, eos_token_id=eos_token_id)``
+                (no text-level check for these).
+            regexes: patterns (str or compiled) checked at text level on the candidates.
+            entities: :class:`RiskEntity` rows (e.g. ``store.entities()``), any kind.
+            vocab_size: ``V`` of the bitmask; defaults to ``len(tokenizer)``. Use the model's logits width
+                when the embedding is padded beyond the tokenizer. Phrase variants with ids ``>= V``
+                are dropped; token-id phrases with such ids raise ValueError.
+            eos_token_id: int or list of ints; single-token sequences equal to one of them are
+                never banned (as in ``NoBadWordsLogitsProcessor``). Defaults to ``tokenizer.eos_token_id``.
+            word_boundaries: text-level matches must be whole words (see the module docstring).
+            regex_window: characters of recent text a regex sees (plus the candidate).
+            version: stored on the matcher (``LiveMatcher`` passes the store version).
+            reuse: a previous matcher of the same tokenizer whose phrase tokenisations are reused
+                (makes incremental rebuilds fast).
+
+        Raises:
+            ValueError: an entity empty after normalisation or tokenisation (named), a token id
+                outside ``[0, V)``, an invalid regex or one that matches the empty string.
+
+        Example:
+            >>> m = PhraseMatcher.build(tok, ["make a bomb"], token_id_phrases=[[5, 7]])  # doctest: +SKIP
+            >>> mask = m.banned_bitmask(input_ids)          # [B, ceil(V/32)] int32   # doctest: +SKIP
+        """
+        if vocab_size is None:
+            if tokenizer is None:
+                raise ValueError("vocab_size: required when tokenizer is None")
+            vocab_size = len(tokenizer)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_ids = set()
+        elif isinstance(eos_token_id, torch.Tensor):
+            eos_ids = set(int(x) for x in eos_token_id.reshape(-1).tolist())
+        elif isinstance(eos_token_id, int):
+            eos_ids = {int(eos_token_id)}
+        else:
+            eos_ids = set(int(x) for x in eos_token_id)
+
+        ents: list[RiskEntity] = []
+        if isinstance(phrases, str):
+            raise TypeError("phrases: expected a list of str, got a single str (wrap it in a list)")
+        for p in phrases:
+            if isinstance(p, RiskEntity):
+                ents.append(p)
+            elif isinstance(p, str):
+                ents.append(RiskEntity(0, p, "phrase", source="config"))
+            else:
+                raise TypeError(f"phrases: expected str items, got {type(p).__name__} ({p!r})")
+        for seq in token_id_phrases:
+            if isinstance(seq, torch.Tensor):
+                seq = seq.tolist()
+            if not isinstance(seq, (list, tuple)) or not seq or any(
+                    isinstance(t, bool) or not isinstance(t, int) for t in seq):
+                raise ValueError(f"token_id_phrases: expected non-empty lists of ints, got {seq!r}")
+            ents.append(RiskEntity(0, " ".join(str(int(t)) for t in seq), "token_ids", source="config"))
+        if isinstance(regexes, (str, re.Pattern)):
+            regexes = [regexes]
+        compiled_given: dict[str, re.Pattern] = {}
+        for r in regexes:
+            pat = r.pattern if isinstance(r, re.Pattern) else r
+            if not isinstance(pat, str):
+                raise TypeError(f"regexes: expected str or compiled patterns, got {type(r).__name__}")
+            if isinstance(r, re.Pattern):
+                compiled_given[pat] = r
+            ents.append(RiskEntity(0, pat, "regex", source="config"))
+        if entities is not None:
+            for e in entities:
+                if not isinstance(e, RiskEntity):
+                    raise TypeError(f"entities: expected RiskEntity items, got {type(e).__name__}")
+                if e.active:
+                    ents.append(e)
+
+        static: dict[int, int] = {}
+        prefix_map: dict[tuple, dict] = {}
+        text_map: dict[str, int] = {}
+        regex_list = []
+
+        def add_seq(seq: tuple, idx: int) -> None:
+            if len(seq) == 1:
+                if seq[0] in eos_ids:
+                    return
+                old = static.get(seq[0])
+                if old is None or ents[old].severity < ents[idx].severity:
+                    static[seq[0]] = idx
+                return
+            d = prefix_map.get(seq[:-1])
+            if d is None:
+                prefix_map[seq[:-1]] = {seq[-1]: idx}
+            else:
+                old = d.get(seq[-1])
+                if old is None or ents[old].severity < ents[idx].severity:
+                    d[seq[-1]] = idx
+
+        # phrases: tokenise every variant of every phrase in one batch (reusing a previous build)
+        cache_in = reuse._variant_cache if reuse is not None and reuse.tokenizer is tokenizer else {}
+        cache: dict[str, list] = {}
+        todo_texts: list[str] = []
+        todo_owner: list[str] = []
+        phrase_idx: list[int] = []
+        for i, e in enumerate(ents):
+            if e.kind != "phrase":
+                continue
+            norm = normalize_text(e.phrase).strip()
+            if not norm:
+                raise ValueError(f"entity {e.phrase!r}: empty after normalisation (nothing to match)")
+            old = text_map.get(norm)
+            if old is None or ents[old].severity < e.severity:
+                text_map[norm] = i
+            phrase_idx.append(i)
+            if e.phrase in cache or e.phrase in cache_in:
+                if e.phrase not in cache:
+                    cache[e.phrase] = cache_in[e.phrase]
+                continue
+            if tokenizer is None:
+                raise ValueError("tokenizer: required for phrase entities")
+            cache[e.phrase] = []
+            for v in phrase_variants(e.phrase):
+                todo_texts.extend((v, " " + v))
+                todo_owner.extend((e.phrase, e.phrase))
+        for owner, ids in zip(todo_owner, _encode_many(tokenizer, todo_texts)):
+            if ids:
+                t = tuple(int(x) for x in ids)
+                if t not in cache[owner]:
+                    cache[owner].append(t)
+        unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
+        for i in phrase_idx:
+            seqs = cache[ents[i].phrase]
+            if not seqs:
+                raise ValueError(f"entity {ents[i].phrase!r}: tokenises to nothing with this tokenizer")
+            for seq in seqs:
+                if (unk is not None and unk in seq) or max(seq) >= vocab_size:
+                    continue
+                add_seq(seq, i)
+
+        for i, e in enumerate(ents):
+            if e.kind == "token_ids":
+                seq = tuple(e.token_ids())
+                bad = [t for t in seq if t < 0 or t >= vocab_size]
+                if bad:
+                    raise ValueError(f"entity {e.phrase!r}: token ids {bad} outside the vocabulary [0, {vocab_size})")
+                add_seq(seq, i)
+            elif e.kind == "regex":
+                pat = compiled_given.get(e.phrase)
+                if pat is None:
+                    try:
+                        _check_phrase(e.phrase, "regex")
+                    except ValueError as exc:
+                        raise ValueError(f"entity {e.phrase!r}: {exc}") from None
+                    pat = re.compile(e.phrase)
+                elif pat.search("") is not None:
+                    raise ValueError(f"entity {e.phrase!r}: regular expression matches the empty string")
+                regex_list.append((pat, i))
+            elif e.kind != "phrase":
+                raise ValueError(f"entity {e.phrase!r}: unknown kind {e.kind!r}")
+
+        return cls(tokenizer=tokenizer, vocab_size=vocab_size, entities=ents, static=static,
+                   prefix_map=prefix_map, text_map=text_map, regexes=regex_list,
+                   word_boundaries=word_boundaries, regex_window=regex_window, variant_cache=cache,
+                   version=version)
+
+    def __len__(self) -> int:
+        return len(self.entities)
+
+    def __repr__(self) -> str:
+        return (f"PhraseMatcher({len(self.entities)} entities, {len(self._static)} always-banned tokens, "
+                f"{len(self._rkeys)} prefixes, V={self.vocab_size}, version={self.version})")
+
+    # ------------------------------------------------------------------ token level
+    def _completions(self, hist: Sequence[int]) -> list:
+        """Token tuples completing an entity after ``hist`` (excluding the always-banned ones)."""
+        keys = self._rkeys
+        if not keys or not hist:
+            return []
+        out = []
+        lo, hi = 0, len(keys)
+        r: tuple = ()
+        n = len(hist)
+        for d in range(1, min(n, self._max_prefix) + 1):
+            r = r + (hist[n - d],)
+            lo = bisect.bisect_left(keys, r, lo, hi)
+            if lo >= hi:
+                break
+            hi = bisect.bisect_left(keys, r + (_BIG,), lo, hi)
+            if lo >= hi:
+                break
+            if keys[lo] == r:
+                out.append(self._rcomp[lo])
+        return out
+
+    def _base(self, device) -> torch.Tensor:
+        key = str(device)
+        b = self._base_by_device.get(key)
+        if b is None:
+            b = self._base_cpu.to(device)
+            self._base_by_device[key] = b
+        return b
+
+    def banned_bitmask(self, histories, *, device=None) -> torch.Tensor:
+        """Packed mask of the tokens allowed next, per row.
+
+        Args:
+            histories: ``[B, T]`` integer tensor, or a list of ``B`` lists of token ids (ragged is
+                fine): each row's tokens so far (prompt + generated). Left padding is not removed:
+                pass unpadded rows, or pad with a token that starts no entity.
+            device: device of the result (default: the history tensor's, else CPU).
+
+        Returns:
+            ``[B, ceil(V/32)]`` int32; bit ``t`` (word ``t // 32``, bit ``t % 32``) is 0 when token
+            ``t`` would complete an entity (single-token entities always), else 1.
+
+        Example:
+            >>> m = PhraseMatcher.build(None, token_id_phrases=[[3], [1, 2]], vocab_size=8)
+            >>> from fastsafe.ops import unpack_bitmask
+            >>> unpack_bitmask(m.banned_bitmask([[0, 1], [2]]), 8).int().tolist()
+            [[1, 1, 0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1]]
+        """
+        if device is None:
+            device = histories.device if isinstance(histories, torch.Tensor) else torch.device("cpu")
+        rows = _as_rows("histories", histories, self._max_prefix)
+        B = len(rows)
+        base = self._base(device)
+        out = base.unsqueeze(0).repeat(B, 1)
+        if not self._rkeys or B == 0:
+            return out
+        flat: list[int] = []
+        V = self.vocab_size
+        for b, h in enumerate(rows):
+            comps = self._completions(h)
+            if comps:
+                off = b * V
+                for c in comps:
+                    flat.extend(off + t for t in c)
+        if flat:
+            W = bitmask_words(V)
+            ids = torch.tensor(sorted(set(flat)), dtype=torch.int64)
+            row, tok = ids // V, ids % V
+            widx = row * W + tok // 32
+            clear = torch.zeros(B * W, dtype=torch.int64)
+            clear.index_add_(0, widx, torch.ones_like(tok) << (tok % 32))   # distinct bits: sum == OR
+            clear = torch.where(clear >= 2**31, clear - 2**32, clear).to(torch.int32)
+            out.view(-1).bitwise_and_(~clear.to(device))
+        return out
+
+    def banned_tokens(self, history: Sequence[int]) -> set[int]:
+        """The set of tokens banned after one history (static ones included); for tests and debugging."""
+        rows = _as_rows("history", [list(history)], self._max_prefix)
+        s = set(self._static)
+        for c in self._completions(rows[0]):
+            s.update(c)
+        return s
+
+    def explain_token_ban(self, history, token_id: int) -> RiskEntity | None:
+        """Which entity bans ``token_id`` after ``history`` (None if it is not banned).
+
+        Returns the entity of the highest severity among the variants that apply.
+        """
+        if isinstance(history, torch.Tensor):
+            history = history.reshape(-1).tolist()
+        token_id = int(token_id)
+        best = None
+        idx = self._static.get(token_id)
+        if idx is not None:
+            best = idx
+        h = list(history)
+        for d in range(1, min(len(h), self._max_prefix) + 1):
+            m = self._prefix_map.get(tuple(h[len(h) - d:]))
+            if m is not None and token_id in m:
+                j = m[token_id]
+                if best is None or self.entities[j].severity > self.entities[best].severity:
+                    best = j
+        return None if best is None else self.entities[best]
+
+    # ------------------------------------------------------------------ text level
+    def _tail(self, row: list[int], texts: _TokenTexts):
+        """(raw tail text, tail token ids, partial?) long enough for the longest entity/regex window."""
+        need_norm = self.max_phrase_chars + 1
+        need_light = self.regex_window if self._regexes else 0
+        raw_parts: list[str] = []
+        nlen = llen = 0
+        partial = False
+        i = len(row)
+        cap = 4 * max(need_norm, need_light) + 16
+        start = i
+        while i > 0 and (nlen < need_norm or llen < need_light) and start - i < cap:
+            i -= 1
+            t = row[i]
+            piece = texts.raw.get(t)
+            if piece is None:
+                texts.ensure([t])
+                piece = texts.raw[t]
+            if _REPLACEMENT in piece:
+                partial = True
+            raw_parts.append(piece)
+            nlen += len(texts.norm[t])
+            llen += len(texts.light[t])
+        raw_parts.reverse()
+        return "".join(raw_parts), row[i:], partial
+
+    def _match_text(self, text: str, t0: int):
+        """Entity index of a new occurrence ending after position ``t0`` in normalised ``text``, or None."""
+        L = len(text)
+        if L <= t0 or not self._text_map:
+            return None
+        maxlen = self.max_phrase_chars
+        tmap = self._text_map
+        lengths = self._text_lengths
+        wb = self.word_boundaries
+        for e in range(t0 + 1, L + 1):
+            last = text[e - 1]
+            if last == " ":
+                continue
+            if wb and e < L and _word(last) and _word(text[e]):
+                continue
+            lo = max(0, e - maxlen)
+            for s in range(e - 1, lo - 1, -1):
+                if (e - s) not in lengths:
+                    continue
+                first = text[s]
+                if first == " ":
+                    continue
+                if wb and s > 0 and _word(first) and _word(text[s - 1]):
+                    continue
+                j = tmap.get(text[s:e])
+                if j is not None:
+                    return j
+        return None
+
+    def _match_regex(self, text: str, t0: int):
+        for pat, j in self._regexes:
+            for m in pat.finditer(text):
+                if m.end() > t0 and m.end() > m.start():
+                    return j
+        return None
+
+    def check_candidates(self, histories, candidate_ids) -> tuple[torch.Tensor, list[SafetyEvent]]:
+        """Text-level check of the top-k candidates.
+
+        Args:
+            histories: ``[B, T]`` integer tensor or list of ``B`` token-id lists.
+            candidate_ids: ``[B, k]`` integer tensor (or nested lists) of candidate next tokens.
+                Ids outside ``[0, V)`` (e.g. ``-1`` padding) are reported as not allowed, without an event.
+
+        Returns:
+            ``(allowed, events)``: ``allowed`` is ``[B, k]`` bool on ``candidate_ids``' device
+            (False = the candidate would complete a normalised entity or a regex match), and one
+            :class:`SafetyEvent` per blocked candidate with ``rule="text_match"`` or ``"regex"``
+            and ``step=-1`` (the caller fills the step).
+
+        Example:
+            >>> allowed, events = m.check_candidates(input_ids, topk_ids)   # doctest: +SKIP
+        """
+        device = candidate_ids.device if isinstance(candidate_ids, torch.Tensor) else torch.device("cpu")
+        cands = _as_rows("candidate_ids", candidate_ids)
+        rows = _as_rows("histories", histories)
+        if len(rows) != len(cands):
+            raise ValueError(f"candidate_ids: expected {len(rows)} rows (one per history), got {len(cands)}")
+        k = max((len(c) for c in cands), default=0)
+        if any(len(c) != k for c in cands):
+            raise ValueError("candidate_ids: expected a rectangular [B, k] array")
+        V = self.vocab_size
+        allowed = [[0 <= c < V for c in cs] for cs in cands]
+        events: list[SafetyEvent] = []
+        if self._texts is None or k == 0:
+            return torch.tensor(allowed, dtype=torch.bool, device=device).reshape(len(cands), k), events
+        texts = self._texts
+        texts.ensure([c for cs in cands for c in cs if 0 <= c < V])
+        for b, (row, cs) in enumerate(zip(rows, cands)):
+            tail_raw, tail_ids, partial = self._tail(row, texts)
+            tail_norm = normalize_text(tail_raw) if self._text_map else ""
+            tail_light = light_normalize(tail_raw)[-self.regex_window:] if self._regexes else ""
+            for j, c in enumerate(cs):
+                if not allowed[b][j]:
+                    continue
+                piece = texts.raw[c]
+                if partial or _REPLACEMENT in piece or (piece and unicodedata.combining(piece[0])):
+                    full_raw = texts._decode(list(tail_ids) + [c])
+                    hit = None
+                    if self._text_map:
+                        full = normalize_text(full_raw)
+                        t0 = _common_prefix(full, tail_norm)
+                        hit = self._match_text(full, t0)
+                        rule = "text_match"
+                    if hit is None and self._regexes:
+                        lfull = light_normalize(full_raw)
+                        ltail = light_normalize(texts._decode(list(tail_ids)))
+                        t0 = _common_prefix(lfull, ltail)
+                        cut = max(0, len(lfull) - self.regex_window - (len(lfull) - t0))
+                        hit = self._match_regex(lfull[cut:], t0 - cut)
+                        rule = "regex"
+                else:
+                    hit = None
+                    if self._text_map:
+                        pn = texts.norm[c]
+                        if pn.startswith(" ") and tail_norm.endswith(" "):
+                            pn = pn[1:]
+                        hit = self._match_text(tail_norm + pn, len(tail_norm))
+                        rule = "text_match"
+                    if hit is None and self._regexes:
+                        pl = texts.light[c]
+                        if pl.startswith(" ") and tail_light.endswith(" "):
+                            pl = pl[1:]
+                        hit = self._match_regex(tail_light + pl, len(tail_light))
+                        rule = "regex"
+                if hit is not None:
+                    allowed[b][j] = False
+                    e = self.entities[hit]
+                    events.append(SafetyEvent(step=-1, row=b, token_id=int(c), token_text=piece, rule=rule,
+                                              entity=e.phrase, category=e.category, severity=e.severity))
+        return torch.tensor(allowed, dtype=torch.bool, device=device).reshape(len(cands), k), events
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# ---------------------------------------------------------------------------------------------
+# live matcher
+# ---------------------------------------------------------------------------------------------
+class LiveMatcher:
+    """Follows a :class:`RiskEntityStore`: rebuilds the :class:`PhraseMatcher` when the store's
+    version changes and swaps it in atomically (a single reference assignment).
+
+    Args:
+        store: the store to follow.
+        tokenizer: as for :meth:`PhraseMatcher.build`.
+        extra_phrases, extra_token_id_phrases, extra_regexes: entities not in the store.
+        poll_interval: seconds between version checks in :meth:`current` (0 = every call).
+        background: rebuild in a background thread (``current`` keeps returning the previous
+            matcher until the new one is complete); False rebuilds synchronously inside
+            ``current``, so a change is in force from the very next call.
+        **build_kwargs: passed to :meth:`PhraseMatcher.build` (``vocab_size``, ``eos_token_id``, ...).
+
+    Attributes:
+        version: the store version of the matcher :meth:`current` returns.
+        last_error: the exception of the last failed rebuild (the previous matcher stays in force).
+
+    Example:
+        >>> live = LiveMatcher(store, tok)                 # doctest: +SKIP
+        >>> mask = live.current().banned_bitmask(ids)      # each decoding step  # doctest: +SKIP
+    """
+
+    def __init__(self, store, tokenizer, *, extra_phrases=(), extra_token_id_phrases=(), extra_regexes=(),
+                 poll_interval: float = 0.5, background: bool = True, **build_kwargs):
+        self.store = store
+        self.tokenizer = tokenizer
+        self.extra_phrases = list(extra_phrases)
+        self.extra_token_id_phrases = [list(x) for x in extra_token_id_phrases]
+        self.extra_regexes = list(extra_regexes)
+        self.poll_interval = float(poll_interval)
+        self.background = bool(background)
+        self.build_kwargs = build_kwargs
+        self.last_error: Exception | None = None
+        self._thread: threading.Thread | None = None
+        self._last_poll = time.monotonic()
+        self._changed = threading.Condition()
+        self._matcher = self._build()      # errors in the first build propagate
+
+    @property
+    def version(self) -> int:
+        return self._matcher.version
+
+    def _build(self, prev: PhraseMatcher | None = None) -> PhraseMatcher:
+        v, ents = self.store.snapshot()
+        return PhraseMatcher.build(self.tokenizer, self.extra_phrases, token_id_phrases=self.extra_token_id_phrases,
+                                   regexes=self.extra_regexes, entities=ents, version=v, reuse=prev,
+                                   **self.build_kwargs)
+
+    def _rebuild(self) -> None:
+        try:
+            m = self._build(self._matcher)
+            if m.version is not None and (self._matcher.version is None or m.version > self._matcher.version):
+                self._matcher = m
+            self.last_error = None
+        except Exception as exc:  # keep the previous matcher in force
+            self.last_error = exc
+        finally:
+            with self._changed:
+                self._thread = None
+                self._changed.notify_all()
+
+    def refresh(self, *, block: bool = True) -> PhraseMatcher:
+        """Check the store now; rebuild if its version moved (waiting for the build when ``block``)."""
+        self._last_poll = time.monotonic()
+        try:
+            v = self.store.version()
+        except Exception as exc:
+            self.last_error = exc
+            return self._matcher
+        if v == self._matcher.version:
+            return self._matcher
+        with self._changed:
+            if self._thread is None:
+                if block and not self.background:
+                    self._thread = threading.current_thread()
+                else:
+                    self._thread = threading.Thread(target=self._rebuild, name="fastsafe-live-matcher",
+                                                    daemon=True)
+                    self._thread.start()
+                    if block:
+                        while self._thread is not None:
+                            self._changed.wait()
+                    return self._matcher
+            elif block:
+                while self._thread is not None:
+                    self._changed.wait()
+                return self._matcher
+            else:
+                return self._matcher
+        self._rebuild()   # synchronous, in this thread
+        return self._matcher
+
+    def current(self) -> PhraseMatcher:
+        """The newest fully built matcher (cheap: a version read at most every ``poll_interval`` s)."""
+        if time.monotonic() - self._last_poll >= self.poll_interval:
+            return self.refresh(block=not self.background)
+        return self._matcher
+
+    def wait_for(self, version: int, timeout: float = 30.0) -> bool:
+        """Block until the current matcher is built from ``version`` or newer; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._matcher.version is None or self._matcher.version < version:
+            if time.monotonic() > deadline:
+                return False
+            self.refresh(block=True)
+            if self._matcher.version is not None and self._matcher.version >= version:
+                break
+            time.sleep(0.01)
+        return True
