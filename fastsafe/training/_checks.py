@@ -55,3 +55,21 @@ def as_weights(name: str, value, ref: torch.Tensor, ref_name: str) -> torch.Tens
         raise TypeError(f"{name}: expected a real (float, int or bool) tensor, got {value.dtype}")
     check_finite(name, value)
     return value.to(ref.dtype)
+
+
+def check_logps(name: str, value, ref: torch.Tensor = None, ref_name: str = None) -> torch.Tensor:
+    """Per-token log-probs: a 2-D float tensor (of ``ref``'s shape when given)."""
+    check_float(name, value, ndims=(2,))
+    if ref is not None:
+        check_same_shape(name, value, ref, ref_name)
+    return value
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (the losses accumulate in at least fp32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def metric(x: torch.Tensor) -> torch.Tensor:
+    """A logged metric: a detached 0-d float32 tensor (call ``.item()`` when logging; no sync here)."""
+    return x.detach().to(torch.float32).reshape(())
