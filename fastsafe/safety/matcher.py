@@ -509,7 +509,11 @@ class PhraseMatcher:
 
     # ------------------------------------------------------------------ text level
     def _tail(self, row: list[int], texts: _TokenTexts):
-        """(raw tail text, tail token ids, partial?) long enough for the longest entity/regex window."""
+        """(raw tail text, tail token ids, partial?) long enough for the longest entity/regex window.
+
+        Pieces that are partial UTF-8 (decode to U+FFFD alone) do not count towards the length;
+        when there is one, the tail is decoded jointly so bytes merge into characters.
+        """
         need_norm = self.max_phrase_chars + 1
         need_light = self.regex_window if self._regexes else 0
         raw_parts: list[str] = []
@@ -525,13 +529,17 @@ class PhraseMatcher:
             if piece is None:
                 texts.ensure([t])
                 piece = texts.raw[t]
+            raw_parts.append(piece)
             if _REPLACEMENT in piece:
                 partial = True
-            raw_parts.append(piece)
+                continue
             nlen += len(texts.norm[t])
             llen += len(texts.light[t])
+        ids = row[i:]
+        if partial:
+            return texts._decode(list(ids)), ids, True
         raw_parts.reverse()
-        return "".join(raw_parts), row[i:], partial
+        return "".join(raw_parts), ids, False
 
     def _match_text(self, text: str, t0: int):
         """Entity index of a new occurrence ending after position ``t0`` in normalised ``text``, or None."""
@@ -611,6 +619,7 @@ class PhraseMatcher:
                 piece = texts.raw[c]
                 if partial or _REPLACEMENT in piece or (piece and unicodedata.combining(piece[0])):
                     full_raw = texts._decode(list(tail_ids) + [c])
+                    piece = full_raw[_common_prefix(full_raw, tail_raw):] or piece
                     hit = None
                     if self._text_map:
                         full = normalize_text(full_raw)
@@ -619,8 +628,7 @@ class PhraseMatcher:
                         rule = "text_match"
                     if hit is None and self._regexes:
                         lfull = light_normalize(full_raw)
-                        ltail = light_normalize(texts._decode(list(tail_ids)))
-                        t0 = _common_prefix(lfull, ltail)
+                        t0 = _common_prefix(lfull, light_normalize(tail_raw))
                         cut = max(0, len(lfull) - self.regex_window - (len(lfull) - t0))
                         hit = self._match_regex(lfull[cut:], t0 - cut)
                         rule = "regex"
@@ -691,6 +699,7 @@ class LiveMatcher:
         self.background = bool(background)
         self.build_kwargs = build_kwargs
         self.last_error: Exception | None = None
+        self._failed_version: int | None = None
         self._thread: threading.Thread | None = None
         self._last_poll = time.monotonic()
         self._changed = threading.Condition()
@@ -706,14 +715,15 @@ class LiveMatcher:
                                    regexes=self.extra_regexes, entities=ents, version=v, reuse=prev,
                                    **self.build_kwargs)
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, seen: int) -> None:
         try:
             m = self._build(self._matcher)
             if m.version is not None and (self._matcher.version is None or m.version > self._matcher.version):
-                self._matcher = m
+                self._matcher = m          # one reference assignment: readers see old or new, never half
             self.last_error = None
-        except Exception as exc:  # keep the previous matcher in force
+        except Exception as exc:  # keep the previous matcher in force; do not retry this version
             self.last_error = exc
+            self._failed_version = seen
         finally:
             with self._changed:
                 self._thread = None
@@ -727,15 +737,15 @@ class LiveMatcher:
         except Exception as exc:
             self.last_error = exc
             return self._matcher
-        if v == self._matcher.version:
+        if v == self._matcher.version or v == self._failed_version:
             return self._matcher
         with self._changed:
             if self._thread is None:
                 if block and not self.background:
                     self._thread = threading.current_thread()
                 else:
-                    self._thread = threading.Thread(target=self._rebuild, name="fastsafe-live-matcher",
-                                                    daemon=True)
+                    self._thread = threading.Thread(target=self._rebuild, args=(v,),
+                                                    name="fastsafe-live-matcher", daemon=True)
                     self._thread.start()
                     if block:
                         while self._thread is not None:
@@ -747,7 +757,7 @@ class LiveMatcher:
                 return self._matcher
             else:
                 return self._matcher
-        self._rebuild()   # synchronous, in this thread
+        self._rebuild(v)   # synchronous, in this thread
         return self._matcher
 
     def current(self) -> PhraseMatcher:
