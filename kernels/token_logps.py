@@ -59,6 +59,17 @@ def _tile_logits(x_ptr, stride_x, w_ptr, stride_w, b_ptr, rows, row_ok, cols, co
 
 
 @triton.jit
+def _round_like_gpu(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (round to nearest even), returned as fp32 (interpreter only)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _token_logps_fwd_kernel(
     h_ptr, stride_h, w_ptr, stride_w, b_ptr, t_ptr,
     rh_ptr, stride_rh, rw_ptr, stride_rw, rb_ptr,
@@ -165,9 +176,11 @@ def _token_logps_bwd_kernel(
 
     if NEED_B:
         tl.atomic_add(gb_ptr + cols, tl.sum(dz, 0), mask=col_ok)
-    dzc = dz.to(h_ptr.dtype.element_ty)  # the MMA operand dtype (rounding as on the GPU)
     if UPCAST:
-        dzc = dzc.to(tl.float32)
+        # The interpreter truncates fp32 -> bf16 casts; round to nearest even as the GPU does.
+        dzc = _round_like_gpu(dz, h_ptr.dtype.element_ty)
+    else:
+        dzc = dz.to(h_ptr.dtype.element_ty)  # the MMA operand dtype
     ks = tl.arange(0, BLOCK_K)
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
