@@ -1,0 +1,232 @@
+"""``SafetyConfig``: what safe decoding filters, debiases and rewards.
+
+One config drives both paths: :class:`fastsafe.SafeLogitsProcessor` (inside Hugging Face
+``generate``) and :func:`fastsafe.generate` (fastsafe's own KV-cached loop). An empty
+``SafetyConfig()`` changes nothing: both paths give exactly the tokens of plain greedy ``generate``.
+
+Example:
+    >>> from fastsafe import SafetyConfig, RiskEntityStore, TSDIBias
+    >>> cfg = SafetyConfig(banned_phrases=["make a bomb", [1734, 88]],   # strings and token-id lists
+    ...                    store="risk.db",                              # or RiskEntityStore("risk.db")
+    ...                    tsdi=TSDIBias.load("bias.safetensors"), tsdi_scale=1.0,
+    ...                    reward_model="profanity", reward_weight=2.0, top_k=10)
+"""
+from __future__ import annotations
+
+import numbers
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+__all__ = ["SafetyConfig", "TSDI_BEYOND"]
+
+TSDI_BEYOND = ("last", "none")
+
+
+def _is_token_id_list(item) -> bool:
+    try:
+        import torch
+        if isinstance(item, torch.Tensor):
+            return item.dim() == 1 and not item.dtype.is_floating_point and item.dtype != torch.bool
+    except ImportError:  # pragma: no cover
+        pass
+    return (isinstance(item, (list, tuple)) and len(item) > 0
+            and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in item))
+
+
+@dataclass
+class SafetyConfig:
+    """Configuration of safe decoding (risk filtering, TSDI debiasing, safety reward).
+
+    Attributes:
+        banned_phrases: strings (matched in every tokenisation variant: with/without a leading
+            space, lower / Capitalised / UPPER, plus a text-level check after Unicode
+            normalisation) and/or token-id lists (banned verbatim, exactly like
+            ``NoBadWordsLogitsProcessor(bad_words_ids=...)``).
+        regexes: regular expressions checked at text level on the top-k candidates.
+        store: a :class:`fastsafe.RiskEntityStore` or the path of an existing one; followed live
+            (a new store version is picked up between decoding steps).
+        tsdi: a :class:`fastsafe.TSDIBias` (or the path of a bias file); its row for the current
+            response position is subtracted from the logits, times ``tsdi_scale``.
+        tsdi_scale: multiplier of the bias.
+        tsdi_beyond: what positions past the table's ``L`` rows use: ``"last"`` (the last row,
+            default) or ``"none"`` (no bias).
+        reward_model: a :class:`fastsafe.reward.SafetyReward` (candidate ``[B, k]`` or dense
+            ``[B, V]`` form), or ``"profanity"`` for the alt-profanity-check scorer.
+        reward_weight: ``w`` in ``s(v) = log p(v|x) + w * r(x, v)``; 0 disables the reward.
+        top_k: number of candidates the text-level check and the candidate reward look at; in
+            :func:`fastsafe.generate` also the candidates greedy / sampling picks from.
+        context_tokens: tokens of recent context a reward model sees (plus the candidate).
+        on_event: optional callback called with each :class:`fastsafe.safety.SafetyEvent`.
+        fallback_token_id: emitted when every candidate of a row is banned; ``None`` = the
+            tokenizer's EOS. The emission is reported as an ``"all_banned_fallback"`` event.
+        report_token_bans: report a ``"token_ban"`` event when a row's most likely token was
+            banned by the token-level automaton (costs one argmax over ``[B, V]`` per step).
+        poll_interval: seconds between risk-store version checks.
+        matcher_options: extra keyword arguments for ``PhraseMatcher.build`` (e.g.
+            ``word_boundaries=False``).
+    """
+
+    banned_phrases: Sequence[Any] = ()
+    regexes: Sequence[str] = ()
+    store: Any = None
+    tsdi: Any = None
+    tsdi_scale: float = 1.0
+    tsdi_beyond: str = "last"
+    reward_model: Any = None
+    reward_weight: float = 0.0
+    top_k: int = 10
+    context_tokens: int = 200
+    on_event: Callable | None = None
+    fallback_token_id: int | None = None
+    report_token_bans: bool = True
+    poll_interval: float = 0.5
+    matcher_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.banned_phrases, (str, bytes)):
+            raise TypeError("banned_phrases: expected a list of strings and/or token-id lists, got a single "
+                            "string (wrap it in a list)")
+        phrases, id_lists = [], []
+        for i, item in enumerate(self.banned_phrases or ()):
+            if isinstance(item, str):
+                if not item.strip():
+                    raise ValueError(f"banned_phrases[{i}]: expected a non-empty phrase, got {item!r}")
+                phrases.append(item)
+            elif _is_token_id_list(item):
+                ids = [int(t) for t in (item.tolist() if hasattr(item, "tolist") else item)]
+                if any(t < 0 for t in ids):
+                    raise ValueError(f"banned_phrases[{i}]: expected non-negative token ids, got {ids}")
+                id_lists.append(ids)
+            else:
+                raise TypeError(f"banned_phrases[{i}]: expected a str or a non-empty list of int token ids, "
+                                f"got {type(item).__name__} ({item!r})")
+        self._phrases, self._token_id_phrases = phrases, id_lists
+        if isinstance(self.regexes, (str, bytes)):
+            raise TypeError("regexes: expected a list of patterns, got a single string (wrap it in a list)")
+        self.regexes = list(self.regexes or ())
+
+        if self.store is not None and not isinstance(self.store, (str, os.PathLike)):
+            if not (hasattr(self.store, "version") and hasattr(self.store, "snapshot")):
+                raise TypeError(f"store: expected a RiskEntityStore or a path, got {type(self.store).__name__}")
+        if isinstance(self.tsdi, (str, os.PathLike)):
+            from .tsdi import TSDIBias
+            self.tsdi = TSDIBias.load(self.tsdi)
+        if self.tsdi is not None and not hasattr(self.tsdi, "bias_table"):
+            raise TypeError(f"tsdi: expected a TSDIBias (or a bias file path), got {type(self.tsdi).__name__}")
+        self.tsdi_scale = _real("tsdi_scale", self.tsdi_scale)
+        if self.tsdi_beyond not in TSDI_BEYOND:
+            raise ValueError(f"tsdi_beyond: expected one of {TSDI_BEYOND}, got {self.tsdi_beyond!r}")
+        self.reward_weight = _real("reward_weight", self.reward_weight)
+        if self.reward_model is not None and not isinstance(self.reward_model, str):
+            form = getattr(self.reward_model, "form", None)
+            if form not in ("candidate", "dense"):
+                raise TypeError(f"reward_model: expected a SafetyReward (with form 'candidate' or 'dense') or "
+                                f"'profanity', got {type(self.reward_model).__name__}")
+        if isinstance(self.reward_model, str) and self.reward_model != "profanity":
+            raise ValueError(f"reward_model: expected a SafetyReward object or 'profanity', got "
+                             f"{self.reward_model!r} (load a model with fastsafe.reward.load_reward(path))")
+        if self.reward_weight != 0.0 and self.reward_model is None:
+            raise ValueError(f"reward_weight: {self.reward_weight} needs a reward_model (got None)")
+        self.top_k = _int("top_k", self.top_k, 1)
+        self.context_tokens = _int("context_tokens", self.context_tokens, 1)
+        if self.on_event is not None and not callable(self.on_event):
+            raise TypeError(f"on_event: expected a callable, got {type(self.on_event).__name__}")
+        if self.fallback_token_id is not None:
+            self.fallback_token_id = _int("fallback_token_id", self.fallback_token_id, 0)
+        self.poll_interval = _real("poll_interval", self.poll_interval)
+        if self.poll_interval < 0:
+            raise ValueError(f"poll_interval: expected >= 0, got {self.poll_interval}")
+        if not isinstance(self.matcher_options, dict):
+            raise TypeError(f"matcher_options: expected a dict, got {type(self.matcher_options).__name__}")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def phrases(self) -> list[str]:
+        """The string entries of ``banned_phrases``."""
+        return list(self._phrases)
+
+    @property
+    def token_id_phrases(self) -> list[list[int]]:
+        """The token-id-list entries of ``banned_phrases``."""
+        return [list(x) for x in self._token_id_phrases]
+
+    @property
+    def has_filter(self) -> bool:
+        """True when anything can ban a token (phrases, regexes or a store)."""
+        return bool(self._phrases or self._token_id_phrases or self.regexes or self.store is not None)
+
+    @property
+    def uses_reward(self) -> bool:
+        """True when a reward model takes part (a model and a non-zero weight)."""
+        return self.reward_model is not None and self.reward_weight != 0.0
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the config changes nothing (no filter, no TSDI, no reward)."""
+        return not self.has_filter and self.tsdi is None and not self.uses_reward
+
+    # ------------------------------------------------------------------ builders
+    def build_matcher(self, tokenizer, *, vocab_size: int | None = None, eos_token_id=None):
+        """A matcher source with ``.current() -> PhraseMatcher`` for this config, or ``None``.
+
+        With a store it is a :class:`fastsafe.safety.LiveMatcher` (follows new versions);
+        otherwise a fixed :class:`fastsafe.safety.PhraseMatcher` behind the same interface.
+        """
+        if not self.has_filter:
+            return None
+        from .safety.matcher import LiveMatcher, PhraseMatcher
+        opts = dict(self.matcher_options)
+        if vocab_size is not None:
+            opts["vocab_size"] = int(vocab_size)
+        if eos_token_id is not None:
+            opts.setdefault("eos_token_id", eos_token_id)
+        if self.store is not None:
+            store = self.store
+            if isinstance(store, (str, os.PathLike)):
+                from .safety.store import RiskEntityStore
+                store = RiskEntityStore(store, create=False)
+            return LiveMatcher(store, tokenizer, extra_phrases=self._phrases,
+                               extra_token_id_phrases=self._token_id_phrases, extra_regexes=self.regexes,
+                               poll_interval=self.poll_interval, **opts)
+        return _StaticMatcher(PhraseMatcher.build(tokenizer, self._phrases, token_id_phrases=self._token_id_phrases,
+                                                  regexes=self.regexes, **opts))
+
+    def resolve_reward(self):
+        """The reward object (``"profanity"`` becomes :class:`fastsafe.reward.ProfanityReward`), or None."""
+        if not self.uses_reward:
+            return None
+        if isinstance(self.reward_model, str):
+            from .reward import ProfanityReward
+            self.reward_model = ProfanityReward(context_tokens=self.context_tokens)
+        return self.reward_model
+
+
+class _StaticMatcher:
+    """A fixed ``PhraseMatcher`` with the ``LiveMatcher`` interface."""
+
+    def __init__(self, matcher):
+        self._matcher = matcher
+        self.version = getattr(matcher, "version", None)
+
+    def current(self):
+        return self._matcher
+
+
+def _real(name: str, value) -> float:
+    import math
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
+def _int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
