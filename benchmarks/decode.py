@@ -272,6 +272,10 @@ def main(argv=None) -> int:
           f"threads {env['torch_threads']}, dtype {args.dtype}, k {args.k}, impls: {', '.join(impls)}")
     for s in skipped:
         print(f"  skipped fastsafe[{s['backend']}]: {s['reason']}")
+    load = env.get("load_average_1min")
+    if device.type == "cpu" and load and torch.get_num_threads() > 1 and load > 0.5 * (os.cpu_count() or 1):
+        print(f"  note: the CPU is busy (1-min load {load:.1f} on {os.cpu_count()} cores): multi-threaded "
+              f"timings suffer from scheduling contention; --threads 1 gives steadier ratios")
 
     rows: List[dict] = []
     for case in cases:
