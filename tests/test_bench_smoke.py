@@ -125,3 +125,18 @@ def test_bandwidth_report_and_helpers():
     # 8 x 151936 fp32 logits + 4748 mask words + one bias row + positions, then [8, 50] values/ids + lse/flag
     assert decode.required_bytes(decode.Case(8, 151936, 50, 1000), torch.float32) == (
         8 * 151936 * 4 + 4748 * 4 + 151936 * 4 + 8 * 8 + 8 * 50 * 12 + 8 * 5)
+
+
+def test_gpu_table_and_targets_render_from_rows():
+    # The GPU columns cannot run here; check they render from rows shaped like the GPU path writes.
+    row = {"batch": 8, "vocab": 151936, "k": 50, "banned": 1000, "banned_label": "1000", "dense_ban": False,
+           "impl": "fastsafe[triton]", "check": "ok", "median_ms": 0.0025, "warm_median_ms": 0.002,
+           "latency_median_ms": 0.05, "speedup_vs_hf": 40.0}
+    row.update(common.bandwidth_report(decode.required_bytes(decode.Case(8, 151936, 50, 1000), torch.float32),
+                                       0.0025, 3.35e12))
+    table = decode.render_table([row], gpu=True)
+    assert "x roofline" in table.splitlines()[0] and "66%" in table.splitlines()[2]
+    targets = decode.summarize_targets([row], torch.device("cuda"))
+    assert targets["worst_roofline_ratio_B_ge_8"]["fastsafe[triton]"] == pytest.approx(row["roofline_ratio"])
+    cpu_row = dict(row, impl="fastsafe[cpp]", speedup_vs_hf=12.0)
+    assert decode.summarize_targets([cpu_row], torch.device("cpu"))["cpp_speedup_vs_hf_B8_V151936"] == 12.0
