@@ -17,7 +17,6 @@
 #include "safe_topk_cpu.h"
 
 #ifdef FASTSAFE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -176,7 +175,8 @@ Result safe_topk_cuda_op(const at::Tensor& logits, int64_t k, const OptTensor& b
                                        reward_weight, temperature);
   Result out = make_outputs(logits, k, a);
   if (a.batch == 0) return out;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, logits.device().index()));
   const fastsafe::CudaTopKPlan plan = fastsafe::safe_topk_cuda_plan(a.batch, a.vocab, a.k, sms);
   TORCH_CHECK_VALUE(plan.splits > 0, "logits: shape ", logits.sizes(), " is too large for the cuda backend");
   at::Tensor workspace =

@@ -1,0 +1,240 @@
+"""The native extension fastsafe._C: build layout, native-only properties, edge shapes.
+
+The shared backend grid lives in test_safe_topk_backends.py; here: bitwise agreement with the
+torch reference on the CPU (scores are computed in the same float32 order), independence from
+the thread count, large k, vocabulary sizes around the kernel's block length, the binding's own
+argument checks, and the fallback when the extension is missing. CUDA checks run only on a GPU.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastsafe.ops import pack_bitmask, safe_topk
+from tests.conftest import require_backend
+from tests.topk_cases import DTYPES, OPTIONS, make_inputs
+from tests.topk_checks import assert_matches_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _native():
+    require_backend("cpp")
+    import fastsafe._C as C
+    return C
+
+
+def _assert_bitwise_reference(out, logits, k, **kw):
+    """Values and ids equal the reference exactly; logsumexp within the shared tolerance."""
+    ref = safe_topk(logits, k, backend="torch", **kw)
+    assert torch.equal(out.indices, ref.indices), f"ids differ:\n{out.indices}\nvs\n{ref.indices}"
+    same = (out.values == ref.values) | (torch.isnan(out.values) & torch.isnan(ref.values))
+    assert same.all(), f"values differ:\n{out.values}\nvs\n{ref.values}"
+    assert_matches_reference(out, logits, k, exact_ids=True, **kw)
+
+
+def test_extension_layout():
+    """fastsafe._C exports the CPU op; the Triton kernels map to the top-level kernels/ folder."""
+    C = _native()
+    assert callable(C.safe_topk_cpu)
+    assert C.cpu_block % 32 == 0
+    assert hasattr(C, "safe_topk_cuda") == bool(C.with_cuda)
+    import fastsafe.kernels
+    assert Path(fastsafe.kernels.__file__).resolve().parent == ROOT / "kernels"
+
+
+def test_cuda_sources_need_no_torch_headers():
+    """Design rule: .cu files take raw pointers so plain nvcc can compile-check them."""
+    sources = sorted((ROOT / "csrc").glob("*.cu")) + sorted((ROOT / "csrc").glob("*_cuda.h"))
+    assert sources, "no CUDA sources found in csrc/"
+    for path in sources:
+        text = path.read_text()
+        for banned in ("<torch/", "<ATen/", "<c10/", "<pybind11/"):
+            assert banned not in text, f"{path.name} includes {banned}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 0.7])
+def test_bitwise_equal_to_reference(dtype, temperature):
+    _native()
+    logits, kw = make_inputs(3, 9001, dtype, OPTIONS, seed=3)
+    kw["temperature"] = temperature
+    out = safe_topk(logits, 20, backend="cpp", **kw)
+    _assert_bitwise_reference(out, logits, 20, **kw)
+
+
+@pytest.mark.parametrize("B", [1, 5])
+def test_thread_count_does_not_change_results(B):
+    _native()
+    logits, kw = make_inputs(B, 50257, torch.float32, OPTIONS, seed=1)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(safe_topk(logits, 40, backend="cpp", **kw))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert torch.equal(outs[0].values, other.values)
+        assert torch.equal(outs[0].indices, other.indices)
+        assert torch.equal(outs[0].logsumexp, other.logsumexp)  # bitwise: fixed blocks, fixed merge order
+    assert_matches_reference(outs[0], logits, 40, **kw)
+
+
+@pytest.mark.parametrize("k", [1000, 4096, 151936])
+def test_large_k(k):
+    _native()
+    logits, kw = make_inputs(2, 151936, torch.bfloat16, ("mask", "bias"), seed=2, ban_fraction=0.3)
+    out = safe_topk(logits, k, backend="cpp", **kw)
+    _assert_bitwise_reference(out, logits, k, **kw)
+
+
+@pytest.mark.parametrize("offset", [-33, -1, 1, 31, 33])
+def test_vocab_around_block_length(offset):
+    C = _native()
+    V = 2 * C.cpu_block + offset
+    logits, kw = make_inputs(3, V, torch.float16, ("mask", "reward"), seed=4, ban_fraction=0.2)
+    logits[0, V - 1] = 50.0                   # the winner sits in the last (partial) block
+    logits[1, C.cpu_block] = 50.0             # first token of the second block
+    logits[2, C.cpu_block - 1] = 50.0         # last token of the first block
+    kw["banned_bitmask"] = pack_bitmask(torch.ones(3, V, dtype=torch.bool))
+    out = safe_topk(logits, 7, backend="cpp", **kw)
+    assert out.indices[:, 0].tolist() == [V - 1, C.cpu_block, C.cpu_block - 1]
+    _assert_bitwise_reference(out, logits, 7, **kw)
+
+
+def test_ties_across_blocks_and_sparse_allowed():
+    """Equal scores in many blocks: lowest ids win; allowed tokens only in the last block."""
+    C = _native()
+    V = 5 * C.cpu_block + 17
+    logits = torch.zeros(2, V)
+    logits[0, ::997] = 1.0                    # ties spread over every block
+    allowed = torch.zeros(2, V, dtype=torch.bool)
+    allowed[0] = True
+    allowed[1, V - 3:] = True                 # 3 allowed tokens, all in the last block
+    mask = pack_bitmask(allowed)
+    out = safe_topk(logits, 6, banned_bitmask=mask, backend="cpp")
+    assert out.indices[0].tolist() == [0, 997, 2 * 997, 3 * 997, 4 * 997, 5 * 997]
+    assert out.indices[1].tolist() == [V - 3, V - 2, V - 1, 0, 1, 2]
+    assert torch.isneginf(out.values[1, 3:]).all()
+    _assert_bitwise_reference(out, logits, 6, banned_bitmask=mask)
+
+
+def test_infinities_and_expanded_rows():
+    _native()
+    V = 3000
+    logits = torch.randn(4, V)
+    logits[0, 10] = float("inf")
+    logits[1, 20] = float("-inf")
+    logits[2, 5] = float("inf")
+    logits[2, 6] = float("nan")
+    out = safe_topk(logits, 5, backend="cpp")
+    _assert_bitwise_reference(out, logits, 5)
+    assert out.logsumexp[0].item() == float("inf") and torch.isnan(out.logsumexp[2])
+    row = torch.randn(1, V).expand(3, V)      # row stride 0
+    out = safe_topk(row, 5, backend="cpp")
+    _assert_bitwise_reference(out, row, 5)
+
+
+def test_binding_checks_its_arguments():
+    """Called directly (bypassing fastsafe.ops), the binding still refuses what would read out of bounds."""
+    C = _native()
+    x = torch.randn(2, 40)
+    args = dict(bias_table=None, positions=None, bias_scale=1.0, banned_bitmask=None, dense_reward=None,
+                reward_weight=0.0, temperature=1.0)
+    with pytest.raises(ValueError, match="k: expected 1 <= k <= V = 40, got 41"):
+        C.safe_topk_cpu(x, 41, **args)
+    with pytest.raises(ValueError, match="banned_bitmask: expected shape"):
+        C.safe_topk_cpu(x, 3, **{**args, "banned_bitmask": torch.zeros(2, 1, dtype=torch.int32)})
+    with pytest.raises(TypeError, match="banned_bitmask: expected dtype int32"):
+        C.safe_topk_cpu(x, 3, **{**args, "banned_bitmask": torch.zeros(2, 2, dtype=torch.int64)})
+    with pytest.raises(ValueError, match="bias_table: expected shape"):
+        C.safe_topk_cpu(x, 3, **{**args, "bias_table": torch.zeros(1, 39)})
+    with pytest.raises(ValueError, match="positions: required"):
+        C.safe_topk_cpu(x, 3, **{**args, "bias_table": torch.zeros(2, 40)})
+    with pytest.raises(TypeError, match="dense_reward: expected logits' dtype"):
+        C.safe_topk_cpu(x, 3, **{**args, "dense_reward": torch.zeros(2, 40, dtype=torch.float16)})
+    with pytest.raises(ValueError, match="logits: expected unit stride"):
+        C.safe_topk_cpu(torch.randn(2, 80)[:, ::2], 3, **args)
+    with pytest.raises(ValueError, match="temperature"):
+        C.safe_topk_cpu(x, 3, **{**args, "temperature": 0.0})
+    with pytest.raises(TypeError, match="logits: expected dtype"):
+        C.safe_topk_cpu(x.double(), 3, **args)
+    # out-of-range positions are clamped by the kernel, as the Python layer does
+    table = torch.randn(3, 40)
+    got = C.safe_topk_cpu(x, 3, **{**args, "bias_table": table, "positions": torch.tensor([-5, 9])})
+    want = C.safe_topk_cpu(x, 3, **{**args, "bias_table": table, "positions": torch.tensor([0, 2])})
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_missing_extension_is_reported_and_torch_takes_over():
+    """Without fastsafe._C the package imports, backends() says why, and CPU calls use torch."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'fastsafe._C':\n"
+        "            raise ImportError('simulated: extension not built')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, fastsafe.ops as ops\n"
+        "info = ops.backends()['cpp']\n"
+        "assert not info.available and 'simulated: extension not built' in info.reason, info\n"
+        "assert ops.backend_for(torch.zeros(1, 4)) == 'torch'\n"
+        "out = ops.safe_topk(torch.tensor([[1.0, 3.0, 2.0]]), 2)\n"
+        "assert out.indices.tolist() == [[1, 2]]\n"
+        "print('fallback ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("FASTSAFE_BACKEND", None)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "fallback ok" in res.stdout, res.stdout + res.stderr
+
+
+# ---- CUDA (only with a GPU and a CUDA build) ------------------------------------------------
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    require_backend("cuda")
+    import fastsafe._C as C
+    return C
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,V,k", [(1, 1, 1), (3, 33, 5), (2, 50257, 50), (8, 151936, 1024), (64, 32000, 7)])
+def test_cuda_matches_reference(dtype, B, V, k):
+    _cuda()
+    for opts in ((), OPTIONS):
+        logits, kw = make_inputs(B, V, dtype, opts, device="cuda")
+        out = safe_topk(logits, k, backend="cuda", **kw)
+        assert_matches_reference(out, logits, k, **kw)
+
+
+@pytest.mark.gpu
+def test_cuda_ties_nan_and_banned_rows():
+    _cuda()
+    V = 20000
+    logits = torch.zeros(3, V, device="cuda")
+    logits[0, ::3001] = 1.0
+    logits[1, 7] = float("nan")
+    allowed = torch.ones(3, V, dtype=torch.bool, device="cuda")
+    allowed[2] = False
+    allowed[2, V - 2] = True
+    mask = pack_bitmask(allowed)
+    out = safe_topk(logits, 9, banned_bitmask=mask, backend="cuda")
+    assert_matches_reference(out, logits, 9, exact_ids=True, banned_bitmask=mask)
+    assert torch.isnan(out.logsumexp[1]).item()
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_k_above_limit():
+    C = _cuda()
+    with pytest.raises(ValueError, match="k: the cuda backend supports"):
+        safe_topk(torch.randn(1, 5000, device="cuda"), C.cuda_max_k + 1, backend="cuda")
