@@ -172,7 +172,8 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             mixed score among them, sampling samples among them. The text-level check and the
             candidate reward see exactly these.
         top_p, min_p: nucleus / min-p filters over the candidates when sampling.
-        eos_token_id: int or list (default: ``model.generation_config``, then the tokenizer's).
+        eos_token_id: int or list (default: ``model.generation_config``, then the tokenizer's; an
+            empty list: no EOS, every row runs to ``max_new_tokens``).
         pad_token_id: default: the generation config's, the tokenizer's, else the first EOS.
         stop_strings: str or list of str; a row stops once its new text contains one.
         seed: seeds a fresh ``torch.Generator`` for sampling (or pass ``generator``).
@@ -220,11 +221,12 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
 
     V = check_vocab(model, tokenizer) if tokenizer is not None else None
     gcfg = getattr(model, "generation_config", None)
-    eos = _id_list(eos_token_id)
-    if not eos and gcfg is not None:
-        eos = _id_list(getattr(gcfg, "eos_token_id", None))
-    if not eos and tokenizer is not None:
-        eos = _id_list(getattr(tokenizer, "eos_token_id", None))
+    if eos_token_id is not None:                 # given (an empty list means: no EOS, run to the limit)
+        eos = _id_list(eos_token_id)
+    else:
+        eos = _id_list(getattr(gcfg, "eos_token_id", None)) if gcfg is not None else []
+        if not eos and tokenizer is not None:
+            eos = _id_list(getattr(tokenizer, "eos_token_id", None))
     if pad_token_id is None and gcfg is not None:
         pad_token_id = getattr(gcfg, "pad_token_id", None)
     if pad_token_id is None and tokenizer is not None:

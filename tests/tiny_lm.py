@@ -79,3 +79,36 @@ PROMPTS = [
     "Hello",
     "The capital of France is Paris. The capital of",
 ]
+
+
+def entity_loving(model, tokenizer, texts, *, follow: float = 8.0, start: float = 2.5):
+    """Make a random model love to emit ``texts``: a bigram bias added to the logits (forward hooks).
+
+    For every tokenisation of each text (as written and with a leading space), logit of token
+    ``t[i+1]`` gets ``+follow`` after ``t[i]``, and the first token gets ``+start`` everywhere.
+    Works with KV caching (the bias follows the last input token of each forward).
+    """
+    V = model.get_output_embeddings().weight.shape[0]
+    bigram = torch.zeros(V, V)
+    for text in texts:
+        for variant in (text, " " + text):
+            ids = tokenizer.encode(variant, add_special_tokens=False)
+            bigram[:, ids[0]] += start
+            for a, b in zip(ids, ids[1:]):
+                bigram[a, b] += follow
+    state = {}
+
+    def pre(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        state["ids"] = ids
+
+    def post(module, args, output):
+        ids = state["ids"]
+        if output.dim() == 3 and ids is not None:
+            T = output.shape[1]
+            return output + bigram.to(output.dtype)[ids[:, -T:]]
+        return output
+
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    model.get_output_embeddings().register_forward_hook(post)
+    return model
