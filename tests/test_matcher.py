@@ -90,6 +90,7 @@ def test_token_id_phrase_eos_single_not_banned_but_other_singles_always():
 def test_phrase_variants_and_tokenisations_are_banned():
     tok = tiny_tokenizer()
     assert phrase_variants("Make a Bomb") == ["Make a Bomb", "make a bomb", "Make a bomb", "MAKE A BOMB"]
+    assert phrase_variants("b0mb") == ["b0mb", "B0mb", "B0MB", "bomb", "Bomb", "BOMB"]
     m = PhraseMatcher.build(tok, ["bomb", "make a bomb"])
     V = len(tok)
     for text in ["bomb", " bomb", "Bomb", " Bomb", "BOMB", " BOMB"]:

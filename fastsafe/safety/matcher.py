@@ -23,9 +23,7 @@ reordering and finished rows need no bookkeeping):
 """
 from __future__ import annotations
 
-import bisect
 import re
-import sys
 import threading
 import time
 import unicodedata
@@ -33,17 +31,18 @@ import weakref
 from functools import lru_cache
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from fastsafe.ops.bitmask import ban_tokens_, bitmask_words, full_bitmask
 
 from .events import SafetyEvent
-from .normalize import is_word_char, light_normalize, normalize_text
+from .normalize import deleet_forms, is_word_char, light_normalize, normalize_text
 from .store import RiskEntity, _check_phrase
+from .token_index import TokenIndex, _ranges
 
 __all__ = ["PhraseMatcher", "LiveMatcher", "phrase_variants"]
 
-_BIG = sys.maxsize
 _REPLACEMENT = "\ufffd"
 
 
@@ -53,21 +52,23 @@ def _word(ch: str) -> bool:
 
 
 def phrase_variants(phrase: str) -> list[str]:
-    """The surface forms tokenised for one phrase entity (before adding a leading space).
+    """The surface forms tokenised for one phrase entity (each is also tokenised with a leading space).
 
-    The phrase as written, lower case, Capitalised, UPPER and its normalised form, duplicates
-    removed, in that order.
+    For the phrase as written and for its plain spellings (:func:`~fastsafe.safety.normalize.deleet_forms`:
+    NFKC, case folding, invisible characters, confusables and leetspeak read back): the form itself,
+    lower case, Capitalised and UPPER; duplicates removed, in that order.
 
     Example:
         >>> phrase_variants("b0mb")
-        ['b0mb', 'B0mb', 'B0MB', 'bomb']
+        ['b0mb', 'B0mb', 'B0MB', 'bomb', 'Bomb', 'BOMB']
     """
     p = phrase.strip()
-    low = p.lower()
     out: list[str] = []
-    for v in (p, low, low[:1].upper() + low[1:], p.upper(), normalize_text(p).strip()):
-        if v and v not in out:
-            out.append(v)
+    for base in [p] + deleet_forms(p):
+        low = base.lower()
+        for v in (base, low, low[:1].upper() + low[1:], base.upper()):
+            if v and v not in out:
+                out.append(v)
     return out
 
 
@@ -153,13 +154,79 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(x) for x in out]
 
 
+_PROBES = ("make a bomb", " make a bomb", "Make A Bomb", " THE QUICK BROWN fox", "über straße")
+
+
+def _units(text: str):
+    """Split ``text`` (optional leading space + words of letters separated by single spaces) into
+    word units ``["w0", " w1", ...]``; None for any other text."""
+    body = text[1:] if text.startswith(" ") else text
+    if not body or body[0] == " " or body[-1] == " " or "  " in body or not body.replace(" ", "").isalpha():
+        return None
+    words = body.split(" ")
+    return [text[: len(text) - len(body)] + words[0]] + [" " + w for w in words[1:]]
+
+
+def _split_encoding_ok(tokenizer, sample: list[str]) -> bool:
+    """True if this tokenizer encodes letter-only multi-word texts word by word (checked on probes)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None) if backend is not None else None
+    if pre is None:
+        return False
+    try:
+        if len(pre.pre_tokenize_str("make a bomb")) < 3:
+            return False
+    except Exception:
+        return False
+    texts = [t for t in list(_PROBES) + sample if _units(t) is not None]
+    units = [_units(t) for t in texts]
+    flat_units = sorted({u for us in units for u in us})
+    enc = dict(zip(flat_units, _encode_many(tokenizer, flat_units)))
+    full = _encode_many(tokenizer, texts)
+    return all(list(f) == [i for u in us for i in enc[u]] for f, us in zip(full, units))
+
+
+def _encode_variants(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``texts`` (no special tokens) into CSR arrays ``(flat ids, lengths)``, in order.
+
+    When the tokenizer splits words before its model (verified on probes), letter-only multi-word
+    texts are assembled from the encodings of their distinct words: identical ids, far fewer
+    strings through the tokenizer and no per-token Python work.
+    """
+    units = [_units(t) for t in texts]
+    multi = [t for t, u in zip(texts, units) if u is not None and len(u) > 1]
+    split = len(multi) >= 64 and _split_encoding_ok(tokenizer, multi[:: max(1, len(multi) // 64)][:64])
+    unit_id: dict[str, int] = {}
+    seq_units: list[int] = []
+    counts = np.zeros(len(texts), np.int64)
+    for i, (t, u) in enumerate(zip(texts, units)):
+        if u is None or not split:
+            u = (t,)
+        counts[i] = len(u)
+        for w in u:
+            j = unit_id.get(w)
+            if j is None:
+                j = unit_id[w] = len(unit_id)
+            seq_units.append(j)
+    enc = _encode_many(tokenizer, list(unit_id))
+    u_lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
+    u_flat = np.fromiter((x for e in enc for x in e), np.int64, int(u_lens.sum()))
+    u_starts = np.cumsum(u_lens) - u_lens
+    su = np.asarray(seq_units, np.int64)
+    idx, _ = _ranges(u_starts[su], u_lens[su])
+    lens = np.zeros(len(texts), np.int64)
+    if len(su):
+        per_unit = u_lens[su]
+        first = np.cumsum(counts) - counts
+        nz = counts > 0
+        lens[nz] = np.add.reduceat(per_unit, first[nz])
+    return u_flat[idx], lens
+
+
 def _as_rows(name: str, histories, tail: int | None = None) -> list[list[int]]:
     """histories ([B, T] int tensor or list of int lists) -> list of python lists (last ``tail`` tokens)."""
     if isinstance(histories, torch.Tensor):
-        if histories.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D [B, T] tensor, got shape {tuple(histories.shape)}")
-        if histories.dtype.is_floating_point or histories.dtype.is_complex or histories.dtype == torch.bool:
-            raise TypeError(f"{name}: expected an integer tensor, got {histories.dtype}")
+        _check_history_tensor(name, histories)
         h = histories
         if tail is not None:
             h = h[:, max(0, h.shape[1] - tail):] if tail > 0 else h[:, :0]
@@ -179,6 +246,20 @@ def _as_rows(name: str, histories, tail: int | None = None) -> list[list[int]]:
                     f"got {type(histories).__name__}")
 
 
+def _check_history_tensor(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [B, T] tensor, got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+
+
+def _gather_seqs(flat: np.ndarray, lens: np.ndarray, starts: np.ndarray, seq_ids: np.ndarray):
+    """Sub-select sequences ``seq_ids`` of a CSR set -> (flat, lens)."""
+    sl = lens[seq_ids]
+    idx, _ = _ranges(starts[seq_ids], sl)
+    return flat[idx], sl
+
+
 class PhraseMatcher:
     """Token-id automaton over every tokenisation variant of each entity, plus a text-level check.
 
@@ -186,37 +267,34 @@ class PhraseMatcher:
 
     Attributes:
         vocab_size: ``V`` of the bitmask (``len(tokenizer)`` unless overridden).
-        max_phrase_tokens: longest banned token sequence (the history a row needs).
+        max_phrase_tokens: longest banned token sequence (the history a row needs is one less).
         max_phrase_chars: longest normalised phrase in characters.
         entities: the entities it was built from (``RiskEntity``; id 0 for ones not from a store).
         version: the store version it was built from (None when built from plain lists).
+        num_sequences: banned token sequences (all variants, after de-duplication).
     """
 
-    def __init__(self, *, tokenizer, vocab_size: int, entities: list[RiskEntity], static: dict,
-                 prefix_map: dict, text_map: dict, regexes: list, word_boundaries: bool,
-                 regex_window: int, variant_cache: dict, version=None):
+    def __init__(self, *, tokenizer, vocab_size: int, entities: list[RiskEntity], index: TokenIndex,
+                 text_map: dict, regexes: list, word_boundaries: bool, regex_window: int,
+                 phrase_cache: tuple, num_sequences: int, version=None):
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
         self.entities = entities
         self.version = version
         self.word_boundaries = bool(word_boundaries)
         self.regex_window = int(regex_window)
-        self._static = static                      # token -> entity index (always banned)
-        self._prefix_map = prefix_map              # prefix tuple -> {last token: entity index}
-        self._rkeys = sorted(tuple(reversed(p)) for p in prefix_map)
-        self._rcomp = [tuple(prefix_map[tuple(reversed(k))]) for k in self._rkeys]
-        self._max_prefix = max((len(k) for k in self._rkeys), default=0)
-        self.max_phrase_tokens = self._max_prefix + 1 if (self._rkeys or static) else 0
-        if not self._rkeys and static:
-            self.max_phrase_tokens = 1
+        self.num_sequences = int(num_sequences)
+        self._index = index
+        self._max_prefix = index.max_prefix
+        self.max_phrase_tokens = (index.max_prefix + 1) if (index.num_prefixes or index.static) else 0
         self._text_map = text_map                  # normalised phrase -> entity index
         self.max_phrase_chars = max((len(k) for k in text_map), default=0)
         self._text_lengths = frozenset(len(k) for k in text_map)
         self._regexes = regexes                    # list of (compiled, entity index)
-        self._variant_cache = variant_cache        # phrase -> list of token-id sequences
+        self._phrase_cache = phrase_cache          # (phrase -> (first seq, count), flat, lens, starts)
         self._base_cpu = full_bitmask(self.vocab_size)
-        if static:
-            ban_tokens_(self._base_cpu, sorted(static))
+        if index.static:
+            ban_tokens_(self._base_cpu, sorted(index.static))
         self._base_by_device = {"cpu": self._base_cpu}
         self._texts = _token_texts(tokenizer) if (text_map or regexes) and tokenizer is not None else None
 
@@ -236,10 +314,10 @@ class PhraseMatcher:
                 ``NoBadWordsLogitsProcessor(bad_words_ids=token_id_phrases, eos_token_id=eos_token_id)``
                 (no text-level check for these).
             regexes: patterns (str or compiled) checked at text level on the candidates.
-            entities: :class:`RiskEntity` rows (e.g. ``store.entities()``), any kind.
+            entities: :class:`RiskEntity` rows (e.g. ``store.entities()``), any kind; inactive ones are skipped.
             vocab_size: ``V`` of the bitmask; defaults to ``len(tokenizer)``. Use the model's logits width
                 when the embedding is padded beyond the tokenizer. Phrase variants with ids ``>= V``
-                are dropped; token-id phrases with such ids raise ValueError.
+                (or the tokenizer's unk id) are dropped; token-id phrases with such ids raise ValueError.
             eos_token_id: int or list of ints; single-token sequences equal to one of them are
                 never banned (as in ``NoBadWordsLogitsProcessor``). Defaults to ``tokenizer.eos_token_id``.
             word_boundaries: text-level matches must be whole words (see the module docstring).
@@ -253,8 +331,9 @@ class PhraseMatcher:
                 outside ``[0, V)``, an invalid regex or one that matches the empty string.
 
         Example:
-            >>> m = PhraseMatcher.build(tok, ["make a bomb"], token_id_phrases=[[5, 7]])  # doctest: +SKIP
-            >>> mask = m.banned_bitmask(input_ids)          # [B, ceil(V/32)] int32   # doctest: +SKIP
+            >>> m = PhraseMatcher.build(None, token_id_phrases=[[5, 7], [3]], vocab_size=10)
+            >>> sorted(m.banned_tokens([1, 5])), m.max_phrase_tokens
+            ([3, 7], 2)
         """
         if vocab_size is None:
             if tokenizer is None:
@@ -307,33 +386,9 @@ class PhraseMatcher:
                 if e.active:
                     ents.append(e)
 
-        static: dict[int, int] = {}
-        prefix_map: dict[tuple, dict] = {}
+        # ---- phrases: text map and the entity that owns each distinct phrase
         text_map: dict[str, int] = {}
-        regex_list = []
-
-        def add_seq(seq: tuple, idx: int) -> None:
-            if len(seq) == 1:
-                if seq[0] in eos_ids:
-                    return
-                old = static.get(seq[0])
-                if old is None or ents[old].severity < ents[idx].severity:
-                    static[seq[0]] = idx
-                return
-            d = prefix_map.get(seq[:-1])
-            if d is None:
-                prefix_map[seq[:-1]] = {seq[-1]: idx}
-            else:
-                old = d.get(seq[-1])
-                if old is None or ents[old].severity < ents[idx].severity:
-                    d[seq[-1]] = idx
-
-        # phrases: tokenise every variant of every phrase in one batch (reusing a previous build)
-        cache_in = reuse._variant_cache if reuse is not None and reuse.tokenizer is tokenizer else {}
-        cache: dict[str, list] = {}
-        todo_texts: list[str] = []
-        todo_owner: list[str] = []
-        phrase_idx: list[int] = []
+        phrase_owner: dict[str, int] = {}
         for i, e in enumerate(ents):
             if e.kind != "phrase":
                 continue
@@ -343,39 +398,74 @@ class PhraseMatcher:
             old = text_map.get(norm)
             if old is None or ents[old].severity < e.severity:
                 text_map[norm] = i
-            phrase_idx.append(i)
-            if e.phrase in cache or e.phrase in cache_in:
-                if e.phrase not in cache:
-                    cache[e.phrase] = cache_in[e.phrase]
-                continue
-            if tokenizer is None:
-                raise ValueError("tokenizer: required for phrase entities")
-            cache[e.phrase] = []
-            for v in phrase_variants(e.phrase):
-                todo_texts.extend((v, " " + v))
-                todo_owner.extend((e.phrase, e.phrase))
-        for owner, ids in zip(todo_owner, _encode_many(tokenizer, todo_texts)):
-            if ids:
-                t = tuple(int(x) for x in ids)
-                if t not in cache[owner]:
-                    cache[owner].append(t)
-        unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
-        for i in phrase_idx:
-            seqs = cache[ents[i].phrase]
-            if not seqs:
-                raise ValueError(f"entity {ents[i].phrase!r}: tokenises to nothing with this tokenizer")
-            for seq in seqs:
-                if (unk is not None and unk in seq) or max(seq) >= vocab_size:
-                    continue
-                add_seq(seq, i)
+            old = phrase_owner.get(e.phrase)
+            if old is None or ents[old].severity < e.severity:
+                phrase_owner[e.phrase] = i
+        if phrase_owner and tokenizer is None:
+            raise ValueError("tokenizer: required for phrase entities")
 
+        # ---- tokenise every variant of the phrases not tokenised by `reuse`
+        old_map, old_flat, old_lens, old_starts = ({}, None, None, None)
+        if reuse is not None and reuse.tokenizer is tokenizer:
+            old_map, old_flat, old_lens, old_starts = reuse._phrase_cache
+        new_phrases = [p for p in phrase_owner if p not in old_map]
+        texts: list[str] = []
+        n_texts = np.zeros(len(new_phrases), np.int64)
+        for j, p in enumerate(new_phrases):
+            vs = phrase_variants(p)
+            n_texts[j] = 2 * len(vs)
+            for v in vs:
+                texts.extend((v, " " + v))
+        new_flat, new_lens = _encode_variants(tokenizer, texts) if texts else (np.zeros(0, np.int64),) * 2
+        owner = np.repeat(np.arange(len(new_phrases)), n_texts)
+        nonempty = new_lens > 0
+        new_count = np.bincount(owner[nonempty], minlength=len(new_phrases))
+        if len(new_phrases) and (new_count == 0).any():
+            bad = new_phrases[int(np.nonzero(new_count == 0)[0][0])]
+            raise ValueError(f"entity {bad!r}: tokenises to nothing with this tokenizer")
+        new_lens = new_lens[nonempty]               # drop empty tokenisations (flat is unaffected)
+
+        # ---- assemble CSR arrays: reused phrases first, then new ones
+        reused = [p for p in phrase_owner if p in old_map]
+        parts_flat, parts_lens = [], []
+        cache_map: dict[str, tuple[int, int]] = {}
+        nseq = 0
+        if reused:
+            firsts = np.fromiter((old_map[p][0] for p in reused), np.int64, len(reused))
+            counts = np.fromiter((old_map[p][1] for p in reused), np.int64, len(reused))
+            seq_ids, _ = _ranges(firsts, counts)
+            f, l = _gather_seqs(old_flat, old_lens, old_starts, seq_ids)
+            parts_flat.append(f)
+            parts_lens.append(l)
+            for p, c in zip(reused, counts.tolist()):
+                cache_map[p] = (nseq, c)
+                nseq += c
+        if new_phrases:
+            parts_flat.append(new_flat)
+            parts_lens.append(new_lens)
+            for p, c in zip(new_phrases, new_count.tolist()):
+                cache_map[p] = (nseq, c)
+                nseq += c
+        ph_flat = np.concatenate(parts_flat) if parts_flat else np.zeros(0, np.int64)
+        ph_lens = np.concatenate(parts_lens) if parts_lens else np.zeros(0, np.int64)
+        ph_starts = np.cumsum(ph_lens) - ph_lens
+        ph_order = reused + new_phrases
+        counts = np.fromiter((cache_map[p][1] for p in ph_order), np.int64, len(ph_order))
+        ph_vals = np.repeat(np.fromiter((phrase_owner[p] for p in ph_order), np.int64, len(ph_order)), counts)
+        phrase_cache = (cache_map, ph_flat, ph_lens, ph_starts)
+
+        # ---- token-id entities and regexes
+        tid_seqs: list[list[int]] = []
+        tid_vals: list[int] = []
+        regex_list = []
         for i, e in enumerate(ents):
             if e.kind == "token_ids":
-                seq = tuple(e.token_ids())
+                seq = e.token_ids()
                 bad = [t for t in seq if t < 0 or t >= vocab_size]
                 if bad:
                     raise ValueError(f"entity {e.phrase!r}: token ids {bad} outside the vocabulary [0, {vocab_size})")
-                add_seq(seq, i)
+                tid_seqs.append(seq)
+                tid_vals.append(i)
             elif e.kind == "regex":
                 pat = compiled_given.get(e.phrase)
                 if pat is None:
@@ -390,39 +480,63 @@ class PhraseMatcher:
             elif e.kind != "phrase":
                 raise ValueError(f"entity {e.phrase!r}: unknown kind {e.kind!r}")
 
-        return cls(tokenizer=tokenizer, vocab_size=vocab_size, entities=ents, static=static,
-                   prefix_map=prefix_map, text_map=text_map, regexes=regex_list,
-                   word_boundaries=word_boundaries, regex_window=regex_window, variant_cache=cache,
-                   version=version)
+        # ---- filter phrase variants the model cannot emit; add token-id sequences; drop [eos]
+        flat, lens, vals = ph_flat, ph_lens, ph_vals
+        if len(lens):
+            bad_tok = flat >= vocab_size
+            unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
+            if unk is not None:
+                bad_tok |= flat == unk
+            if bad_tok.any():
+                seq_of = np.repeat(np.arange(len(lens)), lens)
+                bad_seq = np.zeros(len(lens), bool)
+                bad_seq[seq_of[bad_tok]] = True
+                keep = np.nonzero(~bad_seq)[0]
+                flat, lens = _gather_seqs(flat, lens, ph_starts, keep)
+                vals = vals[keep]
+        if tid_seqs:
+            flat = np.concatenate([flat, np.fromiter((t for s in tid_seqs for t in s), np.int64)])
+            lens = np.concatenate([lens, np.asarray([len(s) for s in tid_seqs], np.int64)])
+            vals = np.concatenate([vals, np.asarray(tid_vals, np.int64)])
+        if eos_ids and len(lens):
+            starts = np.cumsum(lens) - lens
+            is_eos = (lens == 1) & np.isin(flat[np.minimum(starts, max(len(flat) - 1, 0))], list(eos_ids))
+            if is_eos.any():
+                keep = np.nonzero(~is_eos)[0]
+                flat, lens = _gather_seqs(flat, lens, starts, keep)
+                vals = vals[keep]
+        sev = np.asarray([e.severity for e in ents], np.float64)
+        index = TokenIndex.from_arrays(flat, lens, vals, sev[vals] if len(vals) else np.zeros(0))
+        return cls(tokenizer=tokenizer, vocab_size=vocab_size, entities=ents, index=index, text_map=text_map,
+                   regexes=regex_list, word_boundaries=word_boundaries, regex_window=regex_window,
+                   phrase_cache=phrase_cache, num_sequences=len(lens), version=version)
 
     def __len__(self) -> int:
         return len(self.entities)
 
     def __repr__(self) -> str:
-        return (f"PhraseMatcher({len(self.entities)} entities, {len(self._static)} always-banned tokens, "
-                f"{len(self._rkeys)} prefixes, V={self.vocab_size}, version={self.version})")
+        return (f"PhraseMatcher({len(self.entities)} entities, {self.num_sequences} token sequences, "
+                f"{len(self._index.static)} always-banned tokens, V={self.vocab_size}, version={self.version})")
 
     # ------------------------------------------------------------------ token level
-    def _completions(self, hist: Sequence[int]) -> list:
-        """Token tuples completing an entity after ``hist`` (excluding the always-banned ones)."""
-        keys = self._rkeys
-        if not keys or not hist:
-            return []
-        out = []
-        lo, hi = 0, len(keys)
-        r: tuple = ()
-        n = len(hist)
-        for d in range(1, min(n, self._max_prefix) + 1):
-            r = r + (hist[n - d],)
-            lo = bisect.bisect_left(keys, r, lo, hi)
-            if lo >= hi:
-                break
-            hi = bisect.bisect_left(keys, r + (_BIG,), lo, hi)
-            if lo >= hi:
-                break
-            if keys[lo] == r:
-                out.append(self._rcomp[lo])
-        return out
+    def _rev(self, name: str, histories):
+        """histories -> (rev [B, D] int64 numpy, last D tokens backwards; lengths [B])."""
+        D = self._max_prefix
+        if isinstance(histories, torch.Tensor):
+            _check_history_tensor(name, histories)
+            B, T = histories.shape
+            d = min(D, T)
+            h = histories[:, T - d:].flip(1) if d else histories[:, :0]
+            rev = h.to("cpu", torch.int64).numpy()
+            return rev, np.full(B, d, np.int64)
+        rows = _as_rows(name, histories, D)
+        rev = np.zeros((len(rows), D), np.int64)
+        lengths = np.zeros(len(rows), np.int64)
+        for b, r in enumerate(rows):
+            if r:
+                rev[b, :len(r)] = r[::-1]
+                lengths[b] = len(r)
+        return rev, lengths
 
     def _base(self, device) -> torch.Tensor:
         key = str(device)
@@ -453,37 +567,30 @@ class PhraseMatcher:
         """
         if device is None:
             device = histories.device if isinstance(histories, torch.Tensor) else torch.device("cpu")
-        rows = _as_rows("histories", histories, self._max_prefix)
-        B = len(rows)
-        base = self._base(device)
-        out = base.unsqueeze(0).repeat(B, 1)
-        if not self._rkeys or B == 0:
+        rev, lengths = self._rev("histories", histories)
+        B = rev.shape[0]
+        out = self._base(device).unsqueeze(0).repeat(B, 1)
+        if self._index.num_prefixes == 0 or B == 0:
             return out
-        flat: list[int] = []
-        V = self.vocab_size
-        for b, h in enumerate(rows):
-            comps = self._completions(h)
-            if comps:
-                off = b * V
-                for c in comps:
-                    flat.extend(off + t for t in c)
-        if flat:
+        rows, toks, _ = self._index.completions(*self._index.hits(rev, lengths))
+        if len(rows):
+            V = self.vocab_size
             W = bitmask_words(V)
-            ids = torch.tensor(sorted(set(flat)), dtype=torch.int64)
-            row, tok = ids // V, ids % V
-            widx = row * W + tok // 32
-            clear = torch.zeros(B * W, dtype=torch.int64)
-            clear.index_add_(0, widx, torch.ones_like(tok) << (tok % 32))   # distinct bits: sum == OR
-            clear = torch.where(clear >= 2**31, clear - 2**32, clear).to(torch.int32)
-            out.view(-1).bitwise_and_(~clear.to(device))
+            key = np.unique(rows * V + toks)
+            r, t = key // V, key % V
+            clear = np.bincount(r * W + t // 32, weights=np.left_shift(1, t % 32).astype(np.float64),
+                                minlength=B * W).astype(np.int64)   # distinct bits: sum == OR
+            clear = np.where(clear >= 2**31, clear - 2**32, clear).astype(np.int32)
+            out &= ~torch.from_numpy(clear).view(B, W).to(device)
         return out
 
     def banned_tokens(self, history: Sequence[int]) -> set[int]:
         """The set of tokens banned after one history (static ones included); for tests and debugging."""
-        rows = _as_rows("history", [list(history)], self._max_prefix)
-        s = set(self._static)
-        for c in self._completions(rows[0]):
-            s.update(c)
+        rev, lengths = self._rev("history", [list(history)])
+        s = set(self._index.static)
+        if self._index.num_prefixes:
+            _, toks, _ = self._index.completions(*self._index.hits(rev, lengths))
+            s.update(toks.tolist())
         return s
 
     def explain_token_ban(self, history, token_id: int) -> RiskEntity | None:
@@ -494,18 +601,16 @@ class PhraseMatcher:
         if isinstance(history, torch.Tensor):
             history = history.reshape(-1).tolist()
         token_id = int(token_id)
-        best = None
-        idx = self._static.get(token_id)
-        if idx is not None:
-            best = idx
-        h = list(history)
-        for d in range(1, min(len(h), self._max_prefix) + 1):
-            m = self._prefix_map.get(tuple(h[len(h) - d:]))
-            if m is not None and token_id in m:
-                j = m[token_id]
-                if best is None or self.entities[j].severity > self.entities[best].severity:
-                    best = j
-        return None if best is None else self.entities[best]
+        found = []
+        if token_id in self._index.static:
+            found.append(self._index.static[token_id])
+        if self._index.num_prefixes:
+            rev, lengths = self._rev("history", [list(history)])
+            _, toks, vals = self._index.completions(*self._index.hits(rev, lengths))
+            found.extend(vals[toks == token_id].tolist())
+        if not found:
+            return None
+        return self.entities[max(found, key=lambda j: self.entities[j].severity)]
 
     # ------------------------------------------------------------------ text level
     def _tail(self, row: list[int], texts: _TokenTexts):

@@ -38,7 +38,7 @@ import re
 import unicodedata
 from functools import lru_cache
 
-__all__ = ["normalize_text", "light_normalize", "CONFUSABLES", "LEET", "is_word_char"]
+__all__ = ["normalize_text", "light_normalize", "deleet_forms", "CONFUSABLES", "LEET", "is_word_char"]
 
 #: Cyrillic / Greek / Latin look-alikes (already case-folded) -> Latin letter.
 CONFUSABLES: dict[str, str] = {
@@ -166,3 +166,27 @@ def is_word_char(ch: str) -> bool:
             or 0x20000 <= cp <= 0x3FFFF:
         return False
     return True
+
+
+_DELEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
+
+
+def deleet_forms(text: str) -> list[str]:
+    """Plausible plain spellings of ``text``: folded like :func:`normalize_text` but with ``l`` kept
+    and leetspeak read back (``1`` as ``i``, and also as ``l`` when there is a ``1``).
+
+    Used to tokenise extra variants of an entity (``"b0mb"`` also bans the tokens of ``"bomb"``);
+    the text-level check does not need it.
+
+    Example:
+        >>> deleet_forms("K1ll"), deleet_forms("b0mb")
+        (['kill', 'klll'], ['bomb'])
+    """
+    base = normalize_text(text, leet=False).strip()
+    first = base.translate(_DELEET)
+    out = [first]
+    if "1" in base:
+        alt = base.replace("1", "l").translate(_DELEET)
+        if alt not in out:
+            out.append(alt)
+    return out
