@@ -17,11 +17,11 @@ def bitmask_words(vocab_size: int) -> int:
     return (int(vocab_size) + 31) // 32
 
 
-def _shifts(device: torch.device) -> torch.Tensor:
-    key = str(device)
+def _shifts(device: torch.device, dtype=torch.int64) -> torch.Tensor:
+    key = (str(device), dtype)
     t = _SHIFTS_CACHE.get(key)
     if t is None:
-        t = torch.arange(32, dtype=torch.int64, device=device)
+        t = torch.arange(32, dtype=dtype, device=device)
         _SHIFTS_CACHE[key] = t
     return t
 
@@ -82,7 +82,8 @@ def unpack_bitmask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if words.dim() < 1 or words.shape[-1] != w:
         raise ValueError(
             f"words: expected last dimension ceil({vocab_size}/32) = {w}, got shape {tuple(words.shape)}")
-    bits = (words.to(torch.int64).unsqueeze(-1) >> _shifts(words.device)) & 1
+    # arithmetic shift of int32 keeps bit j at position 0; "& 1" drops the sign extension
+    bits = (words.unsqueeze(-1) >> _shifts(words.device, torch.int32)) & 1
     return bits.reshape(*words.shape[:-1], w * 32)[..., :vocab_size].bool()
 
 

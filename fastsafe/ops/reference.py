@@ -41,12 +41,17 @@ def topk_lowest_id_ties(scores: torch.Tensor, k: int):
     key = scores.masked_fill(torch.isnan(scores), float("-inf"))
     if B == 0:
         return key.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=scores.device)
-    kth = torch.topk(key, k, dim=1, sorted=True).values[:, k - 1:k]          # [B, 1]
-    above = key > kth
+    top = torch.topk(key, k, dim=1, sorted=True)
+    kth = top.values[:, k - 1:k]                                                # [B, 1]
     tie = key == kth
-    need = k - above.sum(1, keepdim=True)                                       # ties to take
-    take = above | (tie & (tie.cumsum(1) <= need))                              # exactly k per row
-    idx = take.nonzero()[:, 1].reshape(B, k)                                    # ascending ids
+    if bool((tie.sum(1, keepdim=True) == (top.values == kth).sum(1, keepdim=True)).all()):
+        # Fast path: no tie straddles the k-th place, so the set is right; order ties by id.
+        idx = torch.sort(top.indices, dim=1).values
+    else:
+        above = key > kth
+        need = k - above.sum(1, keepdim=True)                                   # ties to take
+        take = above | (tie & (tie.cumsum(1) <= need))                          # exactly k per row
+        idx = take.nonzero()[:, 1].reshape(B, k)                                # ascending ids
     vals = key.gather(1, idx)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices
     return vals.gather(1, order), idx.gather(1, order)
