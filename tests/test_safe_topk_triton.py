@@ -81,6 +81,19 @@ def test_forced_tiling_matches_reference(k, block_v, n_splits, block_c):
     assert_matches_reference(out, logits, k, exact_ids=True, **kw)
 
 
+def test_one_by_one_insertion_keeps_the_best():
+    """A tile with few winners that are barely above the running k-th best: after the first winner
+    goes in, the second no longer beats the new minimum and must not replace it."""
+    require_backend("triton")
+    logits = torch.zeros(1, 64)
+    logits[0, :16] = torch.arange(1, 17, dtype=torch.float32)   # tile 0: best 8 are 9..16
+    logits[0, 20] = 9.25                                       # tile 1: two winners in (9, 10)
+    logits[0, 27] = 9.5
+    out = run_forced(logits, 8, block_v=16, n_splits=1, block_c=8)
+    assert out.indices[0].tolist() == [15, 14, 13, 12, 11, 10, 9, 27]
+    assert_matches_reference(out, logits, 8, exact_ids=True)
+
+
 def test_largest_supported_k():
     require_backend("triton")
     k = _kernels().MAX_K
