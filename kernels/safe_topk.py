@@ -15,9 +15,19 @@ order-preserving integer (NaN counts as ``-inf``, ``-0.0`` as ``+0.0``), the low
 ``2**31 - 1 - id``. Larger key = better candidate, and equal scores are ordered by lower id, so
 the top ``k`` keys are exactly the reference's top-k (including the ``-inf`` fill of rows with
 fewer than k allowed tokens). Keys are distinct, so rows full of banned (``-inf``) tokens cost
-the same as any other row. A tile whose best key does not beat the slice's current ``KP``-th key
-is skipped without sorting; otherwise its top ``KP`` (a partial bitonic sort, ``tl.topk``) is
-merged into the running list with one bitonic merge.
+the same as any other row: past the first tile a banned token never beats the running k-th key.
+
+Per tile, the keys that beat the slice's current ``KP``-th best key are counted. None: the tile
+costs nothing more (the usual case late in a slice). A few (``<= FEW``): they are inserted one by
+one over the current minimum. More: the tile's top ``KP`` is taken with a partial bitonic sort
+and merged with the running set. Pass 2 folds the splits' candidates in the same way.
+
+Numerics: scores use IEEE division (``div_rn``) and no fused multiply-add
+(``enable_fp_fusion=False``), so they round exactly like the torch reference on the CPU; the
+logsumexp uses ``tl.exp`` on ``score - max`` in float32 with ``-inf - -inf`` guarded.
+
+Limits: ``1 <= k <= MAX_K = 1024``; ``V < 2**31``. Launch parameters (``plan_launch``) are
+heuristics that have not been tuned on a GPU yet.
 """
 from __future__ import annotations
 
@@ -43,6 +53,9 @@ MAX_K = 1024
 _SENTINEL: tl.constexpr = tl.constexpr(-(2**63))
 # Bound on the candidates pass 2 merges per row (``n_splits * KP``).
 _MAX_CANDIDATES = 16384
+# On a GPU a split keeps at least this many tiles when the row is long enough (and k > 8): the
+# first tiles of a split pay for a sort, later ones are mostly skipped.
+_MIN_TILES_PER_SPLIT = 4
 
 
 @triton.jit
@@ -228,9 +241,14 @@ def plan_launch(batch: int, vocab_size: int, k: int, device: torch.device, *,
                 block_v: int | None = None, n_splits: int | None = None) -> dict:
     """Launch parameters for ``safe_topk_triton``: ``KP``, ``BLOCK_V``, ``n_splits``, ``slice_len``.
 
-    On a GPU the splits per row grow until ``B * n_splits`` covers about two waves of SMs (bounded
-    by the tiles of a row and by ``n_splits * KP <= 16384`` candidates for pass 2); on the CPU
-    interpreter a row gets at most 4 splits. ``block_v`` / ``n_splits`` force a choice (tests).
+    On a GPU the splits per row grow until ``B * n_splits`` covers about two waves of SMs, bounded
+    by ``tiles / 4`` (for k > 8 a split keeps at least 4 tiles of ``BLOCK_V = max(1024, KP)``) and
+    by ``n_splits * KP <= 16384`` candidates for pass 2; on the CPU interpreter a row gets at most
+    4 splits. ``block_v`` / ``n_splits`` force a choice (tests, tuning). Untuned on real hardware.
+
+    Example:
+        >>> plan_launch(8, 151936, 50, torch.device("cpu"))
+        {'KP': 64, 'BLOCK_V': 1024, 'n_splits': 4, 'slice_len': 38912}
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ValueError(f"k: the triton backend supports 1 <= k <= {MAX_K}, got {k!r} "
@@ -243,8 +261,9 @@ def plan_launch(batch: int, vocab_size: int, k: int, device: torch.device, *,
     tiles = triton.cdiv(vocab_size, block_v)
     if n_splits is None:
         if device.type == "cuda":
-            target = triton.cdiv(2 * _sm_count(device.index if device.index is not None else
-                                               torch.cuda.current_device()), max(batch, 1))
+            sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            min_tiles = _MIN_TILES_PER_SPLIT if kp > 8 else 1      # tiny k: a tile's sort is cheap
+            target = min(triton.cdiv(2 * sms, max(batch, 1)), tiles // min_tiles)
         else:
             target = 4
         n_splits = max(1, min(target, tiles, _MAX_CANDIDATES // kp))

@@ -231,3 +231,24 @@ def test_dispatcher_uses_triton_kernels():
     assert torch.equal(vals, out.values) and torch.equal(idx, out.indices)
     assert torch.equal(lse, out.logsumexp)
     assert_matches_reference(out, logits, 9, exact_ids=True, **kw)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_launch_plan_covers_the_row(device, monkeypatch):
+    require_backend("triton")
+    mod = _kernels()
+    monkeypatch.setattr(mod, "_sm_count", lambda index: 132)     # plan for an H100 without one
+    for B in (1, 3, 8, 64, 1000):
+        for V in (1, 31, 1000, 5000, 32000, 151936):
+            for k in (1, 5, 50, 1000):
+                if k > V:
+                    continue
+                p = mod.plan_launch(B, V, k, torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
+                kp, block, ns, sl = p["KP"], p["BLOCK_V"], p["n_splits"], p["slice_len"]
+                assert kp >= k and kp & (kp - 1) == 0 and block >= kp and block & (block - 1) == 0
+                assert sl % block == 0 and (ns - 1) * sl < V <= ns * sl, p     # no empty slice
+                assert ns * kp <= 16384
+                if device == "cpu":
+                    assert ns <= 4
+    assert mod.plan_launch(1, 151936, 50, torch.device("cuda", 0))["n_splits"] > 16
+    assert mod.plan_launch(3, 5000, 5, torch.device("cpu"))["n_splits"] > 1
