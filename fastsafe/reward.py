@@ -219,12 +219,15 @@ class SequenceClassifierReward:
         pid = getattr(self.model.config, "pad_token_id", None)
         return int(pid) if isinstance(pid, int) else 0
 
-    def _last_logits(self, ids, mask, past=None, past_len: int = 0, prefix_mask=None):
-        """Causal path: score head on the last position (exact under left padding)."""
+    def _last_logits(self, ids, mask, *, past=None, prefix_mask=None, use_cache: bool = False):
+        """Causal path: the score head on the last position (exact under left padding).
+
+        ``prefix_mask`` is the attention mask of what ``past`` already holds.
+        """
         full_mask = mask if prefix_mask is None else torch.cat([prefix_mask, mask], dim=1)
         pos = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
         out = self._base(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=past,
-                         use_cache=past is not None or prefix_mask is None)
+                         use_cache=use_cache)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.model.score(hidden[:, -1, :]), getattr(out, "past_key_values", None)
 
@@ -244,15 +247,14 @@ class SequenceClassifierReward:
         cands = candidate_ids.tolist()
         if self.tokenizer is None:
             if self.reuse_prefix:
+                # the shared prefix once per row, its KV cache repeated k times, then the k candidates
                 rows = [t if t else [self._pad_id()] for t in tails]
                 ids, mask = _left_pad(rows, self._pad_id(), dev)
-                if not any(tails):
-                    mask = torch.ones_like(mask)
-                _, past = self._last_logits(ids, mask)
+                _, past = self._last_logits(ids, mask, use_cache=True)
                 past.batch_repeat_interleave(k)
-                cmask = torch.ones(B * k, 1, dtype=torch.long, device=dev)
                 cid = candidate_ids.reshape(B * k, 1).to(dev)
-                logits, _ = self._last_logits(cid, cmask, past=past, prefix_mask=mask.repeat_interleave(k, 0))
+                logits, _ = self._last_logits(cid, torch.ones_like(cid), past=past,
+                                              prefix_mask=mask.repeat_interleave(k, 0), use_cache=True)
             else:
                 seqs = [t + [c] for t, cs in zip(tails, cands) for c in cs]
                 ids, mask = _left_pad(seqs, self._pad_id(), dev)
@@ -401,14 +403,13 @@ def load_reward(spec, *, context_tokens: int = 200, safe_label=None, dtype=torch
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ValueError(f"reward_model: {path!r} is not a Hugging Face model folder: {exc}") from exc
-    archs = [a for a in (getattr(cfg, "architectures", None) or [])]
+    archs = list(getattr(cfg, "architectures", None) or [])
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if any(a.endswith("ForSequenceClassification") for a in archs) or not any(a.endswith("ForCausalLM") for a in archs):
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, local_files_only=True)
-            return SequenceClassifierReward(model, tok, safe_label=safe_label, context_tokens=context_tokens)
-        except (OSError, ValueError) as exc:
-            if not archs:
-                raise ValueError(f"reward_model: cannot load {path!r} as a sequence classifier: {exc}") from exc
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, local_files_only=True)
+        return SequenceClassifierReward(model, tok, safe_label=safe_label, context_tokens=context_tokens)
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ValueError(f"reward_model: {path!r} is neither a sequence classifier nor a causal LM "
+                         f"(architectures: {archs or 'none listed'})")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return CausalLMDenseReward(model, context_tokens=context_tokens)
