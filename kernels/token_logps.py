@@ -20,8 +20,10 @@ Backward, grid ``(cdiv(M, BLOCK_M), cdiv(V, BLOCK_V))``: each program recomputes
 
 for the per-token upstream gradients ``g_*`` (any sign, any value), divides by the temperature and
 adds ``dz @ W`` into ``grad_hidden`` and ``dz.T @ h`` into ``grad_weight`` with fp32 atomics, in
-``BLOCK_K`` slices of ``H``. Gradients are accumulated in fp32 and cast to the parameter dtype at
-the end. The reference side is constant (no gradient).
+``BLOCK_K`` slices of ``H``. Gradients are accumulated in fp32: ``grad_hidden`` in an ``[M, H]``
+buffer, ``grad_weight`` one vocabulary chunk (``VOCAB_CHUNK`` rows, one launch each) at a time in
+a ``[chunk, H]`` buffer cast into the parameter dtype, so no ``[V, H]`` fp32 buffer exists. The
+reference side is constant (no gradient).
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ def _token_logps_bwd_kernel(
     rh_ptr, stride_rh, rw_ptr, stride_rw, rb_ptr,
     lse_ptr, rlse_ptr, ez_ptr, glp_ptr, gkl_ptr, gent_ptr,
     gh_ptr, gw_ptr, gb_ptr,
-    M, V, K, inv_temp,
+    M, v_lo, v_hi, K, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     HAS_GLP: tl.constexpr, HAS_KL: tl.constexpr, HAS_ENT: tl.constexpr,
     NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
@@ -147,8 +149,8 @@ def _token_logps_bwd_kernel(
     pid_v = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
+    cols = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < v_hi
     ok = row_ok[:, None] & col_ok[None, :]
 
     z = _tile_logits(h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, cols, col_ok, K, inv_temp,
@@ -200,7 +202,8 @@ def _token_logps_bwd_kernel(
             if UPCAST:
                 x = x.to(tl.float32)
             gw = tl.dot(tl.trans(dzc), x, input_precision=PREC)
-            tl.atomic_add(gw_ptr + cols64[:, None] * K + kk[None, :], gw, mask=col_ok[:, None] & k_ok[None, :])
+            # gw_ptr is the fp32 accumulator of this vocabulary chunk (rows v_lo..v_hi-1)
+            tl.atomic_add(gw_ptr + (cols64 - v_lo)[:, None] * K + kk[None, :], gw, mask=col_ok[:, None] & k_ok[None, :])
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -210,10 +213,11 @@ def _interpreted(device: torch.device) -> bool:
 def launch_config(dtype: torch.dtype, device: torch.device) -> dict:
     """Block sizes and launch options for ``dtype`` on ``device`` (small tiles under the interpreter)."""
     if _interpreted(device):
-        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, num_warps=1, num_stages=1)
+        # a small vocabulary chunk so the tests cross chunk edges
+        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, num_warps=1, num_stages=1, VOCAB_CHUNK=64)
     if dtype == torch.float32:  # exact fp32 (input_precision="ieee") dots: smaller tiles
-        return dict(BLOCK_M=32, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2, VOCAB_CHUNK=16384)
+    return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3, VOCAB_CHUNK=16384)
 
 
 def _n_splits(M: int, V: int, cfg: dict, device: torch.device) -> int:
@@ -331,7 +335,7 @@ class TritonTokenLogps(torch.autograd.Function):
         dev = hidden.device
         f32 = dict(dtype=torch.float32, device=dev)
         gh = torch.zeros(M, K, **f32) if need_h else None
-        gw = torch.zeros(V, K, **f32) if need_w else None
+        gw = torch.zeros_like(weight) if need_w else None
         gb = torch.zeros(V, **f32) if need_b else None
         use_kl = ctx.want_kl and g_kl is not None
         use_ent = ctx.want_entropy and g_ent is not None
@@ -343,21 +347,31 @@ class TritonTokenLogps(torch.autograd.Function):
             rb = _rowmajor(ref_bias) if (use_kl and ref_bias is not None) else None
             dummy = torch.empty(0, **f32)
             prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(V, cfg["BLOCK_V"]))
-            _token_logps_bwd_kernel[grid](
-                hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, targets,
-                rh, rh.stride(0), rw, rw.stride(0), rb if rb is not None else rw,
-                lse, ref_lse if use_kl else dummy, mean_z if use_ent else dummy,
-                g_lp.float().contiguous() if g_lp is not None else dummy,
-                g_kl.float().contiguous() if use_kl else dummy,
-                g_ent.float().contiguous() if use_ent else dummy,
-                gh if need_h else dummy, gw if need_w else dummy, gb if need_b else dummy,
-                M, V, K, 1.0 / ctx.temperature,
-                HAS_BIAS=bias is not None, HAS_REF_BIAS=rb is not None,
-                HAS_GLP=g_lp is not None, HAS_KL=use_kl, HAS_ENT=use_ent,
-                NEED_H=need_h, NEED_W=need_w, NEED_B=need_b,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], PREC=prec,
-                UPCAST=_interpreted(dev), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            )
-        return (None if gh is None else gh.to(hidden.dtype), None if gw is None else gw.to(weight.dtype),
+            glp = g_lp.float().contiguous() if g_lp is not None else dummy
+            gkl = g_kl.float().contiguous() if use_kl else dummy
+            gent = g_ent.float().contiguous() if use_ent else dummy
+            # The weight gradient is summed in fp32 one vocabulary chunk at a time (a [chunk, H]
+            # buffer, then cast into the parameter dtype), so no [V, H] fp32 buffer is needed.
+            chunk = cfg["VOCAB_CHUNK"]
+            gw_acc = torch.empty(min(chunk, V), K, **f32) if need_w else dummy
+            for v_lo in range(0, V, chunk):
+                v_hi = min(V, v_lo + chunk)
+                if need_w:
+                    gw_acc.zero_()
+                grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(v_hi - v_lo, cfg["BLOCK_V"]))
+                _token_logps_bwd_kernel[grid](
+                    hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
+                    targets, rh, rh.stride(0), rw, rw.stride(0), rb if rb is not None else rw,
+                    lse, ref_lse if use_kl else dummy, mean_z if use_ent else dummy, glp, gkl, gent,
+                    gh if need_h else dummy, gw_acc, gb if need_b else dummy,
+                    M, v_lo, v_hi, K, 1.0 / ctx.temperature,
+                    HAS_BIAS=bias is not None, HAS_REF_BIAS=rb is not None,
+                    HAS_GLP=g_lp is not None, HAS_KL=use_kl, HAS_ENT=use_ent,
+                    NEED_H=need_h, NEED_W=need_w, NEED_B=need_b,
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], PREC=prec,
+                    UPCAST=_interpreted(dev), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                )
+                if need_w:
+                    gw[v_lo:v_hi].copy_(gw_acc[: v_hi - v_lo])
+        return (None if gh is None else gh.to(hidden.dtype), gw,
                 None if gb is None else gb.to(bias.dtype), None, None, None, None, None, None)

@@ -73,6 +73,19 @@ def test_fp32_matches_full_logits(shape, chunk_size):
             assert max_rel(g, r) < 1e-4, kw
 
 
+def test_backward_over_several_vocabulary_chunks():
+    """V > 4096: the backward sums the weight gradient chunk by chunk (last chunk partial)."""
+    hidden, weight, b, targets, rh, rw, up = make_inputs(2, 5, 6, 4096 + 37, seed=4)
+    targets[0, :3] = torch.tensor([0, 4095, 4096 + 36])   # targets on both sides of the chunk edge
+    kw = dict(ref_hidden=rh, ref_weight=rw, return_kl=True, return_entropy=True)
+    out, grads = run(token_logps, hidden, weight, b, targets, up, chunk_size=3, **kw)
+    ref_out, ref_grads = run(token_logps_reference, hidden, weight, b, targets, up, **kw)
+    for o, r in zip(out, ref_out):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert max_rel(g, r) < 1e-4
+
+
 def test_outputs_zero_and_no_grad_at_ignored_positions():
     hidden, weight, b, targets, rh, rw, up = make_inputs(3, 47, 31, 123)
     lp, kl, ent = token_logps(hidden, weight, targets, b, ref_hidden=rh, ref_weight=rw, return_kl=True,

@@ -2,9 +2,11 @@
 
 ``token_logps`` never builds the ``[N*T, V]`` logits. Two backends compute it:
 
-- ``torch``: a chunked PyTorch path (any device; the default on CPU tensors). It walks the active
-  tokens in chunks of ``chunk_size`` rows, so its extra memory is O(chunk_size x V) plus an fp32
-  weight-gradient accumulator; the backward recomputes each chunk's logits.
+- ``torch``: a chunked PyTorch path (any device; the default on CPU tensors). The forward walks
+  the active tokens in chunks of ``chunk_size`` rows; the backward recomputes the logits in tiles
+  of at most 4096 vocabulary columns and about ``chunk_size * V`` elements. Extra memory is
+  O(chunk_size x V) plus the fp32 gradient accumulators (``[M, H]`` for the hidden states and
+  ``[min(V, 4096), H]`` for the weight chunk being summed); no ``[V, H]`` fp32 buffer.
 - ``triton``: Triton kernels (``kernels/token_logps.py``) that tile tokens and vocabulary with an
   online logsumexp, forward and backward, accumulating gradients in fp32. The default on CUDA
   tensors; on the CPU only when asked for with ``backend="triton"`` and ``TRITON_INTERPRET=1``.
@@ -156,54 +158,80 @@ class ChunkedTokenLogps(torch.autograd.Function):
         M, H = hidden.shape
         V = weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
+        low = hidden.dtype != acc
         inv_temp = 1.0 / ctx.temperature
-        C = ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_b = need_b and bias is not None
         use_kl = ctx.want_kl and g_kl is not None
         use_ent = ctx.want_entropy and g_ent is not None
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # The weight gradient is accumulated in fp32 (fp64 for fp64 inputs) over the chunks.
-        grad_w = torch.zeros(V, H, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(V, dtype=acc, device=weight.device) if (need_b and bias is not None) else None
-        v_block = V if hidden.dtype == acc else max(1, min(V, _CHUNK_ELEMENTS // max(1, H)))
-        for s in range(0, M, C):
-            e = min(M, s + C)
-            h = hidden[s:e]
-            z = _chunk_logits(h, weight, bias, inv_temp, acc)
-            p = torch.exp(z - lse[s:e, None])
-            dz = torch.zeros_like(z)
-            if g_lp is not None:
-                gl = g_lp[s:e].to(acc)
-                dz = -gl[:, None] * p
-                dz.scatter_add_(1, targets[s:e, None], gl[:, None])
-            if use_kl:
-                zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, inv_temp, acc)
-                pr = torch.exp(zr - ref_lse[s:e, None])
-                dz.add_(g_kl[s:e].to(acc)[:, None] * (p - pr))
-                del zr, pr
-            if use_ent:
-                dz.sub_(g_ent[s:e].to(acc)[:, None] * p * (z - mean_z[s:e, None]))
-            del z, p
-            if inv_temp != 1.0:
-                dz.mul_(inv_temp)
+        dev = hidden.device
+        # Gradients are accumulated in fp32 (fp64 for fp64 inputs): grad_hidden in an [M, H]
+        # buffer over the vocabulary chunks, grad_weight per vocabulary chunk ([Cv, H]) over the
+        # token chunks, so no [V, H] fp32 buffer is needed.
+        grad_h = torch.zeros(M, H, dtype=acc, device=dev) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty(V, dtype=acc, device=dev) if need_b else None
+        if M == 0 or not (need_h or need_w or need_b) or (g_lp is None and not use_kl and not use_ent):
+            if grad_w is not None:
+                grad_w.zero_()
             if grad_b is not None:
-                grad_b.add_(dz.sum(0))
-            dzc = dz.to(hidden.dtype)
-            del dz
-            if need_h:
-                grad_h[s:e] = dzc @ weight
-            if need_w:
-                if hidden.dtype == acc:
-                    grad_w.addmm_(dzc.t(), h)
-                else:  # low precision: bound the [block, H] temporary before the fp32 add
-                    for v0 in range(0, V, v_block):
-                        v1 = min(V, v0 + v_block)
-                        grad_w[v0:v1].add_(dzc[:, v0:v1].t() @ h)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+                grad_b.zero_()
+        else:
+            cv, ct = backward_tile(M, V, ctx.chunk_size)
+            gl = None if g_lp is None else g_lp.to(acc)
+            gk = g_kl.to(acc) if use_kl else None
+            ge = g_ent.to(acc) if use_ent else None
+            for v0 in range(0, V, cv):
+                v1 = min(V, v0 + cv)
+                w_c = weight[v0:v1]
+                b_c = None if bias is None else bias[v0:v1]
+                w_c_acc = w_c.to(acc) if (need_h and low) else w_c
+                acc_w = torch.zeros(v1 - v0, H, dtype=acc, device=dev) if need_w else None
+                acc_b = torch.zeros(v1 - v0, dtype=acc, device=dev) if need_b else None
+                for s in range(0, M, ct):
+                    e = min(M, s + ct)
+                    h = hidden[s:e]
+                    z = _chunk_logits(h, w_c, b_c, inv_temp, acc)            # [ct, cv]
+                    p = torch.exp(z - lse[s:e, None])
+                    if gl is not None:
+                        dz = -gl[s:e, None] * p
+                        local = targets[s:e] - v0
+                        inside = (local >= 0) & (local < v1 - v0)
+                        dz.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None],
+                                        torch.where(inside, gl[s:e], torch.zeros((), dtype=acc, device=dev))[:, None])
+                    else:
+                        dz = torch.zeros_like(z)
+                    if use_kl:
+                        zr = _chunk_logits(ref_hidden[s:e], ref_weight[v0:v1],
+                                           None if ref_bias is None else ref_bias[v0:v1], inv_temp, acc)
+                        dz.add_(gk[s:e, None] * (p - torch.exp(zr - ref_lse[s:e, None])))
+                        del zr
+                    if use_ent:
+                        dz.sub_(ge[s:e, None] * p * (z - mean_z[s:e, None]))
+                    del z, p
+                    if inv_temp != 1.0:
+                        dz.mul_(inv_temp)
+                    if acc_b is not None:
+                        acc_b.add_(dz.sum(0))
+                    if need_h:
+                        grad_h[s:e].addmm_(dz, w_c_acc)
+                    if need_w:
+                        acc_w.addmm_(dz.t(), h.to(acc) if low else h)
+                    del dz
+                if need_w:
+                    grad_w[v0:v1] = acc_w.to(weight.dtype)
+                if acc_b is not None:
+                    grad_b[v0:v1] = acc_b
+        return (None if grad_h is None else grad_h.to(hidden.dtype), grad_w,
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
+
+
+def backward_tile(num_tokens: int, vocab_size: int, chunk_size: int):
+    """``(vocab_cols, token_rows)`` of one backward tile: at most 4096 columns and about
+    ``chunk_size * vocab_size`` elements, the forward chunk's budget."""
+    cv = min(vocab_size, 4096)
+    ct = max(1, min(num_tokens, (chunk_size * vocab_size) // cv))
+    return cv, ct
 
 
 # ----------------------------------------------------------------------------------------------
