@@ -216,12 +216,10 @@ __device__ void radix_select(Get get, int n, int k, BlockScratch& sh, uint32_t& 
         active = (key & prefix_mask) == prefix;
       }
       const uint32_t digit = (key >> shift) & 0xffu;
-      const unsigned voters = __ballot_sync(kFull, active);
-      if (active) {
-        // Warp-aggregated increment: one atomic per distinct digit in the warp.
-        const unsigned peers = __match_any_sync(voters, digit);
-        if (lane == __ffs(peers) - 1) atomicAdd(&sh.hist[digit], static_cast<uint32_t>(__popc(peers)));
-      }
+      // Warp-aggregated increment: one atomic per distinct digit in the warp. Inactive lanes
+      // match on a value no other lane has (256 + lane), so every lane joins the match.
+      const unsigned peers = __match_any_sync(kFull, active ? digit : 256u + static_cast<unsigned>(lane));
+      if (active && lane == __ffs(peers) - 1) atomicAdd(&sh.hist[digit], static_cast<uint32_t>(__popc(peers)));
     }
     __syncthreads();
     if (threadIdx.x < kWarp) {
@@ -513,9 +511,14 @@ CudaTopKPlan safe_topk_cuda_plan(int64_t batch, int64_t vocab, int64_t k, int nu
   return plan;
 }
 
-cudaError_t safe_topk_cuda(const SafeTopKArgs& a, const CudaTopKPlan& plan, void* workspace, cudaStream_t stream) {
-  if (a.batch <= 0) return cudaSuccess;
-  if (plan.splits <= 0 || a.k < 1 || a.k > kCudaMaxK || a.k > a.vocab) return cudaErrorInvalidValue;
+namespace {
+
+bool plan_fits(const SafeTopKArgs& a, const CudaTopKPlan& plan) {
+  return plan.splits > 0 && a.k >= 1 && a.k <= kCudaMaxK && a.k <= a.vocab && a.k <= plan.per_split * plan.splits &&
+         plan.slice_len * plan.splits >= a.vocab && plan.slice_len <= kCudaMaxSlice;
+}
+
+Params make_params(const SafeTopKArgs& a, const CudaTopKPlan& plan, void* workspace) {
   Params p;
   p.logits = a.logits;
   p.logits_row_stride = a.logits_row_stride;
@@ -542,7 +545,18 @@ cudaError_t safe_topk_cuda(const SafeTopKArgs& a, const CudaTopKPlan& plan, void
   p.values = a.values;
   p.indices = a.indices;
   p.lse = a.lse;
+  return p;
+}
 
+}  // namespace
+
+// The launcher; FASTSAFE_CUDA_EMULATION builds (a CPU emulation used to test the kernels
+// without a GPU) launch the kernels themselves.
+#ifndef FASTSAFE_CUDA_EMULATION
+cudaError_t safe_topk_cuda(const SafeTopKArgs& a, const CudaTopKPlan& plan, void* workspace, cudaStream_t stream) {
+  if (a.batch <= 0) return cudaSuccess;
+  if (!plan_fits(a, plan)) return cudaErrorInvalidValue;
+  const Params p = make_params(a, plan, workspace);
   const unsigned grid1 = static_cast<unsigned>(a.batch * plan.splits);
   switch (a.dtype) {
     case ScalarKind::Float32:
@@ -562,5 +576,6 @@ cudaError_t safe_topk_cuda(const SafeTopKArgs& a, const CudaTopKPlan& plan, void
   merge_kernel<<<static_cast<unsigned>(a.batch), kThreads2, 0, stream>>>(p);
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace fastsafe

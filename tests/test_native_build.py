@@ -3,17 +3,22 @@
 The shared backend grid lives in test_safe_topk_backends.py; here: bitwise agreement with the
 torch reference on the CPU (scores are computed in the same float32 order), independence from
 the thread count, large k, vocabulary sizes around the kernel's block length, the binding's own
-argument checks, and the fallback when the extension is missing. CUDA checks run only on a GPU.
+argument checks, and the fallback when the extension is missing. The CUDA kernels run on a GPU
+when there is one, and always under a CPU emulation of the few CUDA features they use
+(csrc/emulation/), which checks their indexing, synchronisation and selection logic.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from fastsafe.ops import pack_bitmask, safe_topk
+from fastsafe.ops import SafeTopK, pack_bitmask, safe_topk
+from fastsafe.ops.validate import validate_safe_topk
 from tests.conftest import require_backend
 from tests.topk_cases import DTYPES, OPTIONS, make_inputs
 from tests.topk_checks import assert_matches_reference
@@ -238,3 +243,95 @@ def test_cuda_rejects_k_above_limit():
     C = _cuda()
     with pytest.raises(ValueError, match="k: the cuda backend supports"):
         safe_topk(torch.randn(1, 5000, device="cuda"), C.cuda_max_k + 1, backend="cuda")
+
+
+# ---- CUDA kernels under the CPU emulation (no GPU needed) ------------------------------------
+
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda(tmp_path_factory):
+    """Builds csrc/emulation/run_safe_topk.cpp; returns run(logits, k, num_sms, **kw) -> SafeTopK."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the CUDA emulation")
+    work = tmp_path_factory.mktemp("cuda_emulation")
+    exe = work / "run_safe_topk"
+    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-DFASTSAFE_CUDA_EMULATION",
+           f"-I{ROOT / 'csrc' / 'emulation' / 'include'}", f"-I{ROOT / 'csrc'}",
+           str(ROOT / "csrc" / "emulation" / "run_safe_topk.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, "building the CUDA emulation failed:\n" + res.stderr[-4000:]
+    counter = iter(range(10**6))
+
+    def raw(t: torch.Tensor) -> bytes:
+        return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+    def run(logits, k, num_sms=8, **kw):
+        inp = validate_safe_topk(logits, k, **kw)
+        x, mask = inp.logits, inp.banned_bitmask
+        B, V = x.shape
+        stride = x.stride(0) if B > 1 else V
+        n = (B - 1) * stride + V
+        header = [B, V, inp.k, _KIND[x.dtype], inp.bias_table is not None,
+                  0 if inp.bias_table is None else inp.bias_table.shape[0], inp.positions is not None,
+                  mask is not None, 0 if mask is None else (1 if mask.dim() == 1 else B),
+                  inp.dense_reward is not None, num_sms, stride]
+        case, out = work / f"case{next(counter)}", work / "out"
+        with open(case, "wb") as f:
+            f.write(np.array(header, dtype=np.int64).tobytes())
+            f.write(np.array([inp.bias_scale, inp.reward_weight, inp.temperature, 0.0], dtype=np.float32).tobytes())
+            f.write(raw(torch.as_strided(x, (n,), (1,), x.storage_offset())))
+            for t in (inp.bias_table, inp.positions, mask, inp.dense_reward):
+                if t is not None:
+                    f.write(raw(t))
+        res = subprocess.run([str(exe), str(case), str(out)], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        data = out.read_bytes()
+        kk = inp.k
+        vals = torch.from_numpy(np.frombuffer(data, np.float32, B * kk).copy()).reshape(B, kk)
+        idx = torch.from_numpy(np.frombuffer(data, np.int64, B * kk, offset=4 * B * kk).copy()).reshape(B, kk)
+        lse = torch.from_numpy(np.frombuffer(data, np.float32, B, offset=12 * B * kk).copy())
+        return SafeTopK(vals, idx, lse, torch.isneginf(lse))
+
+    return run
+
+
+@pytest.mark.parametrize("B,V,k,dtype,opts,num_sms", [
+    (1, 1, 1, torch.float32, (), 8),
+    (3, 33, 5, torch.float16, OPTIONS, 8),
+    (2, 5000, 1000, torch.bfloat16, OPTIONS, 8),      # k > slice: padded candidates, 1024-wide sort
+    (1, 20000, 7, torch.float32, OPTIONS, 8),         # 16 splits of one row
+    (2, 20000, 50, torch.float16, ("mask",), 1),      # few SMs: maximal 8192-token slices
+], ids=["V1", "V33-f16", "k1000-bf16", "splits16", "slice8192"])
+def test_emulated_cuda_matches_reference(emulated_cuda, B, V, k, dtype, opts, num_sms):
+    logits, kw = make_inputs(B, V, dtype, opts, seed=5)
+    out = emulated_cuda(logits, k, num_sms, **kw)
+    assert_matches_reference(out, logits, k, **kw)
+
+
+def test_emulated_cuda_edge_rows(emulated_cuda):
+    V = 3000
+    logits = torch.zeros(3, V)
+    logits[0, ::301] = 1.0                                  # ties across splits
+    logits[1, 7] = float("nan")
+    logits[1, 8] = float("inf")
+    allowed = torch.ones(3, V, dtype=torch.bool)
+    allowed[2] = False
+    allowed[2, V - 2] = True                                # one allowed token, k larger
+    mask = pack_bitmask(allowed)
+    out = emulated_cuda(logits, 12, banned_bitmask=mask)
+    assert_matches_reference(out, logits, 12, exact_ids=True, banned_bitmask=mask)
+    assert out.indices[0].tolist()[:11] == [0, 301, 602, 903, 1204, 1505, 1806, 2107, 2408, 2709, 1]
+    assert out.indices[2].tolist()[:3] == [V - 2, 0, 1]
+    ties = torch.randint(0, 3, (2, 2600), generator=torch.Generator().manual_seed(0)).float()
+    assert_matches_reference(emulated_cuda(ties, 40), ties, 40, exact_ids=True)
+    wide = torch.randn(2, 3001).half()[:, :2999]            # odd row stride: unaligned 16-byte loads
+    assert_matches_reference(emulated_cuda(wide, 9), wide, 9)
+    none = pack_bitmask(torch.zeros(2999, dtype=torch.bool))
+    out = emulated_cuda(wide, 9, banned_bitmask=none)
+    assert_matches_reference(out, wide, 9, exact_ids=True, banned_bitmask=none)
+    signed_zero = torch.zeros(1, 64)
+    signed_zero[0, ::2] = -0.0
+    assert_matches_reference(emulated_cuda(signed_zero, 5), signed_zero, 5, exact_ids=True)
