@@ -31,6 +31,7 @@ heuristics that have not been tuned on a GPU yet.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -45,7 +46,7 @@ from triton.language.standard import _sum_combine as _ADD
 
 from fastsafe.ops.types import SafeTopKInputs
 
-__all__ = ["safe_topk_triton", "MAX_K", "plan_launch"]
+__all__ = ["safe_topk_triton", "MAX_K", "plan_launch", "compile_for_gpu"]
 
 #: Largest ``k`` this backend supports (``k`` is padded to a power of two at compile time).
 MAX_K = 1024
@@ -302,6 +303,10 @@ def safe_topk_triton(inp: SafeTopKInputs, *, block_v: int | None = None, n_split
     k = inp.k
     plan = plan_launch(B, V, k, logits.device, block_v=block_v, n_splits=n_splits)
     kp, block, ns, slice_len = plan["KP"], plan["BLOCK_V"], plan["n_splits"], plan["slice_len"]
+    if block_c is None:
+        block_c = max(kp, min(2048, triton.next_power_of_2(ns * kp)))
+    elif isinstance(block_c, bool) or not isinstance(block_c, int) or block_c < kp or block_c & (block_c - 1):
+        raise ValueError(f"block_c: expected a power of two >= {kp} (k={k} rounded up), got {block_c!r}")
     dev = logits.device
     values = torch.empty(B, k, dtype=torch.float32, device=dev)
     indices = torch.empty(B, k, dtype=torch.int64, device=dev)
@@ -326,29 +331,68 @@ def safe_topk_triton(inp: SafeTopKInputs, *, block_v: int | None = None, n_split
     stride_reward = reward.stride(0) if has_reward else 0
     warps = 4 if block <= 1024 else 8
     few = min(32, max(2, kp // 4))   # winners of a tile inserted one by one before sorting pays off
-    # enable_fp_fusion=False: no fused multiply-add, so scores round exactly like the torch reference
-    _safe_topk_partial_kernel[(B, ns)](
-        logits, logits.stride(0),
-        bias, pos, float(inp.bias_scale),
-        mask, stride_mask,
-        reward, stride_reward, float(inp.reward_weight),
-        float(inp.temperature),
-        cand, part_m, part_s, part_flag,
-        V, slice_len, ns,
-        KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_V=block, LOG_BLOCK=block.bit_length() - 1,
-        FEW=few, HAS_BIAS=has_bias, HAS_MASK=has_mask, HAS_REWARD=has_reward,
-        num_warps=warps, enable_fp_fusion=False,
-    )
-    if block_c is None:
-        block_c = max(kp, min(2048, triton.next_power_of_2(ns * kp)))
-    elif block_c < kp or block_c & (block_c - 1):
-        raise ValueError(f"block_c: expected a power of two >= {kp} (k={k} rounded up), got {block_c}")
-    _safe_topk_merge_kernel[(B,)](
-        cand, part_m, part_s, part_flag,
-        values, indices, lse,
-        ns, k,
-        KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_C=block_c, LOG_C=block_c.bit_length() - 1,
-        FEW=few, SPLITS_P=max(2, triton.next_power_of_2(ns)),
-        num_warps=4 if block_c <= 1024 else 8, enable_fp_fusion=False,
-    )
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        # enable_fp_fusion=False: no fused multiply-add, so scores round exactly like the torch reference
+        _safe_topk_partial_kernel[(B, ns)](
+            logits, logits.stride(0),
+            bias, pos, float(inp.bias_scale),
+            mask, stride_mask,
+            reward, stride_reward, float(inp.reward_weight),
+            float(inp.temperature),
+            cand, part_m, part_s, part_flag,
+            V, slice_len, ns,
+            KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_V=block, LOG_BLOCK=block.bit_length() - 1,
+            FEW=few, HAS_BIAS=has_bias, HAS_MASK=has_mask, HAS_REWARD=has_reward,
+            num_warps=warps, enable_fp_fusion=False,
+        )
+        _safe_topk_merge_kernel[(B,)](
+            cand, part_m, part_s, part_flag,
+            values, indices, lse,
+            ns, k,
+            KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_C=block_c, LOG_C=block_c.bit_length() - 1,
+            FEW=few, SPLITS_P=max(2, triton.next_power_of_2(ns)),
+            num_warps=4 if block_c <= 1024 else 8, enable_fp_fusion=False,
+        )
     return values, indices, lse
+
+
+def compile_for_gpu(arch: int = 90, k: int = 50, logits_dtype: str = "bf16", all_inputs: bool = True) -> dict:
+    """Compile both kernels ahead of time for ``sm_<arch>`` (no GPU needed; run with TRITON_INTERPRET unset).
+
+    A check that the kernels are valid for the GPU compiler, not only for the interpreter.
+    ``logits_dtype`` is a Triton type name (``fp32``, ``fp16``, ``bf16``). Returns, per kernel, its
+    shared memory bytes and cubin size.
+
+    Example:
+        >>> compile_for_gpu(90, k=50)["partial"]["cubin_bytes"] > 0      # doctest: +SKIP
+        True
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    plan = plan_launch(8, 151936, k, torch.device("cpu"), block_v=max(1024, triton.next_power_of_2(k)))
+    kp, block = plan["KP"], plan["BLOCK_V"]
+    few = min(32, max(2, kp // 4))
+    sig1 = dict(logits_ptr="*" + logits_dtype, stride_logits="i32", bias_ptr="*fp32", pos_ptr="*i64",
+                bias_scale="fp32", mask_ptr="*i32", stride_mask="i32", reward_ptr="*" + logits_dtype,
+                stride_reward="i32", reward_weight="fp32", temperature="fp32", cand_ptr="*i64",
+                part_m_ptr="*fp32", part_s_ptr="*fp32", part_flag_ptr="*i32", V="i32", slice_len="i32",
+                n_splits="i32")
+    const1 = dict(KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_V=block, LOG_BLOCK=block.bit_length() - 1, FEW=few,
+                  HAS_BIAS=all_inputs, HAS_MASK=all_inputs, HAS_REWARD=all_inputs)
+    block_c = 2048
+    sig2 = dict(cand_ptr="*i64", part_m_ptr="*fp32", part_s_ptr="*fp32", part_flag_ptr="*i32",
+                values_ptr="*fp32", indices_ptr="*i64", lse_ptr="*fp32", n_splits="i32", k="i32")
+    const2 = dict(KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_C=block_c, LOG_C=block_c.bit_length() - 1, FEW=few,
+                  SPLITS_P=256)
+    target = GPUTarget("cuda", arch, 32)
+    out = {}
+    kernels = (("partial", _safe_topk_partial_kernel, sig1, const1, 4 if block <= 1024 else 8),
+               ("merge", _safe_topk_merge_kernel, sig2, const2, 8))
+    for name, fn, sig, const, warps in kernels:
+        sig = dict(sig, **{key: "constexpr" for key in const})
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=const), target=target,
+                                  options=dict(num_warps=warps, enable_fp_fusion=False))
+        meta = compiled.metadata
+        out[name] = {"shared": getattr(meta, "shared", None), "cubin_bytes": len(compiled.asm.get("cubin", b""))}
+    return out

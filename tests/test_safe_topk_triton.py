@@ -252,3 +252,22 @@ def test_launch_plan_covers_the_row(device, monkeypatch):
                     assert ns <= 4
     assert mod.plan_launch(1, 151936, 50, torch.device("cuda", 0))["n_splits"] > 16
     assert mod.plan_launch(3, 5000, 5, torch.device("cpu"))["n_splits"] > 1
+
+
+def test_kernels_compile_for_the_gpu():
+    """The interpreter accepts things the GPU compiler rejects: compile both kernels for sm_90
+    ahead of time (Triton's bundled ptxas; no GPU needed) in a process without TRITON_INTERPRET."""
+    require_backend("triton")
+    import os
+    import subprocess
+    import sys
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    code = ("import fastsafe; from fastsafe.kernels.safe_topk import compile_for_gpu; "
+            "print(compile_for_gpu(90, k=50, logits_dtype='bf16'))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and ("No such file" in proc.stderr or "not found" in proc.stderr):
+        pytest.skip(f"no ptxas to compile with: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'partial'" in proc.stdout and "'merge'" in proc.stdout
