@@ -192,23 +192,31 @@ class ChunkedTokenLogps(torch.autograd.Function):
                     e = min(M, s + ct)
                     h = hidden[s:e]
                     z = _chunk_logits(h, w_c, b_c, inv_temp, acc)            # [ct, cv]
-                    p = torch.exp(z - lse[s:e, None])
+                    if use_ent:
+                        p = torch.exp(z - lse[s:e, None])
+                        z.sub_(mean_z[s:e, None]).mul_(p)                      # p * (z - E_p[z])
+                    else:
+                        p = z.sub_(lse[s:e, None]).exp_()                      # in place: z is not needed
+                    # dz = g_lp * (onehot - p) + g_kl * (p - p_ref) - g_ent * p * (z - E_p[z])
+                    coef = -gl[s:e] if gl is not None else torch.zeros(e - s, dtype=acc, device=dev)
+                    if use_kl:
+                        coef = coef + gk[s:e]
+                        zr = _chunk_logits(ref_hidden[s:e], ref_weight[v0:v1],
+                                           None if ref_bias is None else ref_bias[v0:v1], inv_temp, acc)
+                        pr = zr.sub_(ref_lse[s:e, None]).exp_()
+                    if use_ent:
+                        dz = p.mul_(coef[:, None]).sub_(z.mul_(ge[s:e, None]))
+                    else:
+                        dz = p.mul_(coef[:, None])
+                    del z, p
+                    if use_kl:
+                        dz.sub_(pr.mul_(gk[s:e, None]))
+                        del zr, pr
                     if gl is not None:
-                        dz = -gl[s:e, None] * p
                         local = targets[s:e] - v0
                         inside = (local >= 0) & (local < v1 - v0)
                         dz.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None],
                                         torch.where(inside, gl[s:e], torch.zeros((), dtype=acc, device=dev))[:, None])
-                    else:
-                        dz = torch.zeros_like(z)
-                    if use_kl:
-                        zr = _chunk_logits(ref_hidden[s:e], ref_weight[v0:v1],
-                                           None if ref_bias is None else ref_bias[v0:v1], inv_temp, acc)
-                        dz.add_(gk[s:e, None] * (p - torch.exp(zr - ref_lse[s:e, None])))
-                        del zr
-                    if use_ent:
-                        dz.sub_(ge[s:e, None] * p * (z - mean_z[s:e, None]))
-                    del z, p
                     if inv_temp != 1.0:
                         dz.mul_(inv_temp)
                     if acc_b is not None:
