@@ -184,6 +184,7 @@ def load_default_model(*, dtype=torch.float32, device=None, refresh: bool = Fals
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.config._name_or_path = DEFAULT_MODEL
     model.eval()
     if device is not None:
         model.to(device)
