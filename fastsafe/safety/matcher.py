@@ -23,6 +23,7 @@ reordering and finished rows need no bookkeeping):
 """
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 import time
@@ -44,6 +45,7 @@ from .token_index import TokenIndex, _ranges
 __all__ = ["PhraseMatcher", "LiveMatcher", "phrase_variants"]
 
 _REPLACEMENT = "\ufffd"
+_START_ASCII = re.compile(r"\b\w|[^\w\s]", re.ASCII)    # word starts and punctuation (ASCII text)
 
 
 @lru_cache(maxsize=65536)
@@ -290,12 +292,13 @@ class PhraseMatcher:
         self._text_map = text_map                  # normalised phrase -> entity index
         self.max_phrase_chars = max((len(k) for k in text_map), default=0)
         self._text_lengths = frozenset(len(k) for k in text_map)
+        self._text_sorted = sorted(text_map)       # for "is x a prefix of an entity" (bisect)
         self._regexes = regexes                    # list of (compiled, entity index)
         self._phrase_cache = phrase_cache          # (phrase -> (first seq, count), flat, lens, starts)
         self._base_cpu = full_bitmask(self.vocab_size)
         if index.static:
             ban_tokens_(self._base_cpu, sorted(index.static))
-        self._base_by_device = {"cpu": self._base_cpu}
+        self._base_np = self._base_cpu.numpy()
         self._texts = _token_texts(tokenizer) if (text_map or regexes) and tokenizer is not None else None
 
     # ------------------------------------------------------------------ building
@@ -452,7 +455,7 @@ class PhraseMatcher:
         ph_order = reused + new_phrases
         counts = np.fromiter((cache_map[p][1] for p in ph_order), np.int64, len(ph_order))
         ph_vals = np.repeat(np.fromiter((phrase_owner[p] for p in ph_order), np.int64, len(ph_order)), counts)
-        phrase_cache = (cache_map, ph_flat, ph_lens, ph_starts)
+        phrase_cache = (cache_map, ph_flat.astype(np.int32), ph_lens.astype(np.int32), ph_starts)
 
         # ---- token-id entities and regexes
         tid_seqs: list[list[int]] = []
@@ -507,6 +510,8 @@ class PhraseMatcher:
                 vals = vals[keep]
         sev = np.asarray([e.severity for e in ents], np.float64)
         index = TokenIndex.from_arrays(flat, lens, vals, sev[vals] if len(vals) else np.zeros(0))
+        if len(texts) > 100000:
+            _release_memory()
         return cls(tokenizer=tokenizer, vocab_size=vocab_size, entities=ents, index=index, text_map=text_map,
                    regexes=regex_list, word_boundaries=word_boundaries, regex_window=regex_window,
                    phrase_cache=phrase_cache, num_sequences=len(lens), version=version)
@@ -538,14 +543,6 @@ class PhraseMatcher:
                 lengths[b] = len(r)
         return rev, lengths
 
-    def _base(self, device) -> torch.Tensor:
-        key = str(device)
-        b = self._base_by_device.get(key)
-        if b is None:
-            b = self._base_cpu.to(device)
-            self._base_by_device[key] = b
-        return b
-
     def banned_bitmask(self, histories, *, device=None) -> torch.Tensor:
         """Packed mask of the tokens allowed next, per row.
 
@@ -569,20 +566,19 @@ class PhraseMatcher:
             device = histories.device if isinstance(histories, torch.Tensor) else torch.device("cpu")
         rev, lengths = self._rev("histories", histories)
         B = rev.shape[0]
-        out = self._base(device).unsqueeze(0).repeat(B, 1)
-        if self._index.num_prefixes == 0 or B == 0:
-            return out
-        rows, toks, _ = self._index.completions(*self._index.hits(rev, lengths))
-        if len(rows):
-            V = self.vocab_size
-            W = bitmask_words(V)
-            key = np.unique(rows * V + toks)
-            r, t = key // V, key % V
-            clear = np.bincount(r * W + t // 32, weights=np.left_shift(1, t % 32).astype(np.float64),
-                                minlength=B * W).astype(np.int64)   # distinct bits: sum == OR
-            clear = np.where(clear >= 2**31, clear - 2**32, clear).astype(np.int32)
-            out &= ~torch.from_numpy(clear).view(B, W).to(device)
-        return out
+        out = np.repeat(self._base_np[None, :], B, axis=0)
+        if self._index.num_prefixes and B:
+            rows, toks, _ = self._index.completions(*self._index.hits(rev, lengths))
+            if len(rows):
+                V = self.vocab_size
+                W = out.shape[1]
+                key = np.unique(rows * V + toks)
+                r, t = key // V, key % V
+                clear = np.bincount(r * W + t // 32, weights=np.left_shift(1, t % 32).astype(np.float64),
+                                    minlength=B * W).astype(np.int64)   # distinct bits: sum == OR
+                out &= ~clear.astype(np.uint32).view(np.int32).reshape(B, W)
+        res = torch.from_numpy(out)
+        return res if torch.device(device).type == "cpu" else res.to(device)
 
     def banned_tokens(self, history: Sequence[int]) -> set[int]:
         """The set of tokens banned after one history (static ones included); for tests and debugging."""
@@ -646,33 +642,57 @@ class PhraseMatcher:
         raw_parts.reverse()
         return "".join(raw_parts), ids, False
 
-    def _match_text(self, text: str, t0: int):
-        """Entity index of a new occurrence ending after position ``t0`` in normalised ``text``, or None."""
+    def _starts(self, text: str, lo: int, hi: int) -> list[int]:
+        """Positions in ``[lo, hi)`` where an entity occurrence may start (sorted)."""
+        if not self.word_boundaries:
+            return [i for i in range(lo, hi) if text[i] != " "]
+        if text.isascii():
+            return [m.start() for m in _START_ASCII.finditer(text, lo, hi)]
+        return [i for i in range(lo, hi) if text[i] != " " and (i == 0 or not _word(text[i]) or not _word(text[i - 1]))]
+
+    def _active_starts(self, tail: str, starts: list[int]) -> list[int]:
+        """The starts ``s`` whose text ``tail[s:]`` is a prefix of some normalised entity (bisect)."""
+        S = self._text_sorted
+        n = len(S)
+        t0 = len(tail)
+        out = []
+        for st in starts[bisect.bisect_left(starts, t0 - self.max_phrase_chars):]:
+            x = tail[st:]
+            i = bisect.bisect_left(S, x)
+            if i < n and S[i].startswith(x):
+                out.append(st)
+        return out
+
+    def _match_text(self, text: str, t0: int, tail_starts: list[int] | None = None):
+        """Entity index of a new occurrence ending after position ``t0`` in normalised ``text``, or None.
+
+        ``tail_starts``: precomputed :meth:`_starts` of ``text[:t0]`` (entries >= t0 are ignored).
+        """
         L = len(text)
         if L <= t0 or not self._text_map:
             return None
-        maxlen = self.max_phrase_chars
-        tmap = self._text_map
-        lengths = self._text_lengths
         wb = self.word_boundaries
-        for e in range(t0 + 1, L + 1):
-            last = text[e - 1]
-            if last == " ":
-                continue
-            if wb and e < L and _word(last) and _word(text[e]):
-                continue
-            lo = max(0, e - maxlen)
-            for s in range(e - 1, lo - 1, -1):
-                if (e - s) not in lengths:
-                    continue
-                first = text[s]
-                if first == " ":
-                    continue
-                if wb and s > 0 and _word(first) and _word(text[s - 1]):
-                    continue
-                j = tmap.get(text[s:e])
-                if j is not None:
-                    return j
+        ends = [e for e in range(t0 + 1, L + 1) if text[e - 1] != " " and
+                (not wb or e == L or not (_word(text[e - 1]) and _word(text[e])))]
+        if not ends:
+            return None
+        maxlen = self.max_phrase_chars
+        if tail_starts is None:
+            tail_starts = self._starts(text, max(0, t0 - maxlen), t0)
+        elif tail_starts and tail_starts[-1] >= t0:
+            tail_starts = tail_starts[:bisect.bisect_left(tail_starts, t0)]
+        starts = tail_starts + self._starts(text, t0, L)
+        lengths = self._text_lengths
+        tmap = self._text_map
+        for e in ends:
+            for i in range(bisect.bisect_left(starts, e - maxlen), len(starts)):
+                st = starts[i]
+                if st >= e:
+                    break
+                if (e - st) in lengths:
+                    j = tmap.get(text[st:e])
+                    if j is not None:
+                        return j
         return None
 
     def _match_regex(self, text: str, t0: int):
@@ -701,7 +721,8 @@ class PhraseMatcher:
         """
         device = candidate_ids.device if isinstance(candidate_ids, torch.Tensor) else torch.device("cpu")
         cands = _as_rows("candidate_ids", candidate_ids)
-        rows = _as_rows("histories", histories)
+        need = max(self.max_phrase_chars + 1, self.regex_window if self._regexes else 0)
+        rows = _as_rows("histories", histories, 4 * need + 16)
         if len(rows) != len(cands):
             raise ValueError(f"candidate_ids: expected {len(rows)} rows (one per history), got {len(cands)}")
         k = max((len(c) for c in cands), default=0)
@@ -717,6 +738,8 @@ class PhraseMatcher:
         for b, (row, cs) in enumerate(zip(rows, cands)):
             tail_raw, tail_ids, partial = self._tail(row, texts)
             tail_norm = normalize_text(tail_raw) if self._text_map else ""
+            tail_starts = self._starts(tail_norm, 0, len(tail_norm)) if self._text_map else []
+            active = self._active_starts(tail_norm, tail_starts) if self._text_map else []
             tail_light = light_normalize(tail_raw)[-self.regex_window:] if self._regexes else ""
             for j, c in enumerate(cs):
                 if not allowed[b][j]:
@@ -729,7 +752,7 @@ class PhraseMatcher:
                     if self._text_map:
                         full = normalize_text(full_raw)
                         t0 = _common_prefix(full, tail_norm)
-                        hit = self._match_text(full, t0)
+                        hit = self._match_text(full, t0, tail_starts)
                         rule = "text_match"
                     if hit is None and self._regexes:
                         lfull = light_normalize(full_raw)
@@ -743,7 +766,7 @@ class PhraseMatcher:
                         pn = texts.norm[c]
                         if pn.startswith(" ") and tail_norm.endswith(" "):
                             pn = pn[1:]
-                        hit = self._match_text(tail_norm + pn, len(tail_norm))
+                        hit = self._match_text(tail_norm + pn, len(tail_norm), active)
                         rule = "text_match"
                     if hit is None and self._regexes:
                         pl = texts.light[c]
@@ -757,6 +780,15 @@ class PhraseMatcher:
                     events.append(SafetyEvent(step=-1, row=b, token_id=int(c), token_text=piece, rule=rule,
                                               entity=e.phrase, category=e.category, severity=e.severity))
         return torch.tensor(allowed, dtype=torch.bool, device=device).reshape(len(cands), k), events
+
+
+def _release_memory() -> None:
+    """Hand freed heap pages back to the OS after a large build (glibc only; a no-op elsewhere)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _common_prefix(a: str, b: str) -> int:

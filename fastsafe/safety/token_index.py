@@ -127,11 +127,11 @@ class TokenIndex:
         # reverse each prefix in place: position p in prefix i -> start + (len - 1 - p)
         r_idx, r_own = _ranges(self._pstart, self._plen)
         pos = r_idx - self._pstart[r_own]
-        self._ptok = np.empty_like(fwd)
+        self._ptok = np.empty(len(fwd), np.int32)
         self._ptok[self._pstart[r_own] + (self._plen[r_own] - 1 - pos)] = fwd
         self._cstart = np.concatenate((first, [len(h)])).astype(np.int64)
         self._ctok = last.astype(np.int64)
-        self._cval = vals.astype(np.int64)
+        self._cval = vals.astype(np.int32)
 
     # ------------------------------------------------------------------ lookup
     def hits(self, rev: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
