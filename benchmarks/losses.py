@@ -275,9 +275,17 @@ def targets(rows: List[dict], device: torch.device) -> dict:
     out = {}
     mem = [r for r in rows if r["impl"].startswith("fused") and r["vocab"] == 151936 and r["tokens"] == 8192
            and r.get("memory_vs_unfused") is not None]
-    out["memory_at_most_0.1x_unfused_at_V151936_NT8192"] = (
-        {"measured": {f"{r['workload']}/{r['impl']}": r["memory_vs_unfused"] for r in mem},
-         "pass": all(r["memory_vs_unfused"] <= 0.1 for r in mem)} if mem else "not measured (shape not run)")
+    if mem:
+        out["memory_at_most_0.1x_unfused_at_V151936_NT8192"] = {
+            "measured": {f"{r['workload']}/{r['impl']}": r["memory_vs_unfused"] for r in mem},
+            "pass": all(r["memory_vs_unfused"] <= 0.1 for r in mem)}
+    else:
+        near = [r for r in rows if r["impl"].startswith("fused") and r["vocab"] == 151936
+                and r.get("memory_vs_unfused") is not None]
+        out["memory_at_most_0.1x_unfused_at_V151936_NT8192"] = (
+            {"not_measured": "NT=8192 not run", "indicative_at_V151936": {
+                f"{r['workload']}/{r['impl']}/NT{r['tokens']}/H{r['hidden']}": r["memory_vs_unfused"] for r in near}}
+            if near else "not measured (shape not run)")
     is_h100 = device.type == "cuda" and "h100" in torch.cuda.get_device_name(device).lower()
     fr = [r for r in rows if r["impl"] == "fused[triton]" and r.get("gemm_peak_fraction") is not None]
     out["at_least_0.6_of_bf16_gemm_peak_on_h100"] = (
