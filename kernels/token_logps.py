@@ -210,7 +210,7 @@ def _interpreted(device: torch.device) -> bool:
     return device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def launch_config(dtype: torch.dtype, device: torch.device) -> dict:
+def launch_config(dtype: torch.dtype, device) -> dict:
     """Block sizes and launch options for ``dtype`` on ``device`` (small tiles under the interpreter)."""
     if _interpreted(device):
         # a small vocabulary chunk so the tests cross chunk edges
