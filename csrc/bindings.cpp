@@ -206,6 +206,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("banned_bitmask"), pybind11::arg("dense_reward"), pybind11::arg("reward_weight"),
         pybind11::arg("temperature"));
   m.attr("cpu_block") = fastsafe::kCpuBlock;
+  m.def("cpu_isa", &fastsafe::safe_topk_cpu_isa,
+        "Instruction set of the CPU kernel's vector loops on this machine: 'avx512f', 'avx2' or 'baseline' "
+        "(FASTSAFE_CPU_ISA=baseline|avx2 caps it).");
 #ifdef FASTSAFE_WITH_CUDA
   m.def("safe_topk_cuda", &safe_topk_cuda_op, doc, pybind11::arg("logits"), pybind11::arg("k"),
         pybind11::arg("bias_table"), pybind11::arg("positions"), pybind11::arg("bias_scale"),

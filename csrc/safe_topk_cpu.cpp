@@ -1,38 +1,33 @@
-// C++ CPU kernel of `safe_topk`: one pass over the logits, OpenMP over (row, block of V).
+// C++ CPU kernel of `safe_topk`: one pass over the logits, OpenMP over rows and segments of
+// blocks of V.
 //
-// Each task (row b, tokens [v0, v0 + n), n <= kCpuBlock) does:
-//   1. scores into a small float buffer (tight loops the compiler vectorises: dtype
-//      conversion, / temperature, - bias_scale * bias, + reward_weight * reward, bitmask);
-//   2. block max (NaN and +inf flagged), then sum of exp(score - max) (vectorisable expf);
-//   3. a k-best selection: a candidate buffer behind a threshold; a 16-wide chunk whose
-//      elements are all <= threshold costs one vector compare; when the buffer holds 2k
-//      candidates it is cut back to the k best (nth_element) and the threshold rises.
-// Then per row: merge the blocks' (max, sum) pairs into the logsumexp and the blocks'
+// A task is a segment of consecutive blocks (kCpuBlock tokens) of one row. For each block:
+//   1. scores into a small float buffer (16-wide vector loops, safe_topk_cpu_blocks.h: dtype
+//      conversion, / temperature, - bias_scale * bias, + reward_weight * reward, bitmask),
+//      padded with -inf to whole selection groups;
+//   2. block max (NaN flagged), then the sum of exp(score - max) (vector expf);
+//   3. a k-best selection: a candidate buffer behind a threshold that carries over from block
+//      to block; a group of 64 scores all <= threshold costs four vector compares; when the
+//      buffer holds 2k + 64 candidates it is cut back to the k best (nth_element) and the
+//      threshold rises.
+// Then per row: the blocks' (max, sum) pairs merge into the logsumexp, and the segments'
 // candidates into the sorted top k; -inf slots take the lowest ids not chosen.
 //
 // Only finite or +inf scores are candidates (NaN and -inf count as -inf, never selected
-// ahead of a real score). Blocks are fixed (kCpuBlock) and merged in a fixed order, so the
-// result does not depend on the thread count.
+// ahead of a real score). Blocks are fixed and their partial sums merged in block order, and
+// the top k (ties by lower id) is unique, so results do not depend on the thread count.
 #include "safe_topk_cpu.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-
-// Function multi-versioning: the hot loops are compiled for AVX-512, AVX2 and the baseline,
-// and the loader picks the best one for the running CPU (GCC on x86-64 only). Contraction to
-// FMA is off (-ffp-contract=off), so every version computes bitwise identical scores.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(FASTSAFE_NO_TARGET_CLONES)
-#define FASTSAFE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTSAFE_CLONES
 #endif
 
 #define FASTSAFE_INLINE inline __attribute__((always_inline))
@@ -41,73 +36,8 @@ namespace fastsafe {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int kLanes = 16;  // width of the lane-wise accumulators and selection chunks
-
-FASTSAFE_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-FASTSAFE_INLINE uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-// IEEE half -> float, exact for every input (normals, subnormals, inf, NaN), branch-free.
-FASTSAFE_INLINE float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7fffu;
-  const uint32_t shifted = em << 13;
-  // Exponent re-bias by a multiply with 2^112: exact, and turns half subnormals into normals.
-  uint32_t bits = float_to_bits(bits_to_float(shifted) * 0x1p112f);
-  bits = em >= 0x7c00u ? (shifted | 0x7f800000u) : bits;  // inf / NaN keep their payload
-  return bits_to_float(bits | sign);
-}
-
-FASTSAFE_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
-
-struct F32Load {
-  FASTSAFE_INLINE float operator()(float x) const { return x; }
-};
-struct HalfLoad {
-  FASTSAFE_INLINE float operator()(uint16_t h) const { return half_to_float(h); }
-};
-struct BF16Load {
-  FASTSAFE_INLINE float operator()(uint16_t h) const { return bf16_to_float(h); }
-};
-
-// exp(x) for the logsumexp, vectorisable (no calls, no table), about 2 ulp (degree-6 Taylor: |r|^7/7! < 1.2e-7 relative) for
-// -87.3 <= x <= 88; 0 below (including -inf); NaN for NaN. Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2/2, then a polynomial and a 2^n scale.
-FASTSAFE_INLINE float exp_f32(float x) {
-  constexpr float kLo = -87.33654f;     // ~ ln(FLT_MIN): 2^n stays a normal float
-  constexpr float kHi = 88.0f;
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;          // 355/512: n * kLn2Hi is exact
-  constexpr float kLn2Lo = -2.12194440e-4f;       // ln2 - kLn2Hi
-  constexpr float kRound = 12582912.0f;           // 1.5 * 2^23: adding it rounds to an integer
-  float xc = x < kLo ? kLo : x;
-  xc = xc > kHi ? kHi : xc;
-  const float shifted = xc * kLog2e + kRound;
-  const float n = shifted - kRound;
-  const uint32_t n_int = float_to_bits(shifted) - 0x4B400000u;  // n as two's complement
-  float r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float scale = bits_to_float((n_int + 127u) << 23);
-  const float y = p * scale;
-  return x < kLo ? 0.0f : y;
-}
-
-// ---- step 1: scores of one block --------------------------------------------------------
+constexpr int kGroup = 64;  // selection: scores tested together against the threshold
+static_assert(kCpuBlock % kGroup == 0, "blocks hold whole selection groups");
 
 struct RowInputs {
   const void* logits;      // row start
@@ -118,115 +48,102 @@ struct RowInputs {
 
 enum class ScaleMode { Copy, Multiply, Divide };
 
-// Dividing by a power of two and multiplying by its (exact) reciprocal round identically,
-// barring a subnormal reciprocal.
-inline ScaleMode scale_mode(float t) {
-  if (t == 1.0f) return ScaleMode::Copy;
+struct ScoreParams {
+  ScaleMode mode;
+  float temperature;
+  float inv;  // 1 / temperature, used only when exact (ScaleMode::Multiply)
+  float bias_scale;
+  float reward_weight;
+};
+
+// x / t is computed as a division (bitwise what torch computes on the CPU), except where a
+// multiply gives the same correctly rounded result: t == 1 (nothing to do) or t a power of
+// two (its reciprocal is exact; both round the same real number).
+ScoreParams score_params(const SafeTopKArgs& a) {
+  ScoreParams sp{ScaleMode::Divide, a.temperature, 1.0f / a.temperature, a.bias_scale, a.reward_weight};
   int e = 0;
-  const float mant = std::frexp(t, &e);
-  return (mant == 0.5f && e > -125 && e < 126) ? ScaleMode::Multiply : ScaleMode::Divide;
+  const float mant = std::frexp(a.temperature, &e);
+  if (a.temperature == 1.0f) {
+    sp.mode = ScaleMode::Copy;
+  } else if (mant == 0.5f && e > -125 && e < 126) {
+    sp.mode = ScaleMode::Multiply;
+  }
+  return sp;
 }
 
-template <typename T, typename LoadFn>
-FASTSAFE_INLINE void scale_loop(const T* __restrict x, int64_t n, ScaleMode mode, float t, float inv,
-                                float* __restrict out, LoadFn load) {
-  if (mode == ScaleMode::Copy) {
-    for (int64_t i = 0; i < n; ++i) out[i] = load(x[i]);
-  } else if (mode == ScaleMode::Multiply) {
-    for (int64_t i = 0; i < n; ++i) out[i] = load(x[i]) * inv;
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = load(x[i]) / t;
-  }
+// The per-block vector loops, one set per instruction set (see safe_topk_cpu_blocks.h).
+struct BlockKernels {
+  void (*scores)(const RowInputs&, ScalarKind, int64_t, int64_t, const ScoreParams&, float*);
+  void (*max)(const float*, int64_t, float*, bool*);
+  float (*sumexp)(const float*, int64_t, float);
+  int64_t (*first_group_above)(const float*, int64_t, int64_t, float);
+  const char* isa;
+};
+
+// The vector types are only used inside always-inline helpers and the ISA's own functions, so
+// GCC's note that passing them by value would depend on the ISA does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace isa_base {
+#define FASTSAFE_TARGET
+#define FASTSAFE_ISA_NAME "baseline"
+#define FASTSAFE_VLEN 4
+#include "safe_topk_cpu_blocks.h"
+#undef FASTSAFE_VLEN
+#undef FASTSAFE_ISA_NAME
+#undef FASTSAFE_TARGET
+}  // namespace isa_base
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTSAFE_X86_VERSIONS 1
+namespace isa_avx2 {
+#define FASTSAFE_TARGET __attribute__((target("avx2")))
+#define FASTSAFE_ISA_NAME "avx2"
+#define FASTSAFE_VLEN 8
+#include "safe_topk_cpu_blocks.h"
+#undef FASTSAFE_VLEN
+#undef FASTSAFE_ISA_NAME
+#undef FASTSAFE_TARGET
+}  // namespace isa_avx2
+namespace isa_avx512 {
+#define FASTSAFE_TARGET __attribute__((target("avx512f")))
+#define FASTSAFE_ISA_NAME "avx512f"
+#define FASTSAFE_VLEN 16
+#include "safe_topk_cpu_blocks.h"
+#undef FASTSAFE_VLEN
+#undef FASTSAFE_ISA_NAME
+#undef FASTSAFE_TARGET
+}  // namespace isa_avx512
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+// The best set this CPU runs; FASTSAFE_CPU_ISA=baseline|avx2|avx512f caps it (for tests and
+// comparisons; every set gives bitwise identical results).
+const BlockKernels& block_kernels() {
+  const char* want = std::getenv("FASTSAFE_CPU_ISA");
+  const std::string cap = want != nullptr ? want : "";
+#ifdef FASTSAFE_X86_VERSIONS
+  __builtin_cpu_init();
+  if (cap != "baseline" && cap != "avx2" && __builtin_cpu_supports("avx512f")) return isa_avx512::kBlockKernels;
+  if (cap != "baseline" && __builtin_cpu_supports("avx2")) return isa_avx2::kBlockKernels;
+#endif
+  (void)cap;
+  return isa_base::kBlockKernels;
 }
 
-template <typename LoadFn>
-FASTSAFE_INLINE void reward_loop(const uint16_t* r, int64_t n, float w, float* out, LoadFn load) {
-  for (int64_t i = 0; i < n; ++i) out[i] = out[i] + w * load(r[i]);
-}
-
-FASTSAFE_CLONES
-void block_scores(const RowInputs& row, ScalarKind dtype, int64_t v0, int64_t n, float temperature,
-                  float bias_scale, float reward_weight, float* __restrict out) {
-  // x / t is computed as a division (bitwise what torch computes on the CPU), except where a
-  // multiply gives the same correctly rounded result: t == 1, or t a power of two.
-  const ScaleMode mode = scale_mode(temperature);
-  const float inv = 1.0f / temperature;
-  if (dtype == ScalarKind::Float32) {
-    scale_loop(static_cast<const float*>(row.logits) + v0, n, mode, temperature, inv, out, F32Load{});
-  } else if (dtype == ScalarKind::Float16) {
-    scale_loop(static_cast<const uint16_t*>(row.logits) + v0, n, mode, temperature, inv, out, HalfLoad{});
-  } else {
-    scale_loop(static_cast<const uint16_t*>(row.logits) + v0, n, mode, temperature, inv, out, BF16Load{});
-  }
-  if (row.bias != nullptr) {
-    const float* bias = row.bias + v0;
-    for (int64_t i = 0; i < n; ++i) out[i] = out[i] - bias_scale * bias[i];
-  }
-  if (row.reward != nullptr) {
-    if (dtype == ScalarKind::Float32) {
-      const float* r = static_cast<const float*>(row.reward) + v0;
-      for (int64_t i = 0; i < n; ++i) out[i] = out[i] + reward_weight * r[i];
-    } else if (dtype == ScalarKind::Float16) {
-      reward_loop(static_cast<const uint16_t*>(row.reward) + v0, n, reward_weight, out, HalfLoad{});
-    } else {
-      reward_loop(static_cast<const uint16_t*>(row.reward) + v0, n, reward_weight, out, BF16Load{});
-    }
-  }
-  if (row.mask != nullptr) {
-    const uint32_t* words = row.mask + v0 / 32;  // v0 is a multiple of 32
-    const int64_t full = n / 32;
-    for (int64_t w = 0; w < full; ++w) {
-      const uint32_t word = words[w];
-      float* o = out + 32 * w;
-      if (word == 0xffffffffu) continue;
-      if (word == 0u) {
-        for (int j = 0; j < 32; ++j) o[j] = -kInf;
-        continue;
-      }
-      for (int j = 0; j < 32; ++j) o[j] = (word & (1u << j)) != 0u ? o[j] : -kInf;
-    }
-    const int64_t rest = n - 32 * full;
-    if (rest > 0) {
-      const uint32_t word = words[full];
-      float* o = out + 32 * full;
-      for (int64_t j = 0; j < rest; ++j) o[j] = ((word >> j) & 1u) != 0u ? o[j] : -kInf;
-    }
-  }
-}
-
-// ---- step 2: block max and sum of exponentials --------------------------------------------
+// ---- per-block statistics ----------------------------------------------------------------
 
 struct BlockStats {
   float max = -kInf;  // max over non-NaN scores (may be +inf)
   float sum = 0.0f;   // sum of exp(score - max) when max is finite
   bool nan = false;   // some score is NaN
 };
-
-// The reductions below use `omp simd reduction` so the compiler may vectorise them without
-// -ffast-math (reassociation of max/sum/or is allowed by the pragma).
-FASTSAFE_CLONES
-void block_max(const float* __restrict s, int64_t n, float* max_out, bool* nan_out) {
-  float m = -kInf;
-  uint32_t any_nan = 0;
-#pragma omp simd reduction(max : m) reduction(| : any_nan)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = s[i];
-    const uint32_t is_nan = x != x;
-    const float y = is_nan ? -kInf : x;  // NaN is flagged, and ignored by the max
-    m = y > m ? y : m;
-    any_nan |= is_nan;
-  }
-  *max_out = m;
-  *nan_out = any_nan != 0;
-}
-
-FASTSAFE_CLONES
-float block_sumexp(const float* __restrict s, int64_t n, float m) {
-  float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t i = 0; i < n; ++i) total += exp_f32(s[i] - m);
-  return total;
-}
 
 // ---- step 3: k-best selection -------------------------------------------------------------
 
@@ -261,33 +178,17 @@ struct Selector {
   }
 };
 
-FASTSAFE_CLONES
-int64_t first_chunk_above(const float* __restrict s, int64_t n, int64_t start, float threshold) {
-  // Index of the first kLanes-chunk at or after `start` with an element > threshold (or n).
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = start; i < body; i += kLanes) {
-    uint32_t any = 0;
-#pragma omp simd reduction(| : any)
-    for (int j = 0; j < kLanes; ++j) any |= static_cast<uint32_t>(s[i + j] > threshold);
-    if (any != 0) return i;
-  }
-  return body;
-}
-
-void block_select(const float* s, int64_t n, int32_t id0, Selector& sel) {
-  const int64_t body = n - n % kLanes;
+// Offers the scores s[0, end) (end a multiple of kGroup; padding is -inf) to the selector.
+void block_select(const BlockKernels& K, const float* s, int64_t end, int32_t id0, Selector& sel) {
   int64_t i = 0;
-  while (i < body) {
-    i = first_chunk_above(s, n, i, sel.threshold);
-    if (i >= body) break;
-    for (int j = 0; j < kLanes; ++j) {
+  while (i < end) {
+    i = K.first_group_above(s, end, i, sel.threshold);
+    if (i >= end) break;
+    for (int j = 0; j < kGroup; ++j) {
       const float x = s[i + j];
       if (x > sel.threshold) sel.push(x, id0 + static_cast<int32_t>(i + j));
     }
-    i += kLanes;
-  }
-  for (int64_t t = body; t < n; ++t) {
-    if (s[t] > sel.threshold) sel.push(s[t], id0 + static_cast<int32_t>(t));
+    i += kGroup;
   }
 }
 
@@ -359,6 +260,8 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
   const int64_t cap = std::min(2 * k + 64, seg_len);         // selection buffer per thread
   const int64_t words = bitmask_words(V);
   const int64_t elem = a.dtype == ScalarKind::Float32 ? 4 : 2;
+  const ScoreParams sp = score_params(a);
+  const BlockKernels& K = block_kernels();
 
   std::vector<Cand> slots(static_cast<size_t>(ntasks * slot));
   std::vector<int64_t> counts(static_cast<size_t>(ntasks), 0);
@@ -366,7 +269,7 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
 
 #pragma omp parallel num_threads(threads) if (threads > 1 && ntasks > 1)
   {
-    alignas(64) float scores[kCpuBlock];
+    alignas(64) float buffer[kCpuBlock];
     std::vector<Cand> buf(static_cast<size_t>(cap));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
@@ -393,13 +296,14 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
       for (int64_t blk = first_blk; blk < end_blk; ++blk) {
         const int64_t v0 = blk * kCpuBlock;
         const int64_t n = std::min(kCpuBlock, V - v0);
-        block_scores(row, a.dtype, v0, n, a.temperature, a.bias_scale, a.reward_weight, scores);
+        K.scores(row, a.dtype, v0, n, sp, buffer);
+        const int64_t padded = (n + kGroup - 1) / kGroup * kGroup;  // -inf after n
         BlockStats st;
-        block_max(scores, n, &st.max, &st.nan);
-        if (st.max > -kInf && st.max < kInf) st.sum = block_sumexp(scores, n, st.max);
+        K.max(buffer, padded, &st.max, &st.nan);
+        if (st.max > -kInf && st.max < kInf) st.sum = K.sumexp(buffer, padded, st.max);
         stats[b * nblocks + blk] = st;
-        // A block without a real score (all banned) costs nothing more.
-        if (st.max > sel.threshold) block_select(scores, n, static_cast<int32_t>(v0), sel);
+        // A block without a score above the threshold (e.g. all banned) costs nothing more.
+        if (st.max > sel.threshold) block_select(K, buffer, padded, static_cast<int32_t>(v0), sel);
       }
       if (sel.count > k) sel.shrink();
       std::copy(buf.data(), buf.data() + sel.count, slots.data() + task * slot);
@@ -425,5 +329,7 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
     }
   }
 }
+
+const char* safe_topk_cpu_isa() { return block_kernels().isa; }
 
 }  // namespace fastsafe

@@ -14,4 +14,8 @@ constexpr int64_t kCpuBlock = 4096;
 // (see bindings.cpp): 1 <= k <= vocab < 2^31, positions within [0, bias_rows).
 void safe_topk_cpu(const SafeTopKArgs& args, int num_threads);
 
+// Instruction set of the vector loops chosen for this CPU: "avx512f", "avx2" or "baseline"
+// (FASTSAFE_CPU_ISA=baseline|avx2 caps the choice).
+const char* safe_topk_cpu_isa();
+
 }  // namespace fastsafe

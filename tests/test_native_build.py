@@ -90,6 +90,22 @@ def test_thread_count_does_not_change_results(B):
     assert_matches_reference(outs[0], logits, 40, **kw)
 
 
+def test_instruction_sets_agree(monkeypatch):
+    """The AVX-512, AVX2 and baseline vector loops give bitwise identical results."""
+    C = _native()
+    logits, kw = make_inputs(3, 10007, torch.float16, OPTIONS, seed=6)
+    outs = {}
+    for isa in ("baseline", "avx2", "avx512f"):
+        monkeypatch.setenv("FASTSAFE_CPU_ISA", isa)
+        outs[C.cpu_isa()] = safe_topk(logits, 33, backend="cpp", **kw)
+    assert "baseline" in outs
+    ref = outs.pop("baseline")
+    for other in outs.values():
+        assert torch.equal(ref.values, other.values) and torch.equal(ref.indices, other.indices)
+        assert torch.equal(ref.logsumexp, other.logsumexp)
+    assert_matches_reference(ref, logits, 33, **kw)
+
+
 @pytest.mark.parametrize("k", [1000, 4096, 151936])
 def test_large_k(k):
     _native()

@@ -1,0 +1,224 @@
+// Per-block vector loops of the CPU kernel (safe_topk_cpu.cpp), written with GCC/Clang vector
+// extensions so they vectorise whatever the auto-vectoriser decides.
+//
+// Included once per instruction set, inside its own namespace, with FASTSAFE_TARGET defined
+// as the target attribute (e.g. __attribute__((target("avx2"))), or nothing for the baseline)
+// and FASTSAFE_VLEN as the native number of floats per vector (16, 8, 4; a power of two
+// dividing 32): no include guard on purpose. safe_topk_cpu.cpp picks one set at run time. The arithmetic is
+// plain IEEE single precision with no contraction (-ffp-contract=off), so every set returns
+// bitwise identical results.
+//
+// Expects (from the includer): <cstdint>, <cstring>, <limits>, fastsafe::ScalarKind,
+// RowInputs, ScoreParams, ScaleMode, kGroup, kInf.
+
+constexpr int kV = FASTSAFE_VLEN;
+typedef float f32v __attribute__((vector_size(4 * FASTSAFE_VLEN)));
+typedef int32_t i32v __attribute__((vector_size(4 * FASTSAFE_VLEN)));
+typedef uint32_t u32v __attribute__((vector_size(4 * FASTSAFE_VLEN)));
+typedef uint16_t u16v __attribute__((vector_size(2 * FASTSAFE_VLEN)));
+static_assert(32 % kV == 0 && kGroup % kV == 0, "a vector of tokens shares one bitmask word");
+
+#define FASTSAFE_VEC FASTSAFE_TARGET inline __attribute__((always_inline))
+
+FASTSAFE_VEC f32v splat(float x) {
+  f32v v = {};
+  return v + x;
+}
+
+FASTSAFE_VEC u32v splat_u(uint32_t x) {
+  u32v v = {};
+  return v + x;
+}
+
+FASTSAFE_VEC f32v loadv(const float* p) {
+  f32v v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+FASTSAFE_VEC void storev(float* p, f32v v) { std::memcpy(p, &v, sizeof v); }
+
+FASTSAFE_VEC u32v widenv(const uint16_t* p) {
+  u16v h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, u32v);
+}
+
+FASTSAFE_VEC f32v bf16v_to_float(u32v w) { return (f32v)(w << 16); }
+
+// IEEE half -> float, exact for every input: the exponent is re-biased by a multiply with
+// 2^112 (which also turns half subnormals into floats exactly); inf/NaN keep their payload.
+FASTSAFE_VEC f32v halfv_to_float(u32v w) {
+  const u32v sign = (w & 0x8000u) << 16;
+  const u32v em = w & 0x7fffu;
+  const u32v shifted = em << 13;
+  u32v bits = (u32v)((f32v)shifted * 0x1p112f);
+  bits = (em >= 0x7c00u) ? (shifted | 0x7f800000u) : bits;
+  return (f32v)(bits | sign);
+}
+
+// kV elements of the given kind starting at element i of base (all must exist).
+template <int kKind>
+FASTSAFE_VEC f32v load_kind(const void* base, int64_t i) {
+  if (kKind == 0) return loadv(static_cast<const float*>(base) + i);
+  const u32v w = widenv(static_cast<const uint16_t*>(base) + i);
+  return kKind == 1 ? halfv_to_float(w) : bf16v_to_float(w);
+}
+
+// The first `valid` (< kV) elements, zero-padded: never reads past the row.
+template <int kKind>
+FASTSAFE_VEC f32v load_kind_partial(const void* base, int64_t i, int valid) {
+  alignas(64) unsigned char tmp[4 * kV] = {};
+  const int bytes = kKind == 0 ? 4 : 2;
+  std::memcpy(tmp, static_cast<const unsigned char*>(base) + i * bytes, static_cast<size_t>(valid) * bytes);
+  return load_kind<kKind>(tmp, 0);
+}
+
+FASTSAFE_VEC f32v load_f32_partial(const float* p, int valid) {
+  alignas(64) float tmp[kV] = {};
+  std::memcpy(tmp, p, static_cast<size_t>(valid) * sizeof(float));
+  return loadv(tmp);
+}
+
+// Scores of the kV tokens from v0 + i (lanes >= valid give -inf).
+template <int kKind>
+FASTSAFE_VEC f32v scorev(const RowInputs& row, int64_t v0, int64_t i, int valid, const ScoreParams& sp) {
+  const int64_t v = v0 + i;
+  f32v x = valid == kV ? load_kind<kKind>(row.logits, v) : load_kind_partial<kKind>(row.logits, v, valid);
+  if (sp.mode == ScaleMode::Multiply) {
+    x = x * sp.inv;
+  } else if (sp.mode == ScaleMode::Divide) {
+    x = x / sp.temperature;
+  }
+  if (row.bias != nullptr) {
+    const f32v b = valid == kV ? loadv(row.bias + v) : load_f32_partial(row.bias + v, valid);
+    x = x - sp.bias_scale * b;
+  }
+  if (row.reward != nullptr) {
+    const f32v r =
+        valid == kV ? load_kind<kKind>(row.reward, v) : load_kind_partial<kKind>(row.reward, v, valid);
+    x = x + sp.reward_weight * r;
+  }
+  if (row.mask != nullptr) {
+    // v is a multiple of kV, so the kV bits sit in one word, from bit v % 32.
+    u32v lane_bits;
+    for (int j = 0; j < kV; ++j) lane_bits[j] = 1u << ((v & 31) + j);
+    const u32v word = splat_u(row.mask[v >> 5]);
+    x = ((word & lane_bits) != 0u) ? x : splat(-kInf);
+  }
+  if (valid < kV) {
+    i32v lane;
+    for (int j = 0; j < kV; ++j) lane[j] = j;
+    x = (lane < valid) ? x : splat(-kInf);
+  }
+  return x;
+}
+
+template <int kKind>
+FASTSAFE_VEC void block_scores_kind(const RowInputs& row, int64_t v0, int64_t n, const ScoreParams& sp,
+                                    float* __restrict out) {
+  const int64_t full = n - n % kV;
+  for (int64_t i = 0; i < full; i += kV) storev(out + i, scorev<kKind>(row, v0, i, kV, sp));
+  int64_t end = full;
+  if (full < n) {
+    storev(out + full, scorev<kKind>(row, v0, full, static_cast<int>(n - full), sp));
+    end += kV;
+  }
+  for (; end % kGroup != 0; end += kV) storev(out + end, splat(-kInf));
+}
+
+// Scores of tokens [v0, v0 + n) of one row into out[0, n), then -inf up to a multiple of
+// kGroup (out holds at least kCpuBlock floats; v0 is a multiple of 32).
+FASTSAFE_TARGET void block_scores(const RowInputs& row, ScalarKind dtype, int64_t v0, int64_t n,
+                                  const ScoreParams& sp, float* __restrict out) {
+  if (dtype == ScalarKind::Float32) {
+    block_scores_kind<0>(row, v0, n, sp, out);
+  } else if (dtype == ScalarKind::Float16) {
+    block_scores_kind<1>(row, v0, n, sp, out);
+  } else {
+    block_scores_kind<2>(row, v0, n, sp, out);
+  }
+}
+
+// Max over the non-NaN scores of s[0, n) (n a multiple of kGroup), and whether any is NaN.
+FASTSAFE_TARGET void block_max(const float* __restrict s, int64_t n, float* max_out, bool* nan_out) {
+  f32v m = splat(-kInf);
+  i32v nan = {};
+  for (int64_t i = 0; i < n; i += kV) {
+    const f32v x = loadv(s + i);
+    nan |= (x != x);
+    m = (x > m) ? x : m;  // a NaN never wins
+  }
+  float best = -kInf;
+  bool any_nan = false;
+  for (int j = 0; j < kV; ++j) {
+    best = m[j] > best ? m[j] : best;
+    any_nan = any_nan || nan[j] != 0;
+  }
+  *max_out = best;
+  *nan_out = any_nan;
+}
+
+// exp(x) for x <= 0 (score - max), per lane, about 2 ulp: Cody-Waite reduction
+// x = n ln2 + r with |r| <= ln2/2, a degree-6 Taylor polynomial (|r|^7/7! < 1.2e-7 relative),
+// and 2^n built in the exponent field. Inputs below ln(FLT_MIN) (including -inf and NaN) give
+// FLT_MIN ~ 1.2e-38 instead of ~0: in a sum that holds exp(0) = 1 (the block max) even
+// 2^31 of them change nothing (callers flag NaN separately).
+FASTSAFE_VEC f32v expv(f32v x) {
+  const float kLo = -87.33654f;              // ~ ln(FLT_MIN): 2^n stays a normal float
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693359375f;         // 355/512: n * kLn2Hi is exact
+  const float kLn2Lo = -2.12194440e-4f;      // ln2 - kLn2Hi
+  const float kRound = 12582912.0f;          // 1.5 * 2^23: adding it rounds to an integer
+  const f32v lo = splat(kLo);
+  const f32v xc = (x > lo) ? x : lo;  // one max instruction; NaN -> lo
+  const f32v shifted = xc * kLog2e + kRound;
+  const f32v n = shifted - kRound;
+  const u32v n_int = (u32v)shifted - 0x4B400000u;  // n as two's complement
+  f32v r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  f32v p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * (f32v)((n_int + 127u) << 23);
+}
+
+// Sum of exp(s - m) over s[0, n) (n a multiple of kGroup; -inf entries add ~0). Element i
+// goes to accumulator lane i % 32 whatever the vector width, and the 32 lanes are added in
+// order, so every instruction set rounds identically.
+FASTSAFE_TARGET float block_sumexp(const float* __restrict s, int64_t n, float m) {
+  constexpr int kAcc = 32 / kV;
+  f32v acc[kAcc] = {};
+  for (int64_t i = 0; i < n; i += 32) {
+    for (int c = 0; c < kAcc; ++c) acc[c] += expv(loadv(s + i + c * kV) - m);
+  }
+  double total = 0.0;
+  for (int c = 0; c < kAcc; ++c) {
+    for (int j = 0; j < kV; ++j) total += static_cast<double>(acc[c][j]);
+  }
+  return static_cast<float>(total);
+}
+
+// Start of the first group of kGroup scores at or after `start` with a score > threshold
+// (NaN never is), or `end` (a multiple of kGroup) when there is none.
+FASTSAFE_TARGET int64_t first_group_above(const float* __restrict s, int64_t end, int64_t start, float threshold) {
+  const f32v t = splat(threshold);
+  for (int64_t i = start; i < end; i += kGroup) {
+    i32v hit = loadv(s + i) > t;
+    for (int c = kV; c < kGroup; c += kV) hit |= loadv(s + i + c) > t;
+    uint64_t w[kV / 2];
+    std::memcpy(w, &hit, sizeof w);
+    uint64_t any = 0;
+    for (int j = 0; j < kV / 2; ++j) any |= w[j];
+    if (any != 0) return i;
+  }
+  return end;
+}
+
+constexpr BlockKernels kBlockKernels = {block_scores, block_max, block_sumexp, first_group_above, FASTSAFE_ISA_NAME};
+
+#undef FASTSAFE_VEC
