@@ -9,9 +9,10 @@ namespace fastsafe {
 // Fixed, so results do not depend on the number of threads.
 constexpr int64_t kCpuBlock = 4096;
 
-// Runs the fused step over all rows with OpenMP tasks over (row, block of kCpuBlock tokens),
-// using `num_threads` threads (<= 1: serial). The arguments must already be validated
-// (see bindings.cpp): 1 <= k <= vocab < 2^31, positions within [0, bias_rows).
+// Runs the fused step over all rows with OpenMP tasks over (row, segment of blocks of
+// kCpuBlock tokens), using `num_threads` threads (<= 1: serial); the result does not depend on
+// the thread count. The arguments must already be validated (see bindings.cpp):
+// 1 <= k <= vocab < 2^31; positions are clamped to [0, bias_rows - 1] here.
 void safe_topk_cpu(const SafeTopKArgs& args, int num_threads);
 
 // Instruction set of the vector loops chosen for this CPU: "avx512f", "avx2" or "baseline"
