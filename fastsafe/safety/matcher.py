@@ -77,11 +77,26 @@ def phrase_variants(phrase: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # token texts (shared by every matcher of one tokenizer)
 # ---------------------------------------------------------------------------------------------
+def _plain_backend(tokenizer):
+    """The Rust tokenizer of a fast HF tokenizer when decoding through it gives the same text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "decode_batch"):
+        return None
+    try:
+        probe = tokenizer.encode(" Hello wörld, 12 ｂｏｍｂ!", add_special_tokens=False)
+        same = backend.decode(probe, skip_special_tokens=True) == tokenizer.decode(
+            probe, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    except Exception:
+        return None
+    return backend if same else None
+
+
 class _TokenTexts:
     """Per-token text pieces as they appear *inside* a sequence (leading spaces kept), cached."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
+        self.backend = _plain_backend(tokenizer)
         self.lock = threading.Lock()
         self.raw: dict[int, str] = {}
         self.norm: dict[int, str] = {}
@@ -91,12 +106,18 @@ class _TokenTexts:
         self.anchor_text = self._decode([self.anchor]) if self.anchor is not None else ""
 
     def _decode(self, ids):
+        backend = self.backend
+        if backend is not None:
+            return backend.decode(list(ids), skip_special_tokens=True)
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _batch_decode(self, seqs):
+        backend = self.backend
+        if backend is not None:
+            return backend.decode_batch([list(x) for x in seqs], skip_special_tokens=True)
         if hasattr(self.tok, "batch_decode"):
             return self.tok.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return [self._decode(s) for s in seqs]
+        return [self._decode(x) for x in seqs]
 
     def ensure(self, ids: Iterable[int]) -> None:
         missing = [t for t in set(ids) if t not in self.raw]
@@ -293,6 +314,7 @@ class PhraseMatcher:
         self.max_phrase_chars = max((len(k) for k in text_map), default=0)
         self._text_lengths = frozenset(len(k) for k in text_map)
         self._text_sorted = sorted(text_map)       # for "is x a prefix of an entity" (bisect)
+        self._piece_cache: dict = {}               # (token, context class) -> entity index | None
         self._regexes = regexes                    # list of (compiled, entity index)
         self._phrase_cache = phrase_cache          # (phrase -> (first seq, count), flat, lens, starts)
         self._base_cpu = full_bitmask(self.vocab_size)
@@ -650,6 +672,21 @@ class PhraseMatcher:
             return [m.start() for m in _START_ASCII.finditer(text, lo, hi)]
         return [i for i in range(lo, hi) if text[i] != " " and (i == 0 or not _word(text[i]) or not _word(text[i - 1]))]
 
+    def _piece_info(self, pn: str, ctx: str):
+        """For a candidate's normalised text ``pn`` after a tail ending like ``ctx``:
+        (entity index of an occurrence inside the piece or None, the piece as appended,
+        valid end offsets ``q`` such that an entity may end after ``pn[:q]``)."""
+        if pn.startswith(" ") and ctx == " ":
+            pn = pn[1:]
+        text = ctx + pn
+        t0 = len(ctx)
+        hit = self._match_text(text, t0, [])
+        L = len(text)
+        wb = self.word_boundaries
+        ends = tuple(e - t0 for e in range(t0 + 1, L + 1) if text[e - 1] != " " and
+                     (not wb or e == L or not (_word(text[e - 1]) and _word(text[e]))))
+        return hit, pn, ends
+
     def _active_starts(self, tail: str, starts: list[int]) -> list[int]:
         """The starts ``s`` whose text ``tail[s:]`` is a prefix of some normalised entity (bisect)."""
         S = self._text_sorted
@@ -735,18 +772,28 @@ class PhraseMatcher:
             return torch.tensor(allowed, dtype=torch.bool, device=device).reshape(len(cands), k), events
         texts = self._texts
         texts.ensure([c for cs in cands for c in cs if 0 <= c < V])
+        piece_cache = self._piece_cache
+        tmap = self._text_map
         for b, (row, cs) in enumerate(zip(rows, cands)):
             tail_raw, tail_ids, partial = self._tail(row, texts)
             tail_norm = normalize_text(tail_raw) if self._text_map else ""
             tail_starts = self._starts(tail_norm, 0, len(tail_norm)) if self._text_map else []
             active = self._active_starts(tail_norm, tail_starts) if self._text_map else []
+            ctx = _context_char(tail_norm)
+            suffixes = [tail_norm[st:] for st in active]
+            slow = {}
+            slow_c = [c for j, c in enumerate(cs) if allowed[b][j] and (
+                partial or _REPLACEMENT in texts.raw[c] or (texts.raw[c] and unicodedata.combining(texts.raw[c][0])))]
+            if slow_c:
+                base = list(tail_ids)
+                slow = dict(zip(slow_c, texts._batch_decode([base + [c] for c in slow_c])))
             tail_light = light_normalize(tail_raw)[-self.regex_window:] if self._regexes else ""
             for j, c in enumerate(cs):
                 if not allowed[b][j]:
                     continue
                 piece = texts.raw[c]
-                if partial or _REPLACEMENT in piece or (piece and unicodedata.combining(piece[0])):
-                    full_raw = texts._decode(list(tail_ids) + [c])
+                if c in slow:
+                    full_raw = slow[c]
                     piece = full_raw[_common_prefix(full_raw, tail_raw):] or piece
                     hit = None
                     if self._text_map:
@@ -763,10 +810,19 @@ class PhraseMatcher:
                 else:
                     hit = None
                     if self._text_map:
-                        pn = texts.norm[c]
-                        if pn.startswith(" ") and tail_norm.endswith(" "):
-                            pn = pn[1:]
-                        hit = self._match_text(tail_norm + pn, len(tail_norm), active)
+                        info = piece_cache.get((c, ctx))
+                        if info is None:
+                            info = self._piece_info(texts.norm[c], ctx)
+                            piece_cache[(c, ctx)] = info
+                        hit, pn, ends = info
+                        if hit is None and suffixes and ends:
+                            for suf in suffixes:
+                                for q in ends:
+                                    hit = tmap.get(suf + pn[:q])
+                                    if hit is not None:
+                                        break
+                                if hit is not None:
+                                    break
                         rule = "text_match"
                     if hit is None and self._regexes:
                         pl = texts.light[c]
@@ -780,6 +836,16 @@ class PhraseMatcher:
                     events.append(SafetyEvent(step=-1, row=b, token_id=int(c), token_text=piece, rule=rule,
                                               entity=e.phrase, category=e.category, severity=e.severity))
         return torch.tensor(allowed, dtype=torch.bool, device=device).reshape(len(cands), k), events
+
+
+def _context_char(tail: str) -> str:
+    """One character standing for the tail's end in the start-boundary and space-collapse rules."""
+    if not tail:
+        return ""
+    ch = tail[-1]
+    if ch == " ":
+        return " "
+    return "a" if _word(ch) else "."
 
 
 def _release_memory() -> None:
