@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -290,7 +289,8 @@ def targets(rows: List[dict], device: torch.device) -> dict:
     fr = [r for r in rows if r["impl"] == "fused[triton]" and r.get("gemm_peak_fraction") is not None]
     out["at_least_0.6_of_bf16_gemm_peak_on_h100"] = (
         {"measured": {f"{r['workload']}/V{r['vocab']}": r["gemm_peak_fraction"] for r in fr},
-         "pass": all(r["gemm_peak_fraction"] >= 0.6 for r in fr)} if (is_h100 and fr) else "not measured (needs an H100)")
+         "pass": all(r["gemm_peak_fraction"] >= 0.6 for r in fr)}
+        if (is_h100 and fr) else "not measured (needs an H100)")
     lg = [r for r in rows if r.get("speedup_vs_liger") is not None]
     out["faster_than_liger_fused_linear_dpo"] = (
         {"measured": {f"{r['impl']}/V{r['vocab']}": r["speedup_vs_liger"] for r in lg},

@@ -4,8 +4,6 @@ Tolerances: float32 values 2e-5 abs, float32 gradients 1e-4 relative to the larg
 bf16/fp16 judged like Cut Cross-Entropy: the error against the float64 truth must be no worse
 than that of the same-dtype full-logits torch reference, plus 5% and a small absolute slack.
 """
-import os
-
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile

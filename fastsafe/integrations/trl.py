@@ -335,7 +335,8 @@ class MaskedDPOTrainer(DPOTrainer):
         self._metrics[mode]["weights/negative_fraction"].append(
             gather(((weights < 0).sum() / n_tok).reshape(1)).mean().item())
         if mode == "train":
-            self._total_train_tokens = getattr(self, "_total_train_tokens", 0) + int(gather(inputs["attention_mask"].sum().reshape(1)).sum().item())
+            n_tokens = int(gather(inputs["attention_mask"].sum().reshape(1)).sum().item())
+            self._total_train_tokens = getattr(self, "_total_train_tokens", 0) + n_tokens
         self._metrics[mode]["num_tokens"] = [getattr(self, "_total_train_tokens", 0)]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

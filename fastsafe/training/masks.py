@@ -50,7 +50,8 @@ def reward_baseline(token_rewards: torch.Tensor, valid: torch.Tensor, baseline=N
             torch.broadcast_shapes(b.shape, token_rewards.shape)
         except RuntimeError:
             raise ValueError(f"baseline: expected a number, a per-sequence [N] tensor or a tensor broadcastable "
-                             f"to token_rewards {list(token_rewards.shape)}, got shape {list(baseline.shape)}") from None
+                             f"to token_rewards {list(token_rewards.shape)}, "
+                             f"got shape {list(baseline.shape)}") from None
         check_finite("baseline", b)
         return b
     return torch.tensor(check_real("baseline", baseline), dtype=acc, device=token_rewards.device)

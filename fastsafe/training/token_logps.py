@@ -350,7 +350,8 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         else:
             _check_lm_head("ref_weight", ref_weight, "ref_bias", ref_bias, hidden, "hidden")
             if ref_weight.shape[0] != V:
-                raise ValueError(f"ref_weight: expected V = {V} rows (weight's vocabulary), got {list(ref_weight.shape)}")
+                raise ValueError(f"ref_weight: expected V = {V} rows (weight's vocabulary), "
+                                 f"got {list(ref_weight.shape)}")
     elif ref_weight is not None or ref_bias is not None:
         raise ValueError("ref_weight: only used with ref_hidden and return_kl=True, got a tensor without ref_hidden")
 
