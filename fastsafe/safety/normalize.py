@@ -38,7 +38,7 @@ import re
 import unicodedata
 from functools import lru_cache
 
-__all__ = ["normalize_text", "light_normalize", "deleet_forms", "CONFUSABLES", "LEET", "is_word_char"]
+__all__ = ["normalize_text", "light_normalize", "deleet_forms", "entity_forms", "CONFUSABLES", "LEET", "is_word_char"]
 
 #: Cyrillic / Greek / Latin look-alikes (already case-folded) -> Latin letter.
 CONFUSABLES: dict[str, str] = {
@@ -113,19 +113,36 @@ def normalize_text(text: str, *, confusables: bool = True, leet: bool = True) ->
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
     if not text:
         return text
-    t = unicodedata.normalize("NFKC", text).casefold()
-    if not t.isascii():
-        t = unicodedata.normalize("NFKD", t)
-        t = "".join(ch for ch in t if not _drop(ch))
-    elif not t.isprintable():
-        t = "".join(ch for ch in t if not _drop(ch))
+    t = _fold_stage(text)
     if confusables and leet:
         t = t.translate(_FOLD_ALL)
     elif confusables:
         t = t.translate(_FOLD_CONF)
     elif leet:
         t = t.translate(_FOLD_LEET)
-    t = _WS_RUN.sub(" ", t)
+    return _finish(t)
+
+
+def _fold_stage(text: str) -> str:
+    """Steps 1-4: NFKC, case folding, diacritics and invisible characters removed."""
+    if text.isascii():                      # NFKC and NFKD are the identity on ASCII
+        t = text.lower()
+        if not t.isprintable():
+            t = "".join(ch for ch in t if not _drop(ch))
+        return t
+    t = unicodedata.normalize("NFKC", text).casefold()
+    if not t.isascii():
+        t = unicodedata.normalize("NFKD", t)
+        t = "".join(ch for ch in t if not _drop(ch))
+    elif not t.isprintable():
+        t = "".join(ch for ch in t if not _drop(ch))
+    return t
+
+
+def _finish(t: str) -> str:
+    """Steps 7-8: whitespace runs to one space, NFC."""
+    if not t.isprintable() or "  " in t:
+        t = _WS_RUN.sub(" ", t)
     if not t.isascii():
         t = unicodedata.normalize("NFC", t)
     return t
@@ -182,11 +199,18 @@ def deleet_forms(text: str) -> list[str]:
         >>> deleet_forms("K1ll"), deleet_forms("b0mb")
         (['kill', 'klll'], ['bomb'])
     """
-    base = normalize_text(text, leet=False).strip()
+    return entity_forms(text)[1]
+
+
+def entity_forms(text: str) -> tuple[str, list[str]]:
+    """``(normalize_text(text).strip(), deleet_forms(text))`` with the shared steps done once."""
+    t = _fold_stage(text)
+    norm = _finish(t.translate(_FOLD_ALL)).strip()
+    base = _finish(t.translate(_FOLD_CONF)).strip()
     first = base.translate(_DELEET)
     out = [first]
     if "1" in base:
         alt = base.replace("1", "l").translate(_DELEET)
         if alt not in out:
             out.append(alt)
-    return out
+    return norm, out
