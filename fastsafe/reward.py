@@ -25,6 +25,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import numbers
@@ -105,6 +106,54 @@ def _device_of(model) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+class _PrefixCache:
+    """KV cache of a causal model over the rows' histories, advanced incrementally between steps.
+
+    ``advance(histories)`` returns ``(past, mask, last_output)`` for exactly those histories:
+    when every history is a cached one plus one new token (rows may be dropped, reordered or
+    repeated, as after finished rows leave or beams are reordered) only the new tokens run;
+    otherwise the histories are prefilled. Used only while no history is longer than the
+    reward's ``context_tokens`` (then nothing is truncated and the result equals a full forward);
+    longer histories are recomputed over their last ``context_tokens`` tokens by the caller.
+    """
+
+    def __init__(self, forward, pad_id: int):
+        self.forward = forward          # forward(ids, mask, position_ids, past) -> (output, past)
+        self.pad_id = pad_id
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[tuple] | None = None
+        self.past = self.mask = self.last_pos = None
+
+    def advance(self, histories: list[list[int]], device):
+        index = {r: i for i, r in enumerate(self.rows)} if self.rows is not None else None
+        pick = None
+        if index is not None:
+            pick = [index.get(tuple(h[:-1])) for h in histories]
+            if any(i is None for i in pick):
+                pick = None
+        if pick is None:
+            ids, mask = _left_pad(histories, self.pad_id, device)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            out, past = self.forward(ids, mask, pos, None)
+            self.past, self.mask, self.last_pos = past, mask, pos[:, -1]
+        else:
+            sel = torch.tensor(pick, dtype=torch.long, device=device)
+            if pick != list(range(len(self.rows))):
+                if hasattr(self.past, "batch_select_indices"):
+                    self.past.batch_select_indices(sel)
+                else:
+                    self.past.reorder_cache(sel)
+                self.mask, self.last_pos = self.mask.index_select(0, sel), self.last_pos.index_select(0, sel)
+            new = torch.tensor([[h[-1]] for h in histories], dtype=torch.long, device=device)
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(histories), 1)], dim=1)
+            self.last_pos = self.last_pos + 1
+            out, self.past = self.forward(new, self.mask, self.last_pos.unsqueeze(1), self.past)
+        self.rows = [tuple(h) for h in histories]
+        return self.past, self.mask, out
 
 
 class CallableReward:
@@ -203,6 +252,7 @@ class SequenceClassifierReward:
             raise ValueError("reuse_prefix: True needs a causal classifier with a linear `score` head that shares "
                              "the policy's vocabulary (tokenizer=None)")
         self.reuse_prefix = bool(reuse_prefix) and tokenizer is None and self._causal
+        self._prefix = _PrefixCache(self._prefix_forward, self._pad_id())
         if max_length is None:
             mml = getattr(tokenizer, "model_max_length", 512) if tokenizer is not None else 512
             max_length = int(min(512, mml if isinstance(mml, int) and mml > 0 else 512))
@@ -218,6 +268,14 @@ class SequenceClassifierReward:
     def _pad_id(self) -> int:
         pid = getattr(self.model.config, "pad_token_id", None)
         return int(pid) if isinstance(pid, int) else 0
+
+    def _prefix_forward(self, ids, mask, pos, past):
+        out = self._base(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        return None, out.past_key_values
+
+    def reset(self) -> None:
+        """Drop the cached prefix (it is rebuilt automatically when histories do not continue it)."""
+        self._prefix.reset()
 
     def _last_logits(self, ids, mask, *, past=None, prefix_mask=None, use_cache: bool = False):
         """Causal path: the score head on the last position (exact under left padding).
@@ -247,10 +305,17 @@ class SequenceClassifierReward:
         cands = candidate_ids.tolist()
         if self.tokenizer is None:
             if self.reuse_prefix:
-                # the shared prefix once per row, its KV cache repeated k times, then the k candidates
-                rows = [t if t else [self._pad_id()] for t in tails]
-                ids, mask = _left_pad(rows, self._pad_id(), dev)
-                _, past = self._last_logits(ids, mask, use_cache=True)
+                # the shared prefix once per row (kept across steps while it fits the context),
+                # its KV cache repeated k times, then the B * k candidate tokens on top
+                fits = all(0 < len(h) <= self.context_tokens for h in histories)
+                if fits:
+                    past, mask, _ = self._prefix.advance([list(h) for h in histories], dev)
+                    past = copy.deepcopy(past)
+                else:
+                    self._prefix.reset()
+                    rows = [t if t else [self._pad_id()] for t in tails]
+                    ids, mask = _left_pad(rows, self._pad_id(), dev)
+                    _, past = self._last_logits(ids, mask, use_cache=True)
                 past.batch_repeat_interleave(k)
                 cid = candidate_ids.reshape(B * k, 1).to(dev)
                 logits, _ = self._last_logits(cid, torch.ones_like(cid), past=past,
@@ -313,21 +378,38 @@ class CausalLMDenseReward:
         from .models import logits_vocab_size
         self.vocab_size = logits_vocab_size(model)
         self._keep = _accepts(model, "logits_to_keep")
+        pad = getattr(model.config, "pad_token_id", None)
+        self._prefix = _PrefixCache(self._forward, pad if isinstance(pad, int) else 0)
+
+    def _forward(self, ids, mask, pos, past):
+        kw = {"logits_to_keep": 1} if self._keep else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                         use_cache=True, **kw)
+        return out.logits[:, -1, :], out.past_key_values
+
+    def reset(self) -> None:
+        """Drop the cached KV state (rebuilt automatically when histories do not continue it)."""
+        self._prefix.reset()
 
     @torch.no_grad()
     def score_dense(self, histories, tokenizer=None) -> torch.Tensor:
         """``[B, V]`` float32 log-probabilities of the reward LM for the next token of each row."""
-        tails = _tails(histories, self.context_tokens)
-        if not tails:
+        rows = [list(h.tolist() if isinstance(h, torch.Tensor) else h) for h in histories]
+        if not rows:
             return torch.zeros(0, self.vocab_size)
-        if any(not t for t in tails):
+        if any(not r for r in rows):
             raise ValueError("histories: every row needs at least one token for a dense reward")
-        pad = getattr(self.model.config, "pad_token_id", None)
-        ids, mask = _left_pad(tails, pad if isinstance(pad, int) else 0, _device_of(self.model))
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        kw = {"logits_to_keep": 1} if self._keep else {}
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw).logits
-        return torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+        dev = _device_of(self.model)
+        if all(len(r) <= self.context_tokens for r in rows):
+            _, _, logits = self._prefix.advance(rows, dev)          # incremental while nothing is cut
+        else:
+            self._prefix.reset()
+            tails = _tails(rows, self.context_tokens)
+            pad = getattr(self.model.config, "pad_token_id", None)
+            ids, mask = _left_pad(tails, pad if isinstance(pad, int) else 0, dev)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits, _ = self._forward(ids, mask, pos, None)
+        return torch.log_softmax(logits.float(), dim=-1)
 
 
 class ProfanityReward:

@@ -197,3 +197,32 @@ def test_callable_reward_checks():
         CallableReward(lambda *a: None, form="sparse")
     with pytest.raises(TypeError, match="fn"):
         CallableReward(42)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "dense"])
+def test_incremental_prefix_cache_equals_fresh_computation(kind, tok):
+    """Across steps (histories grow by one token, a row finishes, rows get reordered) the cached
+    KV state gives the same rewards as a fresh reward object; past context_tokens it recomputes."""
+    if kind == "classifier":
+        make = lambda: SequenceClassifierReward(classifier("llama", tok, seed=2), context_tokens=20)  # noqa: E731
+        score = lambda r, h, c: r.score_candidates(h, c, tok)  # noqa: E731
+    else:
+        lm = tiny_llama(seed=8)
+        make = lambda: CausalLMDenseReward(lm, context_tokens=20)  # noqa: E731
+        score = lambda r, h, c: r.score_dense(h, tok)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    hist = [tok.encode(p) for p in PROMPTS[:3]]
+    cached = make()
+    calls = []
+    inner = cached._prefix.forward
+    cached._prefix.forward = lambda ids, mask, pos, past: (calls.append(past is None), inner(ids, mask, pos, past))[1]
+    for step in range(7):
+        if step == 2:
+            hist = [hist[0], hist[2]]                 # row 1 finished
+        if step == 4:
+            hist = [hist[1], hist[0]]                 # reordered (as beams are)
+        cands = torch.randint(3, len(tok), (len(hist), 3), generator=g)
+        torch.testing.assert_close(score(cached, hist, cands), score(make(), hist, cands), atol=2e-5, rtol=1e-5)
+        hist = [h + [int(torch.randint(3, len(tok), (1,), generator=g))] for h in hist]
+    assert calls == [True] + [False] * 5              # one prefill, then one token per row and step
+    assert max(map(len, hist)) > 21                   # the last step went past the context window
