@@ -80,9 +80,10 @@ FASTSAFE_VEC f32v load_f32_partial(const float* p, int valid) {
   return loadv(tmp);
 }
 
-// Scores of the kV tokens from v0 + i (lanes >= valid give -inf).
+// Scores of the kV tokens from v0 + i (lanes >= valid give -inf). lane_bit[j] = 1 << j.
 template <int kKind>
-FASTSAFE_VEC f32v scorev(const RowInputs& row, int64_t v0, int64_t i, int valid, const ScoreParams& sp) {
+FASTSAFE_VEC f32v scorev(const RowInputs& row, int64_t v0, int64_t i, int valid, const ScoreParams& sp,
+                         u32v lane_bit) {
   const int64_t v = v0 + i;
   f32v x = valid == kV ? load_kind<kKind>(row.logits, v) : load_kind_partial<kKind>(row.logits, v, valid);
   if (sp.mode == ScaleMode::Multiply) {
@@ -101,27 +102,23 @@ FASTSAFE_VEC f32v scorev(const RowInputs& row, int64_t v0, int64_t i, int valid,
   }
   if (row.mask != nullptr) {
     // v is a multiple of kV, so the kV bits sit in one word, from bit v % 32.
-    u32v lane_bits;
-    for (int j = 0; j < kV; ++j) lane_bits[j] = 1u << ((v & 31) + j);
     const u32v word = splat_u(row.mask[v >> 5]);
-    x = ((word & lane_bits) != 0u) ? x : splat(-kInf);
+    x = ((word & (lane_bit << static_cast<uint32_t>(v & 31))) != 0u) ? x : splat(-kInf);
   }
-  if (valid < kV) {
-    i32v lane;
-    for (int j = 0; j < kV; ++j) lane[j] = j;
-    x = (lane < valid) ? x : splat(-kInf);
-  }
+  if (valid < kV) x = ((lane_bit >> static_cast<uint32_t>(valid)) == 0u) ? x : splat(-kInf);  // lane j < valid
   return x;
 }
 
 template <int kKind>
 FASTSAFE_VEC void block_scores_kind(const RowInputs& row, int64_t v0, int64_t n, const ScoreParams& sp,
                                     float* __restrict out) {
+  u32v lane_bit;
+  for (int j = 0; j < kV; ++j) lane_bit[j] = 1u << j;
   const int64_t full = n - n % kV;
-  for (int64_t i = 0; i < full; i += kV) storev(out + i, scorev<kKind>(row, v0, i, kV, sp));
+  for (int64_t i = 0; i < full; i += kV) storev(out + i, scorev<kKind>(row, v0, i, kV, sp, lane_bit));
   int64_t end = full;
   if (full < n) {
-    storev(out + full, scorev<kKind>(row, v0, full, static_cast<int>(n - full), sp));
+    storev(out + full, scorev<kKind>(row, v0, full, static_cast<int>(n - full), sp, lane_bit));
     end += kV;
   }
   for (; end % kGroup != 0; end += kV) storev(out + end, splat(-kInf));
