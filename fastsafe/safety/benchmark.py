@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         res["runs"].append({
             "entities": n, "build_s": round(build_s, 3), "build_cpu_s": round(build_cpu, 3),
             "rebuild_one_added_s": round(rebuild_s, 3), "rebuild_one_added_cpu_s": round(rebuild_cpu, 3),
-            "sequences": m.num_sequences, "prefixes": m._index.num_prefixes, "always_banned_tokens": len(m._index.static),
+            "sequences": m.num_sequences, "prefixes": m._index.num_prefixes,
+            "always_banned_tokens": len(m._index.static),
             "banned_bitmask_ms": round(mask_s * 1e3, 3), "banned_bitmask_cpu_ms": round(mask_cpu * 1e3, 3),
             "check_candidates_ms": round(check_s * 1e3, 3), "check_candidates_cpu_ms": round(check_cpu * 1e3, 3),
             "check_candidates_cold_ms": round(check_cold_s * 1e3, 3),

@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from fastsafe.ops.bitmask import ban_tokens_, bitmask_words, full_bitmask
+from fastsafe.ops.bitmask import ban_tokens_, full_bitmask
 
 from .events import SafetyEvent
 from .normalize import deleet_forms, entity_forms, is_word_char, light_normalize, normalize_text
@@ -172,7 +172,9 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and getattr(backend, "truncation", None) is None and getattr(backend, "padding", None) is None:
+    plain = backend is not None and getattr(backend, "truncation", None) is None \
+        and getattr(backend, "padding", None) is None
+    if plain:
         enc = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         return [e.ids for e in enc(texts, add_special_tokens=False)]
     out = tokenizer(texts, add_special_tokens=False)["input_ids"]
