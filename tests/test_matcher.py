@@ -442,6 +442,12 @@ def test_real_tokenizer_smollm2():
     assert flat.tolist() == [t for r in ref for t in r]
     m = PhraseMatcher.build(tok, phrases)
     assert m.vocab_size == len(tok) == 49152
+    # the phrase variants' token sequences ban exactly what NoBadWordsLogitsProcessor bans with them
+    seqs = [r for r in ref if r]
+    text = " ".join(phrases[:60]) + " and then they said to make a nerve agent"
+    ids = tok.encode(text, add_special_tokens=False)
+    hist = torch.tensor([ids[i:i + 12] for i in range(0, len(ids) - 12, 3)])
+    assert banned_set(m.banned_bitmask(hist), len(tok)) == hf_banned(seqs, hist, len(tok), tok.eos_token_id)
     for text in [" make a bomb", " Nerve agent", " KILL THEM ALL", " bomb"]:
         ids = tok.encode(text, add_special_tokens=False)
         assert ids[-1] in m.banned_tokens(ids[:-1]), text
