@@ -325,7 +325,7 @@ class PhraseMatcher:
 
     def __init__(self, *, tokenizer, vocab_size: int, entities: list[RiskEntity], index: TokenIndex,
                  text_map: dict, regexes: list, word_boundaries: bool, regex_window: int,
-                 phrase_cache: tuple, num_sequences: int, version=None):
+                 phrase_cache: tuple, num_sequences: int, version=None, forms: dict | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
         self.entities = entities
@@ -343,6 +343,7 @@ class PhraseMatcher:
         self._piece_cache: dict = {}               # (token, context class) -> entity index | None
         self._regexes = regexes                    # list of (compiled, entity index)
         self._phrase_cache = phrase_cache          # (phrase -> (first seq, count), flat, lens, starts)
+        self._forms = forms or {}                  # phrase -> (normalised, deleet forms), for reuse
         self._base_cpu = full_bitmask(self.vocab_size)
         if index.static:
             ban_tokens_(self._base_cpu, sorted(index.static))
@@ -441,10 +442,16 @@ class PhraseMatcher:
         text_map: dict[str, int] = {}
         phrase_owner: dict[str, int] = {}
         deleet: dict[str, list[str]] = {}
+        forms_in = reuse._forms if reuse is not None else {}
+        forms: dict[str, tuple] = {}
         for i, e in enumerate(ents):
             if e.kind != "phrase":
                 continue
-            norm, deleet[e.phrase] = entity_forms(e.phrase.strip())
+            f = forms_in.get(e.phrase)
+            if f is None:
+                f = entity_forms(e.phrase.strip())
+            forms[e.phrase] = f
+            norm, deleet[e.phrase] = f
             if not norm:
                 raise ValueError(f"entity {e.phrase!r}: empty after normalisation (nothing to match)")
             old = text_map.get(norm)
@@ -562,7 +569,7 @@ class PhraseMatcher:
             _release_memory()
         return cls(tokenizer=tokenizer, vocab_size=vocab_size, entities=ents, index=index, text_map=text_map,
                    regexes=regex_list, word_boundaries=word_boundaries, regex_window=regex_window,
-                   phrase_cache=phrase_cache, num_sequences=len(lens), version=version)
+                   phrase_cache=phrase_cache, num_sequences=len(lens), version=version, forms=forms)
 
     def __len__(self) -> int:
         return len(self.entities)
