@@ -7,9 +7,9 @@
 //      padded with -inf to whole selection groups;
 //   2. block max (NaN flagged), then the sum of exp(score - max) (vector expf);
 //   3. a k-best selection: a candidate buffer behind a threshold that carries over from block
-//      to block; a group of 64 scores all <= threshold costs four vector compares; when the
-//      buffer holds 2k + 64 candidates it is cut back to the k best (nth_element) and the
-//      threshold rises.
+//      to block; a group of 64 scores all <= threshold costs a few vector compares, and in a
+//      group that has some, only those are visited (a bit mask); when the buffer holds
+//      2k + 64 candidates it is cut back to the k best (nth_element) and the threshold rises.
 // Then per row: the blocks' (max, sum) pairs merge into the logsumexp, and the segments'
 // candidates into the sorted top k; -inf slots take the lowest ids not chosen.
 //
@@ -38,6 +38,7 @@ namespace {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kGroup = 64;  // selection: scores tested together against the threshold
 static_assert(kCpuBlock % kGroup == 0, "blocks hold whole selection groups");
+static_assert(kGroup == 64, "group_mask returns one 64-bit mask per group");
 
 struct RowInputs {
   const void* logits;      // row start
@@ -77,6 +78,7 @@ struct BlockKernels {
   void (*max)(const float*, int64_t, float*, bool*);
   float (*sumexp)(const float*, int64_t, float);
   int64_t (*first_group_above)(const float*, int64_t, int64_t, float);
+  uint64_t (*group_mask)(const float*, float);
   const char* isa;
 };
 
@@ -184,9 +186,10 @@ void block_select(const BlockKernels& K, const float* s, int64_t end, int32_t id
   while (i < end) {
     i = K.first_group_above(s, end, i, sel.threshold);
     if (i >= end) break;
-    for (int j = 0; j < kGroup; ++j) {
+    for (uint64_t hits = K.group_mask(s + i, sel.threshold); hits != 0; hits &= hits - 1) {
+      const int j = __builtin_ctzll(hits);
       const float x = s[i + j];
-      if (x > sel.threshold) sel.push(x, id0 + static_cast<int32_t>(i + j));
+      if (x > sel.threshold) sel.push(x, id0 + static_cast<int32_t>(i + j));  // the threshold may have risen
     }
     i += kGroup;
   }

@@ -216,6 +216,25 @@ FASTSAFE_TARGET int64_t first_group_above(const float* __restrict s, int64_t end
   return end;
 }
 
-constexpr BlockKernels kBlockKernels = {block_scores, block_max, block_sumexp, first_group_above, FASTSAFE_ISA_NAME};
+// Bit j set iff s[j] > threshold, for the kGroup (64) scores of one group.
+FASTSAFE_TARGET uint64_t group_mask(const float* __restrict s, float threshold) {
+  const f32v t = splat(threshold);
+  u32v lane_bit;
+  for (int j = 0; j < kV; ++j) lane_bit[j] = 1u << j;
+  uint64_t mask = 0;
+  for (int c = 0; c < kGroup; c += kV) {
+    // Lanes carry distinct bits, so OR-ing every lane together gives the chunk's bit mask.
+    const u32v bits = (u32v)(loadv(s + c) > t) & lane_bit;
+    uint64_t w[kV / 2];
+    std::memcpy(w, &bits, sizeof w);
+    uint64_t any = 0;
+    for (int j = 0; j < kV / 2; ++j) any |= w[j];
+    mask |= ((any | (any >> 32)) & ((uint64_t{1} << kV) - 1)) << c;
+  }
+  return mask;
+}
+
+constexpr BlockKernels kBlockKernels = {block_scores, block_max,  block_sumexp,
+                                        first_group_above, group_mask, FASTSAFE_ISA_NAME};
 
 #undef FASTSAFE_VEC
