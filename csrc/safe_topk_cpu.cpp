@@ -19,10 +19,12 @@
 #include "safe_topk_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -269,12 +271,32 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
   std::vector<Cand> slots(static_cast<size_t>(ntasks * slot));
   std::vector<int64_t> counts(static_cast<size_t>(ntasks), 0);
   std::vector<BlockStats> stats(static_cast<size_t>(B * nblocks));
+  std::unique_ptr<std::atomic<int64_t>[]> segments_left(new std::atomic<int64_t>[static_cast<size_t>(B)]);
+  for (int64_t b = 0; b < B; ++b) segments_left[b].store(nseg, std::memory_order_relaxed);
 
 #pragma omp parallel num_threads(threads) if (threads > 1 && ntasks > 1)
   {
     alignas(64) float buffer[kCpuBlock];
     std::vector<Cand> buf(static_cast<size_t>(cap));
-#pragma omp for schedule(dynamic, 1)
+    std::vector<Cand> row_cands;
+    std::vector<int32_t> chosen;
+    // Per row: the logsumexp from the per-block partials (in block order), the top k from the
+    // segments' candidates.
+    auto merge_row = [&](int64_t b) {
+      a.lse[b] = merge_lse(stats.data() + b * nblocks, nblocks);
+      const int64_t first = b * nseg;
+      int64_t total = 0;
+      for (int64_t j = 0; j < nseg; ++j) total += counts[first + j];
+      row_cands.resize(static_cast<size_t>(total));
+      int64_t at = 0;
+      for (int64_t j = 0; j < nseg; ++j) {
+        const Cand* src = slots.data() + (first + j) * slot;
+        std::copy(src, src + counts[first + j], row_cands.data() + at);
+        at += counts[first + j];
+      }
+      merge_topk(row_cands.data(), total, k, a.values + b * k, a.indices + b * k, chosen);
+    };
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < ntasks; ++task) {
       const int64_t b = task / nseg;
       const int64_t first_blk = (task % nseg) * seg_blocks;
@@ -311,24 +333,9 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
       if (sel.count > k) sel.shrink();
       std::copy(buf.data(), buf.data() + sel.count, slots.data() + task * slot);
       counts[task] = sel.count;
-    }
-
-    std::vector<Cand> row_cands;
-    std::vector<int32_t> chosen;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b) {
-      a.lse[b] = merge_lse(stats.data() + b * nblocks, nblocks);
-      const int64_t first = b * nseg;
-      int64_t total = 0;
-      for (int64_t j = 0; j < nseg; ++j) total += counts[first + j];
-      row_cands.resize(static_cast<size_t>(total));
-      int64_t at = 0;
-      for (int64_t j = 0; j < nseg; ++j) {
-        const Cand* src = slots.data() + (first + j) * slot;
-        std::copy(src, src + counts[first + j], row_cands.data() + at);
-        at += counts[first + j];
-      }
-      merge_topk(row_cands.data(), total, k, a.values + b * k, a.indices + b * k, chosen);
+      // The thread finishing a row's last segment merges the row (one barrier in all, which
+      // matters when a busy machine deschedules a thread).
+      if (segments_left[b].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_row(b);
     }
   }
 }
