@@ -342,6 +342,8 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
         ok = torch.isfinite(res.values)
         if allowed is not None:
             ok &= allowed
+        if cand_r is not None and config.reward_weight != 0.0:
+            ok &= ~torch.isneginf(cand_r * config.reward_weight)    # a -inf reward vetoes a candidate
         dead = ~ok.any(dim=-1)
         if bool(dead.any()) and fallback_id is None:
             raise ValueError(f"every candidate is banned in rows {[active[i] for i in dead.nonzero().flatten().tolist()]} "

@@ -78,8 +78,8 @@ class SafeLogitsProcessor:
 
     Attributes:
         events: list of :class:`fastsafe.safety.SafetyEvent` of the latest generation (cleared by
-            :meth:`reset` and when a new generation is detected; ``step`` = response position; ``row`` = row of ``input_ids``, i.e. the beam index
-            under beam search).
+            :meth:`reset` and when a new generation is detected); ``step`` = response position,
+            ``row`` = row of ``input_ids`` (the beam index under beam search).
 
     Call: ``processor(input_ids [B, T] int64, scores [B, V] float) -> [B, V]`` (the same dtype;
     the input tensor is not modified).
