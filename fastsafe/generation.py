@@ -33,7 +33,7 @@ import torch
 from .config import SafetyConfig
 from .models import check_vocab, context_length
 from .ops import choose, safe_topk
-from .processor import _fit_bitmask, has_text_rules
+from .processor import _fit_bitmask
 
 __all__ = ["generate", "GenerationResult"]
 
@@ -326,7 +326,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
                         reward_weight=config.reward_weight if dense is not None else 0.0,
                         temperature=sample_temp, backend=backend)
         allowed = None
-        if matcher is not None and has_text_rules(matcher):
+        if matcher is not None and matcher.has_text_rules:
             allowed, evs = matcher.check_candidates(hist, res.indices)
             allowed = allowed.to(device)
             for e in evs:

@@ -61,11 +61,6 @@ def _fit_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.cat([mask, extra], dim=-1)
 
 
-def has_text_rules(matcher) -> bool:
-    """Whether a matcher does anything at text level (string phrases or regexes)."""
-    return bool(getattr(matcher, "max_phrase_chars", 0)) or bool(getattr(matcher, "_regexes", ()))
-
-
 class SafeLogitsProcessor:
     """A Hugging Face ``LogitsProcessor`` applying a :class:`SafetyConfig` (see the module docstring).
 
@@ -208,7 +203,7 @@ class SafeLogitsProcessor:
                 raise ValueError(f"reward_model: score_dense returned shape {tuple(r.shape)}, expected [B, V] = [{B}, {V}]")
             out = (out.float() + cfg.reward_weight * r.to(out.device).float()).to(dtype)
 
-        text_rules = matcher is not None and has_text_rules(matcher)
+        text_rules = matcher is not None and matcher.has_text_rules
         cand_reward = reward is not None and reward.form == "candidate"
         if text_rules or cand_reward:
             if histories is None:
