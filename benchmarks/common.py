@@ -55,6 +55,16 @@ KNOWN_PEAK_BANDWIDTH_GBPS: Tuple[Tuple[Tuple[str, ...], float], ...] = (
 # Device description
 # ----------------------------------------------------------------------------------------------
 
+def select_device(name: Optional[str], threads: Optional[int] = None) -> torch.device:
+    """The benchmark device (``--device``; default CUDA when available) and CPU thread count (``--threads``)."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda requested but torch sees no CUDA device")
+    if threads:
+        torch.set_num_threads(threads)
+    return device
+
+
 def cpu_model_name() -> str:
     """The CPU model as the OS reports it (``/proc/cpuinfo`` on Linux), else ``platform.processor()``."""
     try:

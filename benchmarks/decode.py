@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchmarks.common import (RESULTS_DIR, L2Flusher, bandwidth_report, environment, format_table,
+from benchmarks.common import (RESULTS_DIR, select_device, L2Flusher, bandwidth_report, environment, format_table,
                                parse_int_list, peak_bandwidth, summarize, time_cpu_interleaved, time_cuda,
                                time_cuda_latency, write_json, device_slug)
 
@@ -238,11 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run the benchmark; ``argv`` as for the command line (``None``: ``sys.argv[1:]``). Returns 0."""
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda requested but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = select_device(args.device, args.threads)
     dtype = DTYPES[args.dtype]
     batches = QUICK["batch"] if args.quick and args.batch == "1,8,64" else parse_int_list(args.batch, "--batch")
     vocabs = (QUICK["vocab"] if args.quick and args.vocab == "32000,151936"

@@ -39,7 +39,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from benchmarks.common import (RESULTS_DIR, device_slug, environment, format_table, parse_int_list, summarize,
+from benchmarks.common import (RESULTS_DIR, select_device, device_slug, environment, format_table, parse_int_list, summarize,
                                time_cpu_interleaved, time_cuda, write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -317,11 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda requested but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = select_device(args.device, args.threads)
     d = dict(DEFAULTS[device.type])
     if args.quick:
         d.update(QUICK)

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .ops.validate import check_int, check_real
+
 __all__ = ["SafetyConfig", "TSDI_BEYOND"]
 
 TSDI_BEYOND = ("last", "none")
@@ -115,10 +117,10 @@ class SafetyConfig:
             self.tsdi = TSDIBias.load(self.tsdi)
         if self.tsdi is not None and not hasattr(self.tsdi, "bias_table"):
             raise TypeError(f"tsdi: expected a TSDIBias (or a bias file path), got {type(self.tsdi).__name__}")
-        self.tsdi_scale = _real("tsdi_scale", self.tsdi_scale)
+        self.tsdi_scale = check_real("tsdi_scale", self.tsdi_scale)
         if self.tsdi_beyond not in TSDI_BEYOND:
             raise ValueError(f"tsdi_beyond: expected one of {TSDI_BEYOND}, got {self.tsdi_beyond!r}")
-        self.reward_weight = _real("reward_weight", self.reward_weight)
+        self.reward_weight = check_real("reward_weight", self.reward_weight)
         if self.reward_model is not None and not isinstance(self.reward_model, str):
             form = getattr(self.reward_model, "form", None)
             if form not in ("candidate", "dense"):
@@ -129,13 +131,13 @@ class SafetyConfig:
                              f"{self.reward_model!r} (load a model with fastsafe.reward.load_reward(path))")
         if self.reward_weight != 0.0 and self.reward_model is None:
             raise ValueError(f"reward_weight: {self.reward_weight} needs a reward_model (got None)")
-        self.top_k = _int("top_k", self.top_k, 1)
-        self.context_tokens = _int("context_tokens", self.context_tokens, 1)
+        self.top_k = check_int("top_k", self.top_k, 1)
+        self.context_tokens = check_int("context_tokens", self.context_tokens, 1)
         if self.on_event is not None and not callable(self.on_event):
             raise TypeError(f"on_event: expected a callable, got {type(self.on_event).__name__}")
         if self.fallback_token_id is not None:
-            self.fallback_token_id = _int("fallback_token_id", self.fallback_token_id, 0)
-        self.poll_interval = _real("poll_interval", self.poll_interval)
+            self.fallback_token_id = check_int("fallback_token_id", self.fallback_token_id, 0)
+        self.poll_interval = check_real("poll_interval", self.poll_interval)
         if self.poll_interval < 0:
             raise ValueError(f"poll_interval: expected >= 0, got {self.poll_interval}")
         if not isinstance(self.matcher_options, dict):
@@ -224,22 +226,3 @@ class _StaticMatcher:
 
     def current(self):
         return self._matcher
-
-
-def _real(name: str, value) -> float:
-    import math
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    return value
-
-
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return value

@@ -28,20 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .ops.validate import check_int
+
 __all__ = ["TSDIBias", "sample_sequences", "PROMPT_POOLS", "FORMAT_VERSION"]
 
 PROMPT_POOLS = ("random", "lines", "tokens", "file")
 FORMAT_VERSION = "1"
 TABLE_KEY = "bias_table"
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return value
 
 
 def _model_name(model) -> str:
@@ -97,8 +90,8 @@ def sample_sequences(tokenizer, vocab_size: int, *, length: int, num_prompts: in
         uniform ordinary vocabulary tokens (``"random"``/``"lines"``) or drawn from the file
         (``"tokens"``).
     """
-    length = _check_int("length", length, 1)
-    num_prompts = _check_int("num_prompts", num_prompts, 1)
+    length = check_int("length", length, 1)
+    num_prompts = check_int("num_prompts", num_prompts, 1)
     if prompt_pool not in PROMPT_POOLS:
         raise ValueError(f"prompt_pool: expected one of {PROMPT_POOLS}, got {prompt_pool!r}")
     if prompt_pool == "file":
@@ -234,9 +227,9 @@ class TSDIBias:
             reference, _ = load_model(reference)
         if tokenizer is None:
             raise ValueError("tokenizer: required when the aligned model is given as a model object")
-        length = _check_int("length", length, 1)
-        num_prompts = _check_int("num_prompts", num_prompts, 1)
-        batch_size = _check_int("batch_size", batch_size, 1)
+        length = check_int("length", length, 1)
+        num_prompts = check_int("num_prompts", num_prompts, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
         if prompt_file is not None and prompt_pool == "random":
             prompt_pool = "lines"
         va, vr = logits_vocab_size(aligned), logits_vocab_size(reference)
@@ -327,7 +320,7 @@ class TSDIBias:
                              f"table's {table.shape[1]} columns")
         bias = cls(table, meta)
         if vocab_size is not None:
-            bias.check_vocab(_check_int("vocab_size", vocab_size, 1), what="vocab_size")
+            bias.check_vocab(check_int("vocab_size", vocab_size, 1), what="vocab_size")
         return bias.to(device) if str(device) != "cpu" else bias
 
     def rows_for(self, position: int, beyond: str = "last"):

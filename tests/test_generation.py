@@ -10,20 +10,9 @@ import torch
 import fastsafe
 from fastsafe import SafeLogitsProcessor, SafetyConfig, TSDIBias
 from fastsafe.reward import CallableReward
-from tests.tiny_lm import PROMPTS, entity_loving, tiny_gpt2, tiny_llama, tiny_tokenizer
+from tests.tiny_lm import PROMPTS, entity_loving, left_pad, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-
-
-def left_pad(tok, prompts):
-    rows = [tok.encode(p) for p in prompts]
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tok.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r)
-        mask[b, T - len(r):] = 1
-    return ids, mask
 
 
 def hf_greedy(model, tok, prompts, n, **kw):

@@ -38,6 +38,18 @@ def tiny_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 
 
+def left_pad(tok, prompts):
+    """``(input_ids, attention_mask)`` ``[B, T]`` with the prompts left-padded as ``generate`` expects."""
+    rows = [tok.encode(p) for p in prompts]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r)
+        mask[b, T - len(r):] = 1
+    return ids, mask
+
+
 def _finish(model, tok):
     model.eval()
     gc = model.generation_config

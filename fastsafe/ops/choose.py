@@ -1,7 +1,6 @@
 """``choose``: mix candidate rewards into the top-k log-probabilities and pick one token per row."""
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -47,6 +47,16 @@ def check_real(name: str, value, *, positive: bool = False) -> float:
     return value
 
 
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """Check that ``value`` is an int (not a bool), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
 def check_k(k, vocab_size: int) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
