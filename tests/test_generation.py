@@ -278,3 +278,33 @@ def test_bad_prompts(tok):
     ids = torch.tensor([[5, 6, 0]])
     with pytest.raises(ValueError, match="left padd"):
         fastsafe.generate(model, tok, ids, attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+
+
+def test_store_update_from_another_thread_while_generating(tok, tmp_path):
+    """An entity added by another thread mid-generation is banned from the next steps on."""
+    import threading
+    from fastsafe.safety.store import RiskEntityStore
+    model = entity_loving(tiny_gpt2(seed=11), tok, ["kill"], follow=9.0, start=3.0)
+    store = RiskEntityStore(tmp_path / "risk.db")
+    store.add("unrelated phrase")
+    add_at = 6
+    calls = {"n": 0}
+
+    def add_from_thread(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == add_at:
+            t = threading.Thread(target=lambda: RiskEntityStore(tmp_path / "risk.db").add("kill"))
+            t.start()
+            t.join()
+
+    model.register_forward_pre_hook(add_from_thread, with_kwargs=True)
+    cfg = SafetyConfig(store=store, poll_interval=0.0, matcher_options={"background": False})
+    res = fastsafe.generate(model, tok, ["the"], cfg, max_new_tokens=30)
+    T = res.prompt_length
+    gen = res.sequences[0, T:].tolist()
+    assert len(gen) == 30
+    before = tok.decode(gen[:add_at]).lower()           # steps up to the one whose forward saw the add
+    full = tok.decode(gen).lower()
+    assert before.count("kill") >= 1, "the model should emit the entity before it is added"
+    assert full.count("kill") == before.count("kill"), f"entity emitted after it was added: {full!r}"
+    assert any(e.entity == "kill" for e in res.events)
