@@ -64,10 +64,8 @@ _WS_RUN = re.compile(r"\s+")
 
 
 @lru_cache(maxsize=65536)
-def _drop(ch: str) -> bool:
+def _drop_invisible_only(ch: str) -> bool:
     cp = ord(ch)
-    if any(lo <= cp <= hi for lo, hi in _DIACRITIC_RANGES):
-        return True
     if 0xFE00 <= cp <= 0xFE0F or 0xE0100 <= cp <= 0xE01EF or cp in _EXTRA_INVISIBLE:
         return True
     cat = unicodedata.category(ch)
@@ -77,14 +75,10 @@ def _drop(ch: str) -> bool:
 
 
 @lru_cache(maxsize=65536)
-def _drop_invisible_only(ch: str) -> bool:
+def _drop(ch: str) -> bool:
+    """Invisible characters and combining diacritics."""
     cp = ord(ch)
-    if 0xFE00 <= cp <= 0xFE0F or 0xE0100 <= cp <= 0xE01EF or cp in _EXTRA_INVISIBLE:
-        return True
-    cat = unicodedata.category(ch)
-    if cat in ("Cf", "Cn", "Co"):
-        return True
-    return cat == "Cc" and not ch.isspace()
+    return any(lo <= cp <= hi for lo, hi in _DIACRITIC_RANGES) or _drop_invisible_only(ch)
 
 
 _FOLD_ALL = str.maketrans({**CONFUSABLES, **LEET})

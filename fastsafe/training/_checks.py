@@ -65,6 +65,21 @@ def check_logps(name: str, value, ref: torch.Tensor = None, ref_name: str = None
     return value
 
 
+def check_pair_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                      chosen_weights, rejected_weights):
+    """Validate the per-token tensors of a preference-pair loss; return the (chosen, rejected) weights."""
+    check_logps("policy_chosen_logps", policy_chosen_logps)
+    check_logps("policy_rejected_logps", policy_rejected_logps)
+    if policy_rejected_logps.shape[0] != policy_chosen_logps.shape[0]:
+        raise ValueError(f"policy_rejected_logps: expected N = {policy_chosen_logps.shape[0]} rows (one per pair, "
+                         f"as policy_chosen_logps), got shape {list(policy_rejected_logps.shape)}")
+    check_logps("ref_chosen_logps", ref_chosen_logps, policy_chosen_logps, "policy_chosen_logps")
+    check_logps("ref_rejected_logps", ref_rejected_logps, policy_rejected_logps, "policy_rejected_logps")
+    wc = as_weights("chosen_weights", chosen_weights, policy_chosen_logps, "policy_chosen_logps")
+    wr = as_weights("rejected_weights", rejected_weights, policy_rejected_logps, "policy_rejected_logps")
+    return wc, wr
+
+
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (the losses accumulate in at least fp32)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

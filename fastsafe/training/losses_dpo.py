@@ -6,7 +6,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import acc_dtype, as_weights, check_logps, check_real, metric
+from ._checks import acc_dtype, check_pair_inputs, check_real, metric
 
 __all__ = ["masked_dpo_loss", "weighted_logratio"]
 
@@ -68,15 +68,8 @@ def masked_dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
         ...                           torch.ones(2, 5), torch.tensor([[1, -1, 0, 1], [1, 1, 1, 0]]))
         >>> loss.backward(); m["rewards/margins"].item()
     """
-    check_logps("policy_chosen_logps", policy_chosen_logps)
-    check_logps("policy_rejected_logps", policy_rejected_logps)
-    if policy_rejected_logps.shape[0] != policy_chosen_logps.shape[0]:
-        raise ValueError(f"policy_rejected_logps: expected N = {policy_chosen_logps.shape[0]} rows (one per pair, "
-                         f"as policy_chosen_logps), got shape {list(policy_rejected_logps.shape)}")
-    check_logps("ref_chosen_logps", ref_chosen_logps, policy_chosen_logps, "policy_chosen_logps")
-    check_logps("ref_rejected_logps", ref_rejected_logps, policy_rejected_logps, "policy_rejected_logps")
-    wc = as_weights("chosen_weights", chosen_weights, policy_chosen_logps, "policy_chosen_logps")
-    wr = as_weights("rejected_weights", rejected_weights, policy_rejected_logps, "policy_rejected_logps")
+    wc, wr = check_pair_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                               chosen_weights, rejected_weights)
     beta = check_real("beta", beta, positive=True)
     label_smoothing = check_real("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing < 0.5:

@@ -6,7 +6,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import acc_dtype, as_weights, check_logps, check_real, metric
+from ._checks import acc_dtype, check_logps, check_pair_inputs, check_real, metric
 from .losses_dpo import weighted_logratio
 
 __all__ = ["tdpo_loss", "TDPO_VARIANTS"]
@@ -52,17 +52,10 @@ def tdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
         >>> ...
         >>> loss, m = tdpo_loss(lp_c, lp_r, ref_lp_c, ref_lp_r, kl_c, kl_r, mask_c, mask_r, beta=0.1)
     """
-    check_logps("policy_chosen_logps", policy_chosen_logps)
-    check_logps("policy_rejected_logps", policy_rejected_logps)
-    if policy_rejected_logps.shape[0] != policy_chosen_logps.shape[0]:
-        raise ValueError(f"policy_rejected_logps: expected N = {policy_chosen_logps.shape[0]} rows, "
-                         f"got shape {list(policy_rejected_logps.shape)}")
-    check_logps("ref_chosen_logps", ref_chosen_logps, policy_chosen_logps, "policy_chosen_logps")
-    check_logps("ref_rejected_logps", ref_rejected_logps, policy_rejected_logps, "policy_rejected_logps")
+    wc, wr = check_pair_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                               chosen_weights, rejected_weights)
     check_logps("chosen_kl", chosen_kl, policy_chosen_logps, "policy_chosen_logps")
     check_logps("rejected_kl", rejected_kl, policy_rejected_logps, "policy_rejected_logps")
-    wc = as_weights("chosen_weights", chosen_weights, policy_chosen_logps, "policy_chosen_logps")
-    wr = as_weights("rejected_weights", rejected_weights, policy_rejected_logps, "policy_rejected_logps")
     beta = check_real("beta", beta, positive=True)
     alpha = check_real("alpha", alpha, positive=True)
     if variant not in TDPO_VARIANTS:
