@@ -4,12 +4,14 @@
 // A task is a segment of consecutive blocks (kCpuBlock tokens) of one row. For each block:
 //   1. scores into a small float buffer (16-wide vector loops, safe_topk_cpu_blocks.h: dtype
 //      conversion, / temperature, - bias_scale * bias, + reward_weight * reward, bitmask),
-//      padded with -inf to whole selection groups;
-//   2. block max (NaN flagged), then the sum of exp(score - max) (vector expf);
+//      padded with -inf to whole selection groups, and the block max (NaN flagged) as they
+//      are stored;
+//   2. the sum of exp(score - max) (vector expf);
 //   3. a k-best selection: a candidate buffer behind a threshold that carries over from block
 //      to block; a group of 64 scores all <= threshold costs a few vector compares, and in a
 //      group that has some, only those are visited (a bit mask); when the buffer holds
 //      2k + 64 candidates it is cut back to the k best (nth_element) and the threshold rises.
+// While step 2 runs, the inputs of the segment's next block are prefetched.
 // Then per row: the blocks' (max, sum) pairs merge into the logsumexp, and the segments'
 // candidates into the sorted top k; -inf slots take the lowest ids not chosen.
 //
@@ -32,6 +34,10 @@
 #include <omp.h>
 #endif
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #define FASTSAFE_INLINE inline __attribute__((always_inline))
 
 namespace fastsafe {
@@ -47,6 +53,23 @@ struct RowInputs {
   const float* bias;       // row of the table, or null
   const void* reward;      // row start, or null
   const uint32_t* mask;    // row of words, or null
+};
+
+// Inputs of the next block, prefetched a little at a time while a compute-bound loop of the
+// current block runs (the block's own loads then mostly hit the cache). Step i (of
+// kCpuBlock / 32) touches the bytes of tokens [32 i, 32 i + 32) of each stream.
+struct Prefetch {
+  const char* stream[3] = {nullptr, nullptr, nullptr};
+  int64_t step[3] = {0, 0, 0};  // bytes per 32 tokens: 128 (float32) or 64 (16-bit)
+
+  FASTSAFE_INLINE void issue(int64_t i) const {
+    for (int s = 0; s < 3; ++s) {
+      if (stream[s] == nullptr) continue;
+      const char* p = stream[s] + i * step[s];
+      __builtin_prefetch(p, 0, 3);
+      if (step[s] > 64) __builtin_prefetch(p + 64, 0, 3);
+    }
+  }
 };
 
 enum class ScaleMode { Copy, Multiply, Divide };
@@ -76,9 +99,8 @@ ScoreParams score_params(const SafeTopKArgs& a) {
 
 // The per-block vector loops, one set per instruction set (see safe_topk_cpu_blocks.h).
 struct BlockKernels {
-  void (*scores)(const RowInputs&, ScalarKind, int64_t, int64_t, const ScoreParams&, float*);
-  void (*max)(const float*, int64_t, float*, bool*);
-  float (*sumexp)(const float*, int64_t, float);
+  void (*scores)(const RowInputs&, ScalarKind, int64_t, int64_t, const ScoreParams&, float*, float*, bool*);
+  float (*sumexp)(const float*, int64_t, float, const Prefetch&);
   int64_t (*first_group_above)(const float*, int64_t, int64_t, float);
   uint64_t (*group_mask)(const float*, float);
   const char* isa;
@@ -321,11 +343,25 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
       for (int64_t blk = first_blk; blk < end_blk; ++blk) {
         const int64_t v0 = blk * kCpuBlock;
         const int64_t n = std::min(kCpuBlock, V - v0);
-        K.scores(row, a.dtype, v0, n, sp, buffer);
-        const int64_t padded = (n + kGroup - 1) / kGroup * kGroup;  // -inf after n
         BlockStats st;
-        K.max(buffer, padded, &st.max, &st.nan);
-        if (st.max > -kInf && st.max < kInf) st.sum = K.sumexp(buffer, padded, st.max);
+        K.scores(row, a.dtype, v0, n, sp, buffer, &st.max, &st.nan);
+        const int64_t padded = (n + kGroup - 1) / kGroup * kGroup;  // -inf after n
+        // The next block's inputs (whole blocks only: a partial last block is not read ahead).
+        Prefetch next;
+        const int64_t v1 = v0 + kCpuBlock;
+        if (blk + 1 < end_blk && v1 + kCpuBlock <= V) {
+          next.stream[0] = static_cast<const char*>(row.logits) + v1 * elem;
+          next.step[0] = 32 * elem;
+          if (row.bias != nullptr) {
+            next.stream[1] = reinterpret_cast<const char*>(row.bias + v1);
+            next.step[1] = 128;
+          }
+          if (row.reward != nullptr) {
+            next.stream[2] = static_cast<const char*>(row.reward) + v1 * elem;
+            next.step[2] = 32 * elem;
+          }
+        }
+        if (st.max > -kInf && st.max < kInf) st.sum = K.sumexp(buffer, padded, st.max, next);
         stats[b * nblocks + blk] = st;
         // A block without a score above the threshold (e.g. all banned) costs nothing more.
         if (st.max > sel.threshold) block_select(K, buffer, padded, static_cast<int32_t>(v0), sel);

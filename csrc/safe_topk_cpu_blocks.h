@@ -9,7 +9,7 @@
 // bitwise identical results.
 //
 // Expects (from the includer): <cstdint>, <cstring>, <limits>, fastsafe::ScalarKind,
-// RowInputs, ScoreParams, ScaleMode, kGroup, kInf.
+// RowInputs, ScoreParams, ScaleMode, Prefetch, kGroup, kInf.
 
 constexpr int kV = FASTSAFE_VLEN;
 typedef float f32v __attribute__((vector_size(4 * FASTSAFE_VLEN)));
@@ -45,6 +45,32 @@ FASTSAFE_VEC u32v widenv(const uint16_t* p) {
 }
 
 FASTSAFE_VEC f32v bf16v_to_float(u32v w) { return (f32v)(w << 16); }
+
+// Per-lane helpers with one instruction where the set has it (x86: the vector compare's bit
+// mask and maxps); the generic forms compute the same results.
+#if defined(__x86_64__) && FASTSAFE_VLEN == 16
+FASTSAFE_VEC uint32_t gt_bits(f32v x, f32v t) { return _mm512_cmp_ps_mask((__m512)x, (__m512)t, _CMP_GT_OQ); }
+FASTSAFE_VEC f32v maxv(f32v a, f32v b) { return (f32v)_mm512_max_ps((__m512)a, (__m512)b); }
+#elif defined(__x86_64__) && FASTSAFE_VLEN == 8
+FASTSAFE_VEC uint32_t gt_bits(f32v x, f32v t) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps((__m256)x, (__m256)t, _CMP_GT_OQ)));
+}
+FASTSAFE_VEC f32v maxv(f32v a, f32v b) { return (f32v)_mm256_max_ps((__m256)a, (__m256)b); }
+#elif defined(__x86_64__) && FASTSAFE_VLEN == 4
+FASTSAFE_VEC uint32_t gt_bits(f32v x, f32v t) {
+  return static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpgt_ps((__m128)x, (__m128)t)));
+}
+FASTSAFE_VEC f32v maxv(f32v a, f32v b) { return (f32v)_mm_max_ps((__m128)a, (__m128)b); }
+#else
+// Bit j set iff x[j] > t[j] (false for NaN).
+FASTSAFE_VEC uint32_t gt_bits(f32v x, f32v t) {
+  uint32_t bits = 0;
+  for (int j = 0; j < kV; ++j) bits |= static_cast<uint32_t>(x[j] > t[j]) << j;
+  return bits;
+}
+// a > b ? a : b per lane (b when either is NaN), as x86's maxps.
+FASTSAFE_VEC f32v maxv(f32v a, f32v b) { return (a > b) ? a : b; }
+#endif
 
 // IEEE half -> float, exact for every input: the exponent is re-biased by a multiply with
 // 2^112 (which also turns half subnormals into floats exactly); inf/NaN keep their payload.
@@ -111,41 +137,27 @@ FASTSAFE_VEC f32v scorev(const RowInputs& row, int64_t v0, int64_t i, int valid,
 
 template <int kKind>
 FASTSAFE_VEC void block_scores_kind(const RowInputs& row, int64_t v0, int64_t n, const ScoreParams& sp,
-                                    float* __restrict out) {
+                                    float* __restrict out, float* max_out, bool* nan_out) {
   u32v lane_bit;
   for (int j = 0; j < kV; ++j) lane_bit[j] = 1u << j;
+  f32v m = splat(-kInf);
+  i32v nan = {};
   const int64_t full = n - n % kV;
-  for (int64_t i = 0; i < full; i += kV) storev(out + i, scorev<kKind>(row, v0, i, kV, sp, lane_bit));
+  for (int64_t i = 0; i < full; i += kV) {
+    const f32v x = scorev<kKind>(row, v0, i, kV, sp, lane_bit);
+    storev(out + i, x);
+    nan |= (x != x);
+    m = maxv(x, m);  // a NaN never wins
+  }
   int64_t end = full;
   if (full < n) {
-    storev(out + full, scorev<kKind>(row, v0, full, static_cast<int>(n - full), sp, lane_bit));
+    const f32v x = scorev<kKind>(row, v0, full, static_cast<int>(n - full), sp, lane_bit);
+    storev(out + full, x);
+    nan |= (x != x);
+    m = maxv(x, m);
     end += kV;
   }
   for (; end % kGroup != 0; end += kV) storev(out + end, splat(-kInf));
-}
-
-// Scores of tokens [v0, v0 + n) of one row into out[0, n), then -inf up to a multiple of
-// kGroup (out holds at least kCpuBlock floats; v0 is a multiple of 32).
-FASTSAFE_TARGET void block_scores(const RowInputs& row, ScalarKind dtype, int64_t v0, int64_t n,
-                                  const ScoreParams& sp, float* __restrict out) {
-  if (dtype == ScalarKind::Float32) {
-    block_scores_kind<0>(row, v0, n, sp, out);
-  } else if (dtype == ScalarKind::Float16) {
-    block_scores_kind<1>(row, v0, n, sp, out);
-  } else {
-    block_scores_kind<2>(row, v0, n, sp, out);
-  }
-}
-
-// Max over the non-NaN scores of s[0, n) (n a multiple of kGroup), and whether any is NaN.
-FASTSAFE_TARGET void block_max(const float* __restrict s, int64_t n, float* max_out, bool* nan_out) {
-  f32v m = splat(-kInf);
-  i32v nan = {};
-  for (int64_t i = 0; i < n; i += kV) {
-    const f32v x = loadv(s + i);
-    nan |= (x != x);
-    m = (x > m) ? x : m;  // a NaN never wins
-  }
   float best = -kInf;
   bool any_nan = false;
   for (int j = 0; j < kV; ++j) {
@@ -154,6 +166,20 @@ FASTSAFE_TARGET void block_max(const float* __restrict s, int64_t n, float* max_
   }
   *max_out = best;
   *nan_out = any_nan;
+}
+
+// Scores of tokens [v0, v0 + n) of one row into out[0, n), then -inf up to a multiple of
+// kGroup (out holds at least kCpuBlock floats; v0 is a multiple of 32); also their max over
+// the non-NaN scores, and whether any is NaN.
+FASTSAFE_TARGET void block_scores(const RowInputs& row, ScalarKind dtype, int64_t v0, int64_t n,
+                                  const ScoreParams& sp, float* __restrict out, float* max_out, bool* nan_out) {
+  if (dtype == ScalarKind::Float32) {
+    block_scores_kind<0>(row, v0, n, sp, out, max_out, nan_out);
+  } else if (dtype == ScalarKind::Float16) {
+    block_scores_kind<1>(row, v0, n, sp, out, max_out, nan_out);
+  } else {
+    block_scores_kind<2>(row, v0, n, sp, out, max_out, nan_out);
+  }
 }
 
 // exp(x) for x <= 0 (score - max), per lane: exp(x) = 2^t with t = x log2(e) rounded once
@@ -168,7 +194,7 @@ FASTSAFE_VEC f32v expv(f32v x) {
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const f32v lowest = splat(-126.0f);
   f32v t = x * kLog2e;
-  t = (t > lowest) ? t : lowest;  // one max instruction; NaN -> -126
+  t = maxv(t, lowest);  // NaN -> -126
   const f32v shifted = t + kRound;
   const f32v n = shifted - kRound;
   const u32v n_int = (u32v)shifted - 0x4B400000u;  // n as two's complement
@@ -185,11 +211,14 @@ FASTSAFE_VEC f32v expv(f32v x) {
 // Sum of exp(s - m) over s[0, n) (n a multiple of kGroup; -inf entries add ~0). Element i
 // goes to accumulator lane i % 32 whatever the vector width, and the 32 lanes are added in
 // order, so every instruction set rounds identically.
-FASTSAFE_TARGET float block_sumexp(const float* __restrict s, int64_t n, float m) {
+// While it runs, the inputs of the caller's next block are prefetched (`next`), so their
+// loads from memory overlap this compute-bound loop.
+FASTSAFE_TARGET float block_sumexp(const float* __restrict s, int64_t n, float m, const Prefetch& next) {
   constexpr int kAcc = 32 / kV;
   f32v acc[kAcc] = {};
   for (int64_t i = 0; i < n; i += 32) {
     for (int c = 0; c < kAcc; ++c) acc[c] += expv(loadv(s + i + c * kV) - m);
+    next.issue(i / 32);
   }
   double total = 0.0;
   for (int c = 0; c < kAcc; ++c) {
@@ -203,12 +232,8 @@ FASTSAFE_TARGET float block_sumexp(const float* __restrict s, int64_t n, float m
 FASTSAFE_TARGET int64_t first_group_above(const float* __restrict s, int64_t end, int64_t start, float threshold) {
   const f32v t = splat(threshold);
   for (int64_t i = start; i < end; i += kGroup) {
-    i32v hit = loadv(s + i) > t;
-    for (int c = kV; c < kGroup; c += kV) hit |= loadv(s + i + c) > t;
-    uint64_t w[kV / 2];
-    std::memcpy(w, &hit, sizeof w);
-    uint64_t any = 0;
-    for (int j = 0; j < kV / 2; ++j) any |= w[j];
+    uint32_t any = 0;
+    for (int c = 0; c < kGroup; c += kV) any |= gt_bits(loadv(s + i + c), t);
     if (any != 0) return i;
   }
   return end;
@@ -217,22 +242,12 @@ FASTSAFE_TARGET int64_t first_group_above(const float* __restrict s, int64_t end
 // Bit j set iff s[j] > threshold, for the kGroup (64) scores of one group.
 FASTSAFE_TARGET uint64_t group_mask(const float* __restrict s, float threshold) {
   const f32v t = splat(threshold);
-  u32v lane_bit;
-  for (int j = 0; j < kV; ++j) lane_bit[j] = 1u << j;
   uint64_t mask = 0;
-  for (int c = 0; c < kGroup; c += kV) {
-    // Lanes carry distinct bits, so OR-ing every lane together gives the chunk's bit mask.
-    const u32v bits = (u32v)(loadv(s + c) > t) & lane_bit;
-    uint64_t w[kV / 2];
-    std::memcpy(w, &bits, sizeof w);
-    uint64_t any = 0;
-    for (int j = 0; j < kV / 2; ++j) any |= w[j];
-    mask |= ((any | (any >> 32)) & ((uint64_t{1} << kV) - 1)) << c;
-  }
+  for (int c = 0; c < kGroup; c += kV) mask |= static_cast<uint64_t>(gt_bits(loadv(s + c), t)) << c;
   return mask;
 }
 
-constexpr BlockKernels kBlockKernels = {block_scores, block_max,  block_sumexp,
+constexpr BlockKernels kBlockKernels = {block_scores, block_sumexp,
                                         first_group_above, group_mask, FASTSAFE_ISA_NAME};
 
 #undef FASTSAFE_VEC
