@@ -182,30 +182,54 @@ FASTSAFE_TARGET void block_scores(const RowInputs& row, ScalarKind dtype, int64_
   }
 }
 
-// exp(x) for x <= 0 (score - max), per lane: exp(x) = 2^t with t = x log2(e) rounded once
-// (a relative error of about 4e-8 |t|: under 1e-6 for every term above e^-17 of the max),
-// n = round(t), f = t - n in [-1/2, 1/2] exactly, 2^f by a degree-5 polynomial fitted for
-// relative error (2.3e-7 at most, evaluated in float32), and 2^n built in the exponent field.
-// t is clamped at -126, so inputs below ~-87.3 (including -inf, and NaN) give FLT_MIN ~ 1.2e-38
-// instead of ~0: in a sum that holds exp(0) = 1 (the block max) even 2^31 of them change
-// nothing (callers flag NaN separately).
+// 2^(i/16), i = 0..15, each correctly rounded to float.
+alignas(64) constexpr float kExp2Sixteenths[16] = {
+    0x1.000000p+0f, 0x1.0b5586p+0f, 0x1.172b84p+0f, 0x1.2387a6p+0f, 0x1.306fe0p+0f, 0x1.3dea64p+0f,
+    0x1.4bfdaep+0f, 0x1.5ab07ep+0f, 0x1.6a09e6p+0f, 0x1.7a1148p+0f, 0x1.8ace54p+0f, 0x1.9c4918p+0f,
+    0x1.ae89fap+0f, 0x1.c199bep+0f, 0x1.d5818ep+0f, 0x1.ea4afap+0f};
+
+// kExp2Sixteenths[j & 15] per lane.
+#if defined(__x86_64__) && FASTSAFE_VLEN == 16
+FASTSAFE_VEC f32v exp2_sixteenths(i32v j) {
+  return (f32v)_mm512_permutexvar_ps((__m512i)j, (__m512)loadv(kExp2Sixteenths));
+}
+#elif defined(__x86_64__) && FASTSAFE_VLEN == 8
+FASTSAFE_VEC f32v exp2_sixteenths(i32v j) {
+  const __m256 lo = _mm256_permutevar8x32_ps((__m256)loadv(kExp2Sixteenths), (__m256i)j);
+  const __m256 hi = _mm256_permutevar8x32_ps((__m256)loadv(kExp2Sixteenths + 8), (__m256i)j);
+  return (f32v)_mm256_blendv_ps(lo, hi, (__m256)(j << 28));  // bit 3 of j picks the half
+}
+#else
+FASTSAFE_VEC f32v exp2_sixteenths(i32v j) {
+  f32v r;
+  for (int l = 0; l < kV; ++l) r[l] = kExp2Sixteenths[j[l] & 15];
+  return r;
+}
+#endif
+
+// exp(x) for x <= 0 (score - max), per lane: exp(x) = 2^(t/16) with t = x 16 log2(e) rounded
+// once (a relative error of about 4e-8 |x|: under 1e-6 for every term above e^-17 of the
+// max), j = round(t), f = t - j in [-1/2, 1/2] exactly; 2^(j/16) = 2^(j >> 4) 2^((j & 15)/16)
+// from a 16-entry table with the power of two added in the exponent field, and 2^(f/16) by
+// its degree-3 Taylor polynomial (truncation error 1e-8; about 2e-7 in all for x > -1,
+// evaluated in float32). t is clamped at -2016 (2^-126), so inputs below ~-87.3 (including
+// -inf, and NaN) give ~FLT_MIN instead of ~0: in a sum that holds exp(0) = 1 (the block
+// max) even 2^31 of them change nothing (callers flag NaN separately).
 FASTSAFE_VEC f32v expv(f32v x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const f32v lowest = splat(-126.0f);
-  f32v t = x * kLog2e;
-  t = maxv(t, lowest);  // NaN -> -126
+  const float kScale = 23.0831206542234f;  // 16 log2(e)
+  const float kRound = 12582912.0f;        // 1.5 * 2^23: adding it rounds to an integer
+  f32v t = x * kScale;
+  t = maxv(t, splat(-2016.0f));  // NaN -> -2016
   const f32v shifted = t + kRound;
   const f32v n = shifted - kRound;
-  const u32v n_int = (u32v)shifted - 0x4B400000u;  // n as two's complement
+  const i32v j = (i32v)shifted - 0x4B400000;  // round(t) as two's complement
   const f32v f = t - n;
-  f32v p = splat(1.3276415e-3f);
-  p = p * f + 9.6755289e-3f;
-  p = p * f + 5.5507135e-2f;
-  p = p * f + 2.4022120e-1f;
-  p = p * f + 6.9314694e-1f;
-  p = p * f + 1.0000001f;
-  return p * (f32v)((n_int + 127u) << 23);
+  f32v p = splat(1.3550808e-05f);  // (ln 2 / 16)^3 / 6
+  p = p * f + 9.3838479e-04f;      // (ln 2 / 16)^2 / 2
+  p = p * f + 4.3321699e-02f;      // ln 2 / 16
+  p = p * f + 1.0f;
+  const u32v scale = (u32v)exp2_sixteenths(j) + ((u32v)(j >> 4) << 23);
+  return p * (f32v)scale;
 }
 
 // Sum of exp(s - m) over s[0, n) (n a multiple of kGroup; -inf entries add ~0). Element i
