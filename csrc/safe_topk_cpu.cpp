@@ -4,9 +4,8 @@
 // A task is a segment of consecutive blocks (kCpuBlock tokens) of one row. For each block:
 //   1. scores into a small float buffer (16-wide vector loops, safe_topk_cpu_blocks.h: dtype
 //      conversion, / temperature, - bias_scale * bias, + reward_weight * reward, bitmask),
-//      padded with -inf to whole selection groups, and the block max (NaN flagged) as they
-//      are stored;
-//   2. the sum of exp(score - max) (vector expf);
+//      padded with -inf to whole selection groups, and the block max as they are stored;
+//   2. the sum of exp(score - max) (vector expf), NaN iff some score is NaN;
 //   3. a k-best selection: a candidate buffer behind a threshold that carries over from block
 //      to block; a group of 64 scores all <= threshold costs a few vector compares, and in a
 //      group that has some, only those are visited (a bit mask); when the buffer holds
@@ -99,7 +98,7 @@ ScoreParams score_params(const SafeTopKArgs& a) {
 
 // The per-block vector loops, one set per instruction set (see safe_topk_cpu_blocks.h).
 struct BlockKernels {
-  void (*scores)(const RowInputs&, ScalarKind, int64_t, int64_t, const ScoreParams&, float*, float*, bool*);
+  void (*scores)(const RowInputs&, ScalarKind, int64_t, int64_t, const ScoreParams&, float*, float*);
   float (*sumexp)(const float*, int64_t, float, const Prefetch&);
   int64_t (*first_group_above)(const float*, int64_t, int64_t, float);
   uint64_t (*group_mask)(const float*, float);
@@ -170,6 +169,13 @@ struct BlockStats {
   float sum = 0.0f;   // sum of exp(score - max) when max is finite
   bool nan = false;   // some score is NaN
 };
+
+bool any_nan(const float* s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(s[i])) return true;
+  }
+  return false;
+}
 
 // ---- step 3: k-best selection -------------------------------------------------------------
 
@@ -344,7 +350,7 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
         const int64_t v0 = blk * kCpuBlock;
         const int64_t n = std::min(kCpuBlock, V - v0);
         BlockStats st;
-        K.scores(row, a.dtype, v0, n, sp, buffer, &st.max, &st.nan);
+        K.scores(row, a.dtype, v0, n, sp, buffer, &st.max);
         const int64_t padded = (n + kGroup - 1) / kGroup * kGroup;  // -inf after n
         // The next block's inputs (whole blocks only: a partial last block is not read ahead).
         Prefetch next;
@@ -361,7 +367,12 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
             next.step[2] = 32 * elem;
           }
         }
-        if (st.max > -kInf && st.max < kInf) st.sum = K.sumexp(buffer, padded, st.max, next);
+        if (st.max > -kInf && st.max < kInf) {
+          st.sum = K.sumexp(buffer, padded, st.max, next);
+          st.nan = std::isnan(st.sum);  // a NaN score makes the sum NaN
+        } else {
+          st.nan = any_nan(buffer, padded);  // rare: all -inf/NaN, or a +inf score
+        }
         stats[b * nblocks + blk] = st;
         // A block without a score above the threshold (e.g. all banned) costs nothing more.
         if (st.max > sel.threshold) block_select(K, buffer, padded, static_cast<int32_t>(v0), sel);

@@ -72,6 +72,17 @@ FASTSAFE_VEC uint32_t gt_bits(f32v x, f32v t) {
 FASTSAFE_VEC f32v maxv(f32v a, f32v b) { return (a > b) ? a : b; }
 #endif
 
+// x where bit j of `bits` is set, -inf elsewhere (lane j; lane_bit[j] = 1 << j).
+#if defined(__x86_64__) && FASTSAFE_VLEN == 16
+FASTSAFE_VEC f32v keep_allowed(f32v x, uint32_t bits, u32v) {
+  return (f32v)_mm512_mask_blend_ps(static_cast<__mmask16>(bits), (__m512)splat(-kInf), (__m512)x);
+}
+#else
+FASTSAFE_VEC f32v keep_allowed(f32v x, uint32_t bits, u32v lane_bit) {
+  return ((splat_u(bits) & lane_bit) != 0u) ? x : splat(-kInf);
+}
+#endif
+
 // IEEE half -> float, exact for every input: the exponent is re-biased by a multiply with
 // 2^112 (which also turns half subnormals into floats exactly); inf/NaN keep their payload.
 FASTSAFE_VEC f32v halfv_to_float(u32v w) {
@@ -128,8 +139,7 @@ FASTSAFE_VEC f32v scorev(const RowInputs& row, int64_t v0, int64_t i, int valid,
   }
   if (row.mask != nullptr) {
     // v is a multiple of kV, so the kV bits sit in one word, from bit v % 32.
-    const u32v word = splat_u(row.mask[v >> 5]);
-    x = ((word & (lane_bit << static_cast<uint32_t>(v & 31))) != 0u) ? x : splat(-kInf);
+    x = keep_allowed(x, row.mask[v >> 5] >> static_cast<uint32_t>(v & 31), lane_bit);
   }
   if (valid < kV) x = ((lane_bit >> static_cast<uint32_t>(valid)) == 0u) ? x : splat(-kInf);  // lane j < valid
   return x;
@@ -137,48 +147,40 @@ FASTSAFE_VEC f32v scorev(const RowInputs& row, int64_t v0, int64_t i, int valid,
 
 template <int kKind>
 FASTSAFE_VEC void block_scores_kind(const RowInputs& row, int64_t v0, int64_t n, const ScoreParams& sp,
-                                    float* __restrict out, float* max_out, bool* nan_out) {
+                                    float* __restrict out, float* max_out) {
   u32v lane_bit;
   for (int j = 0; j < kV; ++j) lane_bit[j] = 1u << j;
   f32v m = splat(-kInf);
-  i32v nan = {};
   const int64_t full = n - n % kV;
   for (int64_t i = 0; i < full; i += kV) {
     const f32v x = scorev<kKind>(row, v0, i, kV, sp, lane_bit);
     storev(out + i, x);
-    nan |= (x != x);
     m = maxv(x, m);  // a NaN never wins
   }
   int64_t end = full;
   if (full < n) {
     const f32v x = scorev<kKind>(row, v0, full, static_cast<int>(n - full), sp, lane_bit);
     storev(out + full, x);
-    nan |= (x != x);
     m = maxv(x, m);
     end += kV;
   }
   for (; end % kGroup != 0; end += kV) storev(out + end, splat(-kInf));
   float best = -kInf;
-  bool any_nan = false;
-  for (int j = 0; j < kV; ++j) {
-    best = m[j] > best ? m[j] : best;
-    any_nan = any_nan || nan[j] != 0;
-  }
+  for (int j = 0; j < kV; ++j) best = m[j] > best ? m[j] : best;
   *max_out = best;
-  *nan_out = any_nan;
 }
 
 // Scores of tokens [v0, v0 + n) of one row into out[0, n), then -inf up to a multiple of
 // kGroup (out holds at least kCpuBlock floats; v0 is a multiple of 32); also their max over
-// the non-NaN scores, and whether any is NaN.
+// the non-NaN scores (NaN is found by the caller: see block_sumexp).
 FASTSAFE_TARGET void block_scores(const RowInputs& row, ScalarKind dtype, int64_t v0, int64_t n,
-                                  const ScoreParams& sp, float* __restrict out, float* max_out, bool* nan_out) {
+                                  const ScoreParams& sp, float* __restrict out, float* max_out) {
   if (dtype == ScalarKind::Float32) {
-    block_scores_kind<0>(row, v0, n, sp, out, max_out, nan_out);
+    block_scores_kind<0>(row, v0, n, sp, out, max_out);
   } else if (dtype == ScalarKind::Float16) {
-    block_scores_kind<1>(row, v0, n, sp, out, max_out, nan_out);
+    block_scores_kind<1>(row, v0, n, sp, out, max_out);
   } else {
-    block_scores_kind<2>(row, v0, n, sp, out, max_out, nan_out);
+    block_scores_kind<2>(row, v0, n, sp, out, max_out);
   }
 }
 
@@ -213,13 +215,13 @@ FASTSAFE_VEC f32v exp2_sixteenths(i32v j) {
 // from a 16-entry table with the power of two added in the exponent field, and 2^(f/16) by
 // its degree-3 Taylor polynomial (truncation error 1e-8; about 2e-7 in all for x > -1,
 // evaluated in float32). t is clamped at -2016 (2^-126), so inputs below ~-87.3 (including
-// -inf, and NaN) give ~FLT_MIN instead of ~0: in a sum that holds exp(0) = 1 (the block
-// max) even 2^31 of them change nothing (callers flag NaN separately).
+// -inf) give ~FLT_MIN instead of ~0: in a sum that holds exp(0) = 1 (the block max) even
+// 2^31 of them change nothing. NaN gives NaN (so a sum with a NaN term is NaN).
 FASTSAFE_VEC f32v expv(f32v x) {
   const float kScale = 23.0831206542234f;  // 16 log2(e)
   const float kRound = 12582912.0f;        // 1.5 * 2^23: adding it rounds to an integer
   f32v t = x * kScale;
-  t = maxv(t, splat(-2016.0f));  // NaN -> -2016
+  t = maxv(splat(-2016.0f), t);  // NaN stays NaN
   const f32v shifted = t + kRound;
   const f32v n = shifted - kRound;
   const i32v j = (i32v)shifted - 0x4B400000;  // round(t) as two's complement
@@ -232,7 +234,8 @@ FASTSAFE_VEC f32v expv(f32v x) {
   return p * (f32v)scale;
 }
 
-// Sum of exp(s - m) over s[0, n) (n a multiple of kGroup; -inf entries add ~0). Element i
+// Sum of exp(s - m) over s[0, n) (n a multiple of kGroup; -inf entries add ~0; NaN when
+// some s is NaN). Element i
 // goes to accumulator lane i % 32 whatever the vector width, and the 32 lanes are added in
 // order, so every instruction set rounds identically.
 // While it runs, the inputs of the caller's next block are prefetched (`next`), so their
