@@ -7,8 +7,8 @@
 //      padded with -inf to whole selection groups, and the block max as they are stored;
 //   2. the sum of exp(score - max) (vector expf), NaN iff some score is NaN;
 //   3. a k-best selection: a candidate buffer behind a threshold that carries over from block
-//      to block; a group of 64 scores all <= threshold costs a few vector compares, and in a
-//      group that has some, only those are visited (a bit mask); when the buffer holds
+//      to block; step 1 flags the groups of 64 scores with some score above it, and in a
+//      flagged group only those are visited (a bit mask); when the buffer holds
 //      2k + 64 candidates it is cut back to the k best (nth_element) and the threshold rises.
 // While step 2 runs, the inputs of the segment's next block are prefetched.
 // Then per row: the blocks' (max, sum) pairs merge into the logsumexp, and the segments'
@@ -46,6 +46,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kGroup = 64;  // selection: scores tested together against the threshold
 static_assert(kCpuBlock % kGroup == 0, "blocks hold whole selection groups");
 static_assert(kGroup == 64, "group_mask returns one 64-bit mask per group");
+static_assert(kCpuBlock / kGroup <= 64, "block_scores flags a block's groups in one 64-bit mask");
 
 struct RowInputs {
   const void* logits;      // row start
@@ -98,9 +99,8 @@ ScoreParams score_params(const SafeTopKArgs& a) {
 
 // The per-block vector loops, one set per instruction set (see safe_topk_cpu_blocks.h).
 struct BlockKernels {
-  void (*scores)(const RowInputs&, ScalarKind, int64_t, int64_t, const ScoreParams&, float*, float*);
+  uint64_t (*scores)(const RowInputs&, ScalarKind, int64_t, int64_t, const ScoreParams&, float, float*, float*);
   float (*sumexp)(const float*, int64_t, float, const Prefetch&);
-  int64_t (*first_group_above)(const float*, int64_t, int64_t, float);
   uint64_t (*group_mask)(const float*, float);
   const char* isa;
 };
@@ -210,18 +210,16 @@ struct Selector {
   }
 };
 
-// Offers the scores s[0, end) (end a multiple of kGroup; padding is -inf) to the selector.
-void block_select(const BlockKernels& K, const float* s, int64_t end, int32_t id0, Selector& sel) {
-  int64_t i = 0;
-  while (i < end) {
-    i = K.first_group_above(s, end, i, sel.threshold);
-    if (i >= end) break;
+// Offers the scores of block s to the selector: only the groups flagged in `groups` (those
+// with a score above the threshold the block started with; it only rises) are looked at.
+void block_select(const BlockKernels& K, const float* s, uint64_t groups, int32_t id0, Selector& sel) {
+  for (; groups != 0; groups &= groups - 1) {
+    const int64_t i = static_cast<int64_t>(__builtin_ctzll(groups)) * kGroup;
     for (uint64_t hits = K.group_mask(s + i, sel.threshold); hits != 0; hits &= hits - 1) {
       const int j = __builtin_ctzll(hits);
       const float x = s[i + j];
       if (x > sel.threshold) sel.push(x, id0 + static_cast<int32_t>(i + j));  // the threshold may have risen
     }
-    i += kGroup;
   }
 }
 
@@ -350,7 +348,7 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
         const int64_t v0 = blk * kCpuBlock;
         const int64_t n = std::min(kCpuBlock, V - v0);
         BlockStats st;
-        K.scores(row, a.dtype, v0, n, sp, buffer, &st.max);
+        const uint64_t groups = K.scores(row, a.dtype, v0, n, sp, sel.threshold, buffer, &st.max);
         const int64_t padded = (n + kGroup - 1) / kGroup * kGroup;  // -inf after n
         // The next block's inputs (whole blocks only: a partial last block is not read ahead).
         Prefetch next;
@@ -374,8 +372,9 @@ void safe_topk_cpu(const SafeTopKArgs& a, int num_threads) {
           st.nan = any_nan(buffer, padded);  // rare: all -inf/NaN, or a +inf score
         }
         stats[b * nblocks + blk] = st;
-        // A block without a score above the threshold (e.g. all banned) costs nothing more.
-        if (st.max > sel.threshold) block_select(K, buffer, padded, static_cast<int32_t>(v0), sel);
+        // Only flagged groups are visited: a block with no score above the threshold (e.g. all
+        // banned) costs nothing more.
+        block_select(K, buffer, groups, static_cast<int32_t>(v0), sel);
       }
       if (sel.count > k) sel.shrink();
       std::copy(buf.data(), buf.data() + sel.count, slots.data() + task * slot);

@@ -146,42 +146,45 @@ FASTSAFE_VEC f32v scorev(const RowInputs& row, int64_t v0, int64_t i, int valid,
 }
 
 template <int kKind>
-FASTSAFE_VEC void block_scores_kind(const RowInputs& row, int64_t v0, int64_t n, const ScoreParams& sp,
-                                    float* __restrict out, float* max_out) {
+FASTSAFE_VEC uint64_t block_scores_kind(const RowInputs& row, int64_t v0, int64_t n, const ScoreParams& sp,
+                                        float threshold, float* __restrict out, float* max_out) {
   u32v lane_bit;
   for (int j = 0; j < kV; ++j) lane_bit[j] = 1u << j;
+  const f32v t = splat(threshold);
   f32v m = splat(-kInf);
+  uint64_t groups = 0;
   const int64_t full = n - n % kV;
   for (int64_t i = 0; i < full; i += kV) {
     const f32v x = scorev<kKind>(row, v0, i, kV, sp, lane_bit);
     storev(out + i, x);
     m = maxv(x, m);  // a NaN never wins
+    groups |= static_cast<uint64_t>(gt_bits(x, t) != 0) << (i / kGroup);
   }
   int64_t end = full;
   if (full < n) {
     const f32v x = scorev<kKind>(row, v0, full, static_cast<int>(n - full), sp, lane_bit);
     storev(out + full, x);
     m = maxv(x, m);
+    groups |= static_cast<uint64_t>(gt_bits(x, t) != 0) << (full / kGroup);
     end += kV;
   }
   for (; end % kGroup != 0; end += kV) storev(out + end, splat(-kInf));
   float best = -kInf;
   for (int j = 0; j < kV; ++j) best = m[j] > best ? m[j] : best;
   *max_out = best;
+  return groups;
 }
 
 // Scores of tokens [v0, v0 + n) of one row into out[0, n), then -inf up to a multiple of
-// kGroup (out holds at least kCpuBlock floats; v0 is a multiple of 32); also their max over
-// the non-NaN scores (NaN is found by the caller: see block_sumexp).
-FASTSAFE_TARGET void block_scores(const RowInputs& row, ScalarKind dtype, int64_t v0, int64_t n,
-                                  const ScoreParams& sp, float* __restrict out, float* max_out) {
-  if (dtype == ScalarKind::Float32) {
-    block_scores_kind<0>(row, v0, n, sp, out, max_out);
-  } else if (dtype == ScalarKind::Float16) {
-    block_scores_kind<1>(row, v0, n, sp, out, max_out);
-  } else {
-    block_scores_kind<2>(row, v0, n, sp, out, max_out);
-  }
+// kGroup (out holds kCpuBlock floats, v0 is a multiple of 32); also their max over the
+// non-NaN scores (NaN is found by the caller: see block_sumexp). Returns bit g set iff group
+// g (scores [64 g, 64 g + 64)) has a score > threshold.
+FASTSAFE_TARGET uint64_t block_scores(const RowInputs& row, ScalarKind dtype, int64_t v0, int64_t n,
+                                      const ScoreParams& sp, float threshold, float* __restrict out,
+                                      float* max_out) {
+  if (dtype == ScalarKind::Float32) return block_scores_kind<0>(row, v0, n, sp, threshold, out, max_out);
+  if (dtype == ScalarKind::Float16) return block_scores_kind<1>(row, v0, n, sp, threshold, out, max_out);
+  return block_scores_kind<2>(row, v0, n, sp, threshold, out, max_out);
 }
 
 // 2^(i/16), i = 0..15, each correctly rounded to float.
@@ -254,18 +257,6 @@ FASTSAFE_TARGET float block_sumexp(const float* __restrict s, int64_t n, float m
   return static_cast<float>(total);
 }
 
-// Start of the first group of kGroup scores at or after `start` with a score > threshold
-// (NaN never is), or `end` (a multiple of kGroup) when there is none.
-FASTSAFE_TARGET int64_t first_group_above(const float* __restrict s, int64_t end, int64_t start, float threshold) {
-  const f32v t = splat(threshold);
-  for (int64_t i = start; i < end; i += kGroup) {
-    uint32_t any = 0;
-    for (int c = 0; c < kGroup; c += kV) any |= gt_bits(loadv(s + i + c), t);
-    if (any != 0) return i;
-  }
-  return end;
-}
-
 // Bit j set iff s[j] > threshold, for the kGroup (64) scores of one group.
 FASTSAFE_TARGET uint64_t group_mask(const float* __restrict s, float threshold) {
   const f32v t = splat(threshold);
@@ -274,7 +265,6 @@ FASTSAFE_TARGET uint64_t group_mask(const float* __restrict s, float threshold) 
   return mask;
 }
 
-constexpr BlockKernels kBlockKernels = {block_scores, block_sumexp,
-                                        first_group_above, group_mask, FASTSAFE_ISA_NAME};
+constexpr BlockKernels kBlockKernels = {block_scores, block_sumexp, group_mask, FASTSAFE_ISA_NAME};
 
 #undef FASTSAFE_VEC
