@@ -130,17 +130,25 @@ struct BlockScratch {
   int remaining;
 };
 
-template <int kThreads>
-__device__ float block_max(float v, BlockScratch& sh) {
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+
+// Block-wide reduction with op (identity: the value of idle lanes); every thread gets the result.
+template <int kThreads, class Op>
+__device__ float block_reduce(float v, float identity, Op op, BlockScratch& sh) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 #pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, off));
+  for (int off = kWarp / 2; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFull, v, off));
   if (lane == 0) sh.red[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < kThreads / kWarp ? sh.red[lane] : -INFINITY;
+    v = lane < kThreads / kWarp ? sh.red[lane] : identity;
 #pragma unroll
-    for (int off = kWarp / 2; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, off));
+    for (int off = kWarp / 2; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFull, v, off));
     if (lane == 0) sh.red[0] = v;
   }
   __syncthreads();
@@ -150,22 +158,13 @@ __device__ float block_max(float v, BlockScratch& sh) {
 }
 
 template <int kThreads>
+__device__ float block_max(float v, BlockScratch& sh) {
+  return block_reduce<kThreads>(v, -INFINITY, MaxOp{}, sh);
+}
+
+template <int kThreads>
 __device__ float block_sum(float v, BlockScratch& sh) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  if (lane == 0) sh.red[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kThreads / kWarp ? sh.red[lane] : 0.0f;
-#pragma unroll
-    for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-    if (lane == 0) sh.red[0] = v;
-  }
-  __syncthreads();
-  v = sh.red[0];
-  __syncthreads();
-  return v;
+  return block_reduce<kThreads>(v, 0.0f, SumOp{}, sh);
 }
 
 // Exclusive prefix sum over the threads of the block, in thread order.
