@@ -87,13 +87,17 @@ struct Elem<0> {  // float32
     out[3] = __uint_as_float(u.w);
   }
 };
-template <>
-struct Elem<1> {  // float16
+// Shared by the 16-bit kinds: Derived::cvt turns one raw 16-bit value into float.
+template <class Derived>
+struct Elem16 {
   static constexpr int kBytes = 2;
-  __device__ __forceinline__ static float cvt(unsigned short h) { return __half2float(__ushort_as_half(h)); }
   __device__ __forceinline__ static float load(const void* base, int64_t i) {
-    return cvt(static_cast<const unsigned short*>(base)[i]);
+    return Derived::cvt(static_cast<const unsigned short*>(base)[i]);
   }
+};
+template <>
+struct Elem<1> : Elem16<Elem<1>> {  // float16
+  __device__ __forceinline__ static float cvt(unsigned short h) { return __half2float(__ushort_as_half(h)); }
   __device__ __forceinline__ static void unpack(const uint4& u, float* out) {
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -104,12 +108,8 @@ struct Elem<1> {  // float16
   }
 };
 template <>
-struct Elem<2> {  // bfloat16
-  static constexpr int kBytes = 2;
+struct Elem<2> : Elem16<Elem<2>> {  // bfloat16
   __device__ __forceinline__ static float cvt(unsigned short h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
-  __device__ __forceinline__ static float load(const void* base, int64_t i) {
-    return cvt(static_cast<const unsigned short*>(base)[i]);
-  }
   __device__ __forceinline__ static void unpack(const uint4& u, float* out) {
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll

@@ -13,20 +13,21 @@ from fastsafe.tsdi import TSDIBias
 from tests.tiny_lm import tiny_gpt2, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_gpt2")
-    tiny_gpt2(seed=21).save_pretrained(d)
+def _saved_tiny_gpt2(tmp_path_factory, name, seed):
+    d = tmp_path_factory.mktemp(name)
+    tiny_gpt2(seed=seed).save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _saved_tiny_gpt2(tmp_path_factory, "tiny_gpt2", 21)
 
 
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_gpt2_ref")
-    tiny_gpt2(seed=22).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return str(d)
+    return _saved_tiny_gpt2(tmp_path_factory, "tiny_gpt2_ref", 22)
 
 
 def run_json(capsys, *argv):
