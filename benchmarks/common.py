@@ -208,11 +208,14 @@ def summarize(times_ms: Sequence[float]) -> dict:
 
 
 def time_cpu_interleaved(fns: Dict[str, Callable[[], object]], repeat: int, warmup: int = 2,
-                         max_seconds: Optional[float] = None) -> Dict[str, List[float]]:
+                         max_seconds: Optional[float] = None, primed: bool = False) -> Dict[str, List[float]]:
     """Wall-clock times (ms) of each callable, run round-robin: one run of each per round.
 
     ``warmup`` untimed rounds come first. Stops after ``repeat`` rounds, or earlier once
     ``max_seconds`` have passed and at least 3 rounds are done (the CPU may be shared).
+    Round-robin, each callable starts with caches holding the others' data (its inputs come from
+    memory: "cold"); ``primed=True`` runs each callable once, untimed, right before its timed run,
+    so its inputs are in cache ("warm", as when the logits were just written by the lm_head).
 
     Example:
         >>> t = time_cpu_interleaved({"a": lambda: sum(range(1000))}, repeat=5)
@@ -228,6 +231,8 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], object]], repeat: int, warm
     start = time.perf_counter()
     for r in range(repeat):
         for name, fn in fns.items():
+            if primed:
+                fn()
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)

@@ -41,12 +41,23 @@ def test_decode_main_writes_json(tmp_path):
     for r in rows:
         assert r["check"] == "ok", r
         assert r["median_ms"] > 0 and r["stats"]["runs"] == 2
+        assert r["warm_median_ms"] > 0 and r["warm_stats"]["runs"] == 2 and r["warm_speedup_vs_hf"] > 0
         assert r["bytes"] == decode.required_bytes(decode.Case(r["batch"], 257, 5, r["banned"]), torch.float32)
         if r["impl"] == decode.HF:
             assert r["speedup_vs_hf"] == pytest.approx(1.0)
         assert ("time_vs_base_ban" in r) == r["dense_ban"]
     assert sorted({r["banned"] for r in rows}) == [20, round(0.9 * 257)]
     assert {r["banned_label"] for r in rows} == {"20", "90%"}
+
+
+def test_interleaved_timing_primed_runs_each_callable_right_before_its_timed_run():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = common.time_cpu_interleaved(fns, repeat=2, warmup=0, primed=True)
+    assert calls == ["a", "a", "b", "b"] * 2 and all(len(t) == 2 for t in times.values())
+    calls.clear()
+    common.time_cpu_interleaved(fns, repeat=2, warmup=1)
+    assert calls == ["a", "b"] * 3
 
 
 def test_cli_bench_decode_runs_the_checkout_benchmark(tmp_path):

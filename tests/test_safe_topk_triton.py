@@ -15,6 +15,16 @@ from tests.conftest import require_backend
 from tests.topk_cases import DTYPES, OPTIONS, make_inputs, option_sets
 from tests.topk_checks import assert_matches_reference
 
+# On a machine with a GPU the kernels run there (the interpreter is off); else on the CPU under
+# TRITON_INTERPRET=1 (set by tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dev(*tensors):
+    """The tensors on DEVICE (one tensor in, one out)."""
+    moved = tuple(t.to(DEVICE) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
+
 
 def _kernels():
     from fastsafe.kernels import safe_topk as mod
@@ -64,7 +74,7 @@ def test_covering_design_is_complete():
 def test_grid_against_reference(case):
     require_backend("triton")
     B, V, k, dtype, opts, shared = case
-    logits, kw = make_inputs(B, V, dtype, opts, shared_mask=shared)
+    logits, kw = make_inputs(B, V, dtype, opts, shared_mask=shared, device=DEVICE)
     out = safe_topk(logits, k, backend="triton", **kw)
     assert_matches_reference(out, logits, k, **kw)
 
@@ -77,7 +87,7 @@ def test_grid_against_reference(case):
 ])
 def test_forced_tiling_matches_reference(k, block_v, n_splits, block_c):
     require_backend("triton")
-    logits, kw = make_inputs(3, 3000, torch.float32, OPTIONS, seed=k)
+    logits, kw = make_inputs(3, 3000, torch.float32, OPTIONS, seed=k, device=DEVICE)
     out = run_forced(logits, k, block_v=block_v, n_splits=n_splits, block_c=block_c, **kw)
     assert_matches_reference(out, logits, k, exact_ids=True, **kw)
 
@@ -90,6 +100,7 @@ def test_one_by_one_insertion_keeps_the_best():
     logits[0, :16] = torch.arange(1, 17, dtype=torch.float32)   # tile 0: best 8 are 9..16
     logits[0, 20] = 9.25                                       # tile 1: two winners in (9, 10)
     logits[0, 27] = 9.5
+    logits = dev(logits)
     out = run_forced(logits, 8, block_v=16, n_splits=1, block_c=8)
     assert out.indices[0].tolist() == [15, 14, 13, 12, 11, 10, 9, 27]
     assert_matches_reference(out, logits, 8, exact_ids=True)
@@ -98,7 +109,7 @@ def test_one_by_one_insertion_keeps_the_best():
 def test_largest_supported_k():
     require_backend("triton")
     k = _kernels().MAX_K
-    logits, kw = make_inputs(2, 2500, torch.float32, ("mask", "bias"), ban_fraction=0.3)
+    logits, kw = make_inputs(2, 2500, torch.float32, ("mask", "bias"), ban_fraction=0.3, device=DEVICE)
     out = safe_topk(logits, k, backend="triton", **kw)
     assert_matches_reference(out, logits, k, exact_ids=True, **kw)
 
@@ -107,11 +118,11 @@ def test_k_beyond_limit_raises():
     require_backend("triton")
     k = _kernels().MAX_K + 1
     with pytest.raises(ValueError, match=r"k: the triton backend supports 1 <= k <= 1024, got 1025"):
-        safe_topk(torch.randn(2, 2000), k, backend="triton")
+        safe_topk(dev(torch.randn(2, 2000)), k, backend="triton")
     with pytest.raises(ValueError, match="block_v"):
-        run_forced(torch.randn(2, 100), 50, block_v=32)
+        run_forced(dev(torch.randn(2, 100)), 50, block_v=32)
     with pytest.raises(ValueError, match="block_c"):
-        run_forced(torch.randn(2, 100), 5, block_c=24)
+        run_forced(dev(torch.randn(2, 100)), 5, block_c=24)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -124,6 +135,7 @@ def test_ties_break_by_lower_id(dtype):
     logits[1] = torch.randint(0, 4, (V,), generator=g).to(dtype)   # massive ties
     logits[3, [10, 20]] = -0.0                                  # -0.0 ties with +0.0
     logits[3, :10] = -1.0                                       # row 2: all equal
+    logits = dev(logits)
     out = safe_topk(logits, 5, backend="triton")
     assert out.indices[0].tolist() == [3, 7, 500, 900, 0]
     assert out.indices[3].tolist() == [10, 11, 12, 13, 14]
@@ -146,7 +158,7 @@ def test_all_banned_and_fewer_allowed_than_k(shared):
         allowed[1] = False                                   # all banned
         allowed[2] = False
         allowed[2, 142] = True                               # one allowed
-    mask = pack_bitmask(allowed)
+    logits, mask = dev(logits, pack_bitmask(allowed))
     for out in (safe_topk(logits, k, banned_bitmask=mask, backend="triton"),
                 run_forced(logits, k, banned_bitmask=mask, block_v=64, n_splits=4, block_c=64)):
         assert_matches_reference(out, logits, k, exact_ids=True, banned_bitmask=mask)
@@ -164,7 +176,7 @@ def test_all_banned_and_fewer_allowed_than_k(shared):
 
 def test_99_percent_banned():
     require_backend("triton")
-    logits, kw = make_inputs(3, 6000, torch.float32, ("mask",), ban_fraction=0.99)
+    logits, kw = make_inputs(3, 6000, torch.float32, ("mask",), ban_fraction=0.99, device=DEVICE)
     out = safe_topk(logits, 50, backend="triton", **kw)
     assert_matches_reference(out, logits, 50, exact_ids=True, **kw)
     out = run_forced(logits, 50, block_v=128, n_splits=3, block_c=128, **kw)
@@ -174,12 +186,12 @@ def test_99_percent_banned():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_strided_logits(dtype):
     require_backend("triton")
-    wide = torch.randn(3, 1500).to(dtype)[:, 3:1006]           # row stride 1500, offset start
+    wide = dev(torch.randn(3, 1500)).to(dtype)[:, 3:1006]           # row stride 1500, offset start
     assert not wide.is_contiguous() and wide.stride(1) == 1
     out = safe_topk(wide, 7, backend="triton")
     assert_matches_reference(out, wide, 7)
-    reward = torch.randn(1003, 3).to(dtype).t()                 # transposed reward (made row-wise)
-    step = torch.randn(3, 2 * 1003).to(dtype)[:, ::2]           # column stride 2 (made contiguous)
+    reward = dev(torch.randn(1003, 3)).to(dtype).t()                 # transposed reward (made row-wise)
+    step = dev(torch.randn(3, 2 * 1003)).to(dtype)[:, ::2]           # column stride 2 (made contiguous)
     kw = dict(dense_reward=reward, reward_weight=0.5, temperature=1.3)
     out = safe_topk(step, 7, backend="triton", **kw)
     assert_matches_reference(out, step, 7, **kw)
@@ -197,7 +209,7 @@ def test_nan_and_inf_logits():
     allowed = torch.ones(4, 200, dtype=torch.bool)
     allowed[2, 9] = False                                    # a banned NaN does not matter
     allowed[3, 3] = False
-    mask = pack_bitmask(allowed)
+    logits, mask = dev(logits, pack_bitmask(allowed))
     for out in (safe_topk(logits, 4, banned_bitmask=mask, backend="triton"),
                 run_forced(logits, 4, banned_bitmask=mask, block_v=32, n_splits=3, block_c=8)):
         assert torch.isnan(out.logsumexp[0]) and not torch.isnan(out.logsumexp[1:]).any()
@@ -205,7 +217,7 @@ def test_nan_and_inf_logits():
         assert 5 not in out.indices[0].tolist() and out.indices[0, 0].item() == 6
         assert not torch.isnan(out.values).any()
         assert_matches_reference(out, logits, 4, exact_ids=True, banned_bitmask=mask)
-    nan_row = torch.full((1, 40), float("nan"))                # nothing finite: -inf fill, NaN lse
+    nan_row = dev(torch.full((1, 40), float("nan")))                # nothing finite: -inf fill, NaN lse
     out = safe_topk(nan_row, 3, backend="triton")
     assert out.indices[0].tolist() == [0, 1, 2] and torch.isnan(out.logsumexp[0])
 
@@ -215,17 +227,18 @@ def test_logsumexp_across_splits_is_exact():
     logits = torch.randn(2, 4000) * 20
     logits[0, 3999] = 80.0                                    # max in the last split
     logits[1, :2000] = float("-inf")                          # first splits have nothing finite
+    logits = dev(logits)
     out = run_forced(logits, 5, block_v=256, n_splits=4)
     assert torch.allclose(out.logsumexp, torch.logsumexp(logits, 1), rtol=1e-6, atol=1e-5)
     assert_matches_reference(out, logits, 5, exact_ids=True)
     part = logits[:, 1800:2700]                               # row 1: 200 -inf, then finite
     out_all = safe_topk(part, 900, backend="triton")          # k = V: the whole distribution
-    assert torch.allclose(out_all.logprobs().exp().sum(1), torch.ones(2), atol=1e-4)
+    assert torch.allclose(out_all.logprobs().exp().sum(1), dev(torch.ones(2)), atol=1e-4)
 
 
 def test_dispatcher_uses_triton_kernels():
     require_backend("triton")
-    logits, kw = make_inputs(3, 333, torch.bfloat16, OPTIONS)
+    logits, kw = make_inputs(3, 333, torch.bfloat16, OPTIONS, device=DEVICE)
     inp = validate_safe_topk(logits, 9, **kw)
     vals, idx, lse = _kernels().safe_topk_triton(inp)
     out = safe_topk(logits, 9, backend="triton", **kw)
