@@ -35,6 +35,11 @@ def check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: s
 
 
 def check_real(name: str, value, *, positive: bool = False) -> float:
+    """Check that ``value`` is a finite real number (> 0 when ``positive``); returns it as float."""
+    if type(value) is float or type(value) is int:      # the common case, without the ABC checks
+        value = float(value)
+        if math.isfinite(value) and (value > 0 or not positive):
+            return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -58,6 +63,9 @@ def check_int(name: str, value, minimum: int | None = None) -> int:
 
 
 def check_k(k, vocab_size: int) -> int:
+    """Check that ``k`` is an int with ``1 <= k <= vocab_size``."""
+    if type(k) is int and 1 <= k <= vocab_size:
+        return k
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     k = int(k)
@@ -99,7 +107,8 @@ def validate_safe_topk(logits, k, *, bias_table=None, positions=None, bias_scale
         table = bias_table.reshape(1, V) if bias_table.dim() == 1 else bias_table
         if table.shape[0] < 1:
             raise ValueError(f"bias_table: expected at least one row, got shape {_shape(bias_table)}")
-        table = table.to(torch.float32).contiguous()
+        if table.dtype != torch.float32 or not table.is_contiguous():
+            table = table.to(torch.float32).contiguous()
         L = table.shape[0]
         if positions is None:
             if L > 1:
@@ -118,7 +127,9 @@ def validate_safe_topk(logits, k, *, bias_table=None, positions=None, bias_scale
                 if positions.shape[0] != B:
                     raise ValueError(f"positions: expected shape [B] = [{B}], got {_shape(positions)}")
                 pos = positions.to(torch.int64)
-            pos = pos.clamp(0, L - 1).contiguous()
+            pos = pos.clamp(0, L - 1)
+            if not pos.is_contiguous():
+                pos = pos.contiguous()
 
     mask = None
     if banned_bitmask is not None:
