@@ -34,6 +34,8 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from .ops.validate import token_rows
+
 __all__ = ["SafetyReward", "CandidateReward", "DenseReward", "SequenceClassifierReward", "CausalLMDenseReward",
            "ProfanityReward", "CallableReward", "load_reward", "FORMS"]
 
@@ -70,17 +72,6 @@ def _check_context(context_tokens) -> int:
     if isinstance(context_tokens, bool) or not isinstance(context_tokens, numbers.Integral) or context_tokens < 1:
         raise ValueError(f"context_tokens: expected an int >= 1, got {context_tokens!r}")
     return int(context_tokens)
-
-
-def _tails(histories, context_tokens: int) -> list[list[int]]:
-    out = []
-    for i, h in enumerate(histories):
-        if isinstance(h, torch.Tensor):
-            h = h.tolist()
-        if not isinstance(h, (list, tuple)):
-            raise TypeError(f"histories[{i}]: expected a list of token ids, got {type(h).__name__}")
-        out.append(list(h[-context_tokens:]))
-    return out
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +292,7 @@ class SequenceClassifierReward:
         if B == 0:
             return torch.zeros(0, k, device=out_device)
         dev = _device_of(self.model)
-        tails = _tails(histories, self.context_tokens)
+        tails = token_rows("histories", histories, self.context_tokens)
         cands = candidate_ids.tolist()
         if self.tokenizer is None:
             if self.reuse_prefix:
@@ -404,7 +395,7 @@ class CausalLMDenseReward:
             _, _, logits = self._prefix.advance(rows, dev)          # incremental while nothing is cut
         else:
             self._prefix.reset()
-            tails = _tails(rows, self.context_tokens)
+            tails = token_rows("histories", rows, self.context_tokens)
             pad = getattr(self.model.config, "pad_token_id", None)
             ids, mask = _left_pad(tails, pad if isinstance(pad, int) else 0, dev)
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -454,7 +445,7 @@ class ProfanityReward:
         B, k = candidate_ids.shape
         if len(histories) != B:
             raise ValueError(f"histories: expected {B} rows (one per candidate row), got {len(histories)}")
-        tails = _tails(histories, self.context_tokens)
+        tails = token_rows("histories", histories, self.context_tokens)
         texts = tokenizer.batch_decode([t + [c] for t, cs in zip(tails, candidate_ids.tolist()) for c in cs],
                                        skip_special_tokens=True)
         return self.score_texts(texts).reshape(B, k).to(candidate_ids.device)

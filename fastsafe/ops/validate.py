@@ -157,3 +157,40 @@ def validate_safe_topk(logits, k, *, bias_table=None, positions=None, bias_scale
     return SafeTopKInputs(logits=logits, k=k, bias_table=table, positions=pos, bias_scale=bias_scale,
                           banned_bitmask=mask, dense_reward=reward, reward_weight=reward_weight,
                           temperature=temperature)
+
+
+def token_rows(name: str, histories, tail: int | None = None) -> list[list[int]]:
+    """Token-id histories (``[B, T]`` integer tensor, or a list of int lists / 1-D tensors) as python
+    lists, each cut to its last ``tail`` tokens when ``tail`` is given; errors name ``name``.
+
+    Example:
+        >>> token_rows("histories", [[1, 2, 3], torch.tensor([4, 5])], tail=2)
+        [[2, 3], [4, 5]]
+    """
+    if isinstance(histories, torch.Tensor):
+        check_history_tensor(name, histories)
+        h = histories
+        if tail is not None:
+            h = h[:, max(0, h.shape[1] - tail):] if tail > 0 else h[:, :0]
+        return h.tolist()
+    if isinstance(histories, (list, tuple)):
+        rows = []
+        for i, r in enumerate(histories):
+            if isinstance(r, torch.Tensor):
+                r = r.tolist()
+            if not isinstance(r, (list, tuple)):
+                raise TypeError(f"{name}[{i}]: expected a list of token ids, got {type(r).__name__}")
+            if tail is not None:
+                r = r[max(0, len(r) - tail):] if tail > 0 else []
+            rows.append(list(r))
+        return rows
+    raise TypeError(f"{name}: expected a [B, T] integer tensor or a list of lists of ints, "
+                    f"got {type(histories).__name__}")
+
+
+def check_history_tensor(name: str, t: torch.Tensor) -> None:
+    """Check that ``t`` is a 2-D integer tensor of token ids."""
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [B, T] tensor, got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")

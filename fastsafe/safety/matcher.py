@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from fastsafe.ops.bitmask import ban_tokens_, full_bitmask
+from fastsafe.ops.validate import check_history_tensor, token_rows
 
 from .events import SafetyEvent
 from .normalize import deleet_forms, entity_forms, is_word_char, light_normalize, normalize_text
@@ -270,36 +271,6 @@ def _encode_variants(tokenizer, variants: list[str]) -> tuple[np.ndarray, np.nda
         first = np.cumsum(cnt) - cnt
         lens = np.add.reduceat(u_lens[su], first)
     return u_flat[idx], lens
-
-
-def _as_rows(name: str, histories, tail: int | None = None) -> list[list[int]]:
-    """histories ([B, T] int tensor or list of int lists) -> list of python lists (last ``tail`` tokens)."""
-    if isinstance(histories, torch.Tensor):
-        _check_history_tensor(name, histories)
-        h = histories
-        if tail is not None:
-            h = h[:, max(0, h.shape[1] - tail):] if tail > 0 else h[:, :0]
-        return h.tolist()
-    if isinstance(histories, (list, tuple)):
-        rows = []
-        for i, r in enumerate(histories):
-            if isinstance(r, torch.Tensor):
-                r = r.tolist()
-            if not isinstance(r, (list, tuple)):
-                raise TypeError(f"{name}[{i}]: expected a list of token ids, got {type(r).__name__}")
-            if tail is not None:
-                r = r[max(0, len(r) - tail):] if tail > 0 else []
-            rows.append(list(r))
-        return rows
-    raise TypeError(f"{name}: expected a [B, T] integer tensor or a list of lists of ints, "
-                    f"got {type(histories).__name__}")
-
-
-def _check_history_tensor(name: str, t: torch.Tensor) -> None:
-    if t.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D [B, T] tensor, got shape {tuple(t.shape)}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
 
 
 def _gather_seqs(flat: np.ndarray, lens: np.ndarray, starts: np.ndarray, seq_ids: np.ndarray):
@@ -592,13 +563,13 @@ class PhraseMatcher:
         """histories -> (rev [B, D] int64 numpy, last D tokens backwards; lengths [B])."""
         D = self._max_prefix
         if isinstance(histories, torch.Tensor):
-            _check_history_tensor(name, histories)
+            check_history_tensor(name, histories)
             B, T = histories.shape
             d = min(D, T)
             h = histories[:, T - d:].flip(1) if d else histories[:, :0]
             rev = h.to("cpu", torch.int64).numpy()
             return rev, np.full(B, d, np.int64)
-        rows = _as_rows(name, histories, D)
+        rows = token_rows(name, histories, D)
         rev = np.zeros((len(rows), D), np.int64)
         lengths = np.zeros(len(rows), np.int64)
         for b, r in enumerate(rows):
@@ -799,9 +770,9 @@ class PhraseMatcher:
             >>> allowed, events = m.check_candidates(input_ids, topk_ids)   # doctest: +SKIP
         """
         device = candidate_ids.device if isinstance(candidate_ids, torch.Tensor) else torch.device("cpu")
-        cands = _as_rows("candidate_ids", candidate_ids)
+        cands = token_rows("candidate_ids", candidate_ids)
         need = max(self.max_phrase_chars + 1, self.regex_window if self._regexes else 0)
-        rows = _as_rows("histories", histories, 4 * need + 16)
+        rows = token_rows("histories", histories, 4 * need + 16)
         if len(rows) != len(cands):
             raise ValueError(f"candidate_ids: expected {len(rows)} rows (one per history), got {len(cands)}")
         k = max((len(c) for c in cands), default=0)
