@@ -85,15 +85,24 @@ def masked_dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
 
     with torch.no_grad():
         rc, rr = beta * chosen_ratio, beta * rejected_ratio
-        zero = torch.zeros((), dtype=rc.dtype, device=rc.device)
-        lp_c = (wc.to(rc.dtype) * torch.where(wc != 0, policy_chosen_logps.to(rc.dtype), zero)).sum(-1)
-        lp_r = (wr.to(rc.dtype) * torch.where(wr != 0, policy_rejected_logps.to(rc.dtype), zero)).sum(-1)
-        metrics = {
-            "rewards/chosen": metric(rc.mean()),
-            "rewards/rejected": metric(rr.mean()),
-            "rewards/accuracies": metric((rc > rr).float().mean()),
-            "rewards/margins": metric((rc - rr).mean()),
-            "logps/chosen": metric(lp_c.mean()),
-            "logps/rejected": metric(lp_r.mean()),
-        }
+        metrics = pair_metrics(rc, rr, policy_chosen_logps, policy_rejected_logps, wc, wr, rc.dtype)
     return loss, metrics
+
+
+def pair_metrics(rc: torch.Tensor, rr: torch.Tensor, policy_chosen_logps: torch.Tensor,
+                 policy_rejected_logps: torch.Tensor, wc: torch.Tensor, wr: torch.Tensor,
+                 dtype: torch.dtype) -> Dict[str, float]:
+    """The metrics DPO trainers log, from the implicit rewards ``rc``, ``rr`` ``[N]``: rewards/chosen,
+    rewards/rejected, rewards/accuracies, rewards/margins, and logps/chosen, logps/rejected (the
+    weighted sums ``sum_t w_t * logp_t`` in ``dtype``, positions with ``w_t == 0`` left out)."""
+    zero = torch.zeros((), dtype=dtype, device=rc.device)
+    lp_c = (wc.to(dtype) * torch.where(wc != 0, policy_chosen_logps.to(dtype), zero)).sum(-1)
+    lp_r = (wr.to(dtype) * torch.where(wr != 0, policy_rejected_logps.to(dtype), zero)).sum(-1)
+    return {
+        "rewards/chosen": metric(rc.mean()),
+        "rewards/rejected": metric(rr.mean()),
+        "rewards/accuracies": metric((rc > rr).float().mean()),
+        "rewards/margins": metric((rc - rr).mean()),
+        "logps/chosen": metric(lp_c.mean()),
+        "logps/rejected": metric(lp_r.mean()),
+    }

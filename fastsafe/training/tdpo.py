@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import acc_dtype, check_logps, check_pair_inputs, check_real, metric
-from .losses_dpo import weighted_logratio
+from .losses_dpo import pair_metrics, weighted_logratio
 
 __all__ = ["tdpo_loss", "TDPO_VARIANTS"]
 
@@ -77,17 +77,10 @@ def tdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
 
     with torch.no_grad():
         rc, rr = beta * (ratio_c + seq_kl_c), beta * (ratio_r + seq_kl_r)
-        lp_c = (wc.to(acc) * torch.where(wc != 0, policy_chosen_logps.to(acc), zero)).sum(-1)
-        lp_r = (wr.to(acc) * torch.where(wr != 0, policy_rejected_logps.to(acc), zero)).sum(-1)
-        metrics = {
-            "rewards/chosen": metric(rc.mean()),
-            "rewards/rejected": metric(rr.mean()),
-            "rewards/accuracies": metric((rc > rr).float().mean()),
-            "rewards/margins": metric((rc - rr).mean()),
+        metrics = pair_metrics(rc, rr, policy_chosen_logps, policy_rejected_logps, wc, wr, acc)
+        metrics.update({
             "kl/chosen": metric(seq_kl_c.mean()),
             "kl/rejected": metric(seq_kl_r.mean()),
             "kl": metric(0.5 * (seq_kl_c.mean() + seq_kl_r.mean())),
-            "logps/chosen": metric(lp_c.mean()),
-            "logps/rejected": metric(lp_r.mean()),
-        }
+        })
     return loss, metrics
