@@ -23,7 +23,6 @@ Example:
 """
 from __future__ import annotations
 
-import inspect
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch
 
 from .config import SafetyConfig
 from .models import check_vocab, context_length
+from .models_cache import accepts, cache_kwargs, output_cache
 from .ops import choose, safe_topk
 from .processor import _fit_bitmask
 
@@ -128,13 +128,6 @@ def _id_list(value) -> list[int]:
     if isinstance(value, numbers.Integral):
         return [int(value)]
     return [int(x) for x in value]
-
-
-def _accepts(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _check_prob(name: str, value, lo: float, hi: float, lo_open: bool) -> float:
@@ -271,11 +264,11 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
     reward = config.resolve_reward()
     tsdi = config.tsdi
     table = None
-    kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    kw = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
 
     out = model(input_ids=ids, attention_mask=mask if has_pad else None, position_ids=pos, use_cache=True, **kw)
     logits = out.logits[:, -1, :]
-    past = out.past_key_values
+    past = output_cache(model, out)
     Vl = logits.shape[-1]
     if V is not None and V != Vl:
         V = Vl
@@ -402,9 +395,9 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
         if has_pad:
             act_mask = torch.cat([act_mask, act_mask.new_ones(act_mask.shape[0], 1)], dim=1)
         out = model(input_ids=nxt_t.unsqueeze(1), attention_mask=act_mask if has_pad else None,
-                    position_ids=last_pos.unsqueeze(1), past_key_values=past, use_cache=True, **kw)
+                    position_ids=last_pos.unsqueeze(1), use_cache=True, **cache_kwargs(model, past), **kw)
         logits = out.logits[:, -1, :]
-        past = out.past_key_values
+        past = output_cache(model, out)
 
     gen = torch.full((B, steps), pad_token_id, dtype=torch.long)
     for r in range(B):

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import numbers
 import os
@@ -34,6 +33,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from .models_cache import accepts, cache_argument, cache_kwargs, output_cache
 from .ops.validate import token_rows
 
 __all__ = ["SafetyReward", "CandidateReward", "DenseReward", "SequenceClassifierReward", "CausalLMDenseReward",
@@ -74,22 +74,21 @@ def _check_context(context_tokens) -> int:
     return int(context_tokens)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: list[list[int]], pad_id: int, device, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, T]`` ids and attention mask of ``rows`` padded on ``side`` with ``pad_id``."""
     T = max(1, max((len(r) for r in rows), default=1))
     ids = torch.full((len(rows), T), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for b, r in enumerate(rows):
         if r:
-            ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[b, T - len(r):] = 1
+            cols = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+            ids[b, cols] = torch.tensor(r, dtype=torch.long)
+            mask[b, cols] = 1
     return ids.to(device), mask.to(device)
 
 
-def _accepts(module, name: str) -> bool:
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pad(rows, pad_id, device, "left")
 
 
 def _device_of(model) -> torch.device:
@@ -236,7 +235,7 @@ class SequenceClassifierReward:
         score = getattr(model, "score", None)
         self._base = base if isinstance(base, torch.nn.Module) else None
         self._causal = (self._base is not None and isinstance(score, torch.nn.Linear)
-                        and _accepts(self._base, "past_key_values") and _accepts(self._base, "position_ids"))
+                        and cache_argument(self._base) is not None and accepts(self._base, "position_ids"))
         if reuse_prefix not in ("auto", True, False):
             raise ValueError(f"reuse_prefix: expected 'auto', True or False, got {reuse_prefix!r}")
         if reuse_prefix is True and (tokenizer is not None or not self._causal):
@@ -261,8 +260,9 @@ class SequenceClassifierReward:
         return int(pid) if isinstance(pid, int) else 0
 
     def _prefix_forward(self, ids, mask, pos, past):
-        out = self._base(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-        return None, out.past_key_values
+        out = self._base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **cache_kwargs(self._base, past))
+        return None, output_cache(self._base, out)
 
     def reset(self) -> None:
         """Drop the cached prefix (it is rebuilt automatically when histories do not continue it)."""
@@ -275,10 +275,10 @@ class SequenceClassifierReward:
         """
         full_mask = mask if prefix_mask is None else torch.cat([prefix_mask, mask], dim=1)
         pos = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
-        out = self._base(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=past,
-                         use_cache=use_cache)
+        out = self._base(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=use_cache,
+                         **cache_kwargs(self._base, past))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.model.score(hidden[:, -1, :]), getattr(out, "past_key_values", None)
+        return self.model.score(hidden[:, -1, :]), output_cache(self._base, out) if use_cache else None
 
     @torch.no_grad()
     def score_candidates(self, histories, candidate_ids, tokenizer=None) -> torch.Tensor:
@@ -313,10 +313,13 @@ class SequenceClassifierReward:
                                               prefix_mask=mask.repeat_interleave(k, 0), use_cache=True)
             else:
                 seqs = [t + [c] for t, cs in zip(tails, cands) for c in cs]
-                ids, mask = _left_pad(seqs, self._pad_id(), dev)
                 if self._causal:
+                    ids, mask = _left_pad(seqs, self._pad_id(), dev)
                     logits, _ = self._last_logits(ids, mask)
                 else:
+                    # the model's own pooling: right padding keeps absolute positions (GPT-2, BERT)
+                    # and a first-token pooler where they are without padding
+                    ids, mask = _pad(seqs, self._pad_id(), dev, "right")
                     logits = self.model(input_ids=ids, attention_mask=mask).logits
         else:
             if tokenizer is None:
@@ -368,15 +371,15 @@ class CausalLMDenseReward:
         self.context_tokens = _check_context(context_tokens)
         from .models import logits_vocab_size
         self.vocab_size = logits_vocab_size(model)
-        self._keep = _accepts(model, "logits_to_keep")
+        self._keep = accepts(model, "logits_to_keep")
         pad = getattr(model.config, "pad_token_id", None)
         self._prefix = _PrefixCache(self._forward, pad if isinstance(pad, int) else 0)
 
     def _forward(self, ids, mask, pos, past):
         kw = {"logits_to_keep": 1} if self._keep else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                         use_cache=True, **kw)
-        return out.logits[:, -1, :], out.past_key_values
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **cache_kwargs(self.model, past), **kw)
+        return out.logits[:, -1, :], output_cache(self.model, out)
 
     def reset(self) -> None:
         """Drop the cached KV state (rebuilt automatically when histories do not continue it)."""

@@ -8,6 +8,10 @@ import os
 import pytest
 import torch
 
+from tests import deprecations
+
+deprecations.install()        # deprecations triggered by fastsafe's own calls fail (see pyproject filterwarnings)
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter
 
