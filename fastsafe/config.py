@@ -46,8 +46,10 @@ class SafetyConfig:
             normalisation) and/or token-id lists (banned verbatim, exactly like
             ``NoBadWordsLogitsProcessor(bad_words_ids=...)``).
         regexes: regular expressions checked at text level on the top-k candidates.
-        store: a :class:`fastsafe.RiskEntityStore` or the path of an existing one; followed live
-            (a new store version is picked up between decoding steps).
+        store: a :class:`fastsafe.RiskEntityStore` or the path of an existing one; followed live:
+            a change committed before decoding step ``t`` starts is in force at step ``t`` (with the
+            default ``poll_interval=0``). Store entities that cannot be compiled for the model's
+            vocabulary are skipped with a warning (the matcher's ``skipped``); the rest stay in force.
         tsdi: a :class:`fastsafe.TSDIBias` (or the path of a bias file); its row for the current
             response position is subtracted from the logits, times ``tsdi_scale``.
         tsdi_scale: multiplier of the bias.
@@ -64,7 +66,8 @@ class SafetyConfig:
             tokenizer's EOS. The emission is reported as an ``"all_banned_fallback"`` event.
         report_token_bans: report a ``"token_ban"`` event when a row's most likely token was
             banned by the token-level automaton (costs one argmax over ``[B, V]`` per step).
-        poll_interval: seconds between risk-store version checks.
+        poll_interval: seconds between risk-store version checks (default 0: before every step, one
+            indexed SQLite read; a positive value delays a change by up to that long).
         matcher_options: extra keyword arguments for ``PhraseMatcher.build`` (e.g.
             ``word_boundaries=False``).
     """
@@ -82,7 +85,7 @@ class SafetyConfig:
     on_event: Callable | None = None
     fallback_token_id: int | None = None
     report_token_bans: bool = True
-    poll_interval: float = 0.5
+    poll_interval: float = 0.0
     matcher_options: dict = field(default_factory=dict)
     _matchers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -372,23 +372,37 @@ def test_live_matcher_swaps_atomically_while_a_generator_runs(tmp_path):
     assert live.version == store.version()
 
 
-def test_live_matcher_background_rebuild_and_bad_entity_keeps_old(tmp_path):
+def test_live_matcher_delta_then_background_merge_and_bad_entity_is_skipped(tmp_path):
     tok = tiny_tokenizer()
     store = RiskEntityStore(tmp_path / "bg.db")
     store.add("fox")
-    live = LiveMatcher(store, tok, poll_interval=0.0, background=True)
-    v0 = live.version
+    live = LiveMatcher(store, tok)                          # defaults: poll every call, background merge
     first = live.current()
-    store.add("dog")
-    assert live.wait_for(store.version(), timeout=30)
-    m = live.current()
-    assert m is not first and m.version == store.version() > v0
     dog = tok.encode(" dog", add_special_tokens=False)[-1]
-    assert dog in m.banned_tokens([1])
-    # a rebuild that fails (token id outside this vocabulary) keeps the last good matcher
-    store.add([len(tok) + 100], kind="token_ids")
-    live.refresh(block=True)
-    assert live.current() is m and isinstance(live.last_error, ValueError)
+    cat = tok.encode(" lazy", add_special_tokens=False)[-1]
+    fox = tok.encode(" fox", add_special_tokens=False)[-1]
+    store.add("dog")
+    m = live.current()                                      # in force at once (delta beside the base)
+    assert m is not first and m.version == store.version() and live.last_update_s is not None
+    assert {dog, fox} <= m.banned_tokens([1])
+    assert live.wait_merged(60)
+    merged = live.current()
+    assert isinstance(merged, PhraseMatcher) and merged.version == store.version()
+    assert {dog, fox} <= merged.banned_tokens([1])
+    # an entity this vocabulary cannot hold is skipped and reported; everything else stays in force
+    with pytest.warns(RuntimeWarning, match=r"not enforced.*outside the vocabulary"):
+        store.add([len(tok) + 100], kind="token_ids")
+        m2 = live.current()
+    assert m2.version == store.version() and live.last_error is None
+    assert [(x.entity.phrase, "outside the vocabulary" in x.reason) for x in live.skipped] == \
+        [(str(len(tok) + 100), True)]
+    store.add("lazy")                                       # later updates are not blocked by it
+    assert {cat, dog, fox} <= live.current().banned_tokens([1])
+    store.remove("dog")                                     # removals too
+    assert dog not in live.current().banned_tokens([1]) and fox in live.current().banned_tokens([1])
+    assert live.wait_merged(60)
+    assert dog not in live.current().banned_tokens([1]) and cat in live.current().banned_tokens([1])
+    assert [x.entity.phrase for x in live.skipped] == [str(len(tok) + 100)]
 
 
 def test_incremental_rebuild_equals_fresh_build():

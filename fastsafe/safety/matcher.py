@@ -30,7 +30,9 @@ import re
 import threading
 import time
 import unicodedata
+import warnings
 import weakref
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Sequence
 
@@ -42,10 +44,11 @@ from fastsafe.ops.validate import check_history_tensor, token_rows
 
 from .events import SafetyEvent
 from .normalize import deleet_forms, entity_forms, is_word_char, light_normalize, normalize_text
-from .store import RiskEntity, _check_phrase
+from .regex import compile_regex
+from .store import RiskEntity
 from .token_index import TokenIndex, _ranges
 
-__all__ = ["PhraseMatcher", "LiveMatcher", "phrase_variants"]
+__all__ = ["PhraseMatcher", "LiveMatcher", "SkippedEntity", "phrase_variants"]
 
 _REPLACEMENT = "\ufffd"
 _START_ASCII = re.compile(r"\b\w|[^\w\s]", re.ASCII)    # word starts and punctuation (ASCII text)
@@ -54,6 +57,34 @@ _START_ASCII = re.compile(r"\b\w|[^\w\s]", re.ASCII)    # word starts and punctu
 @lru_cache(maxsize=65536)
 def _word(ch: str) -> bool:
     return is_word_char(ch)
+
+
+@dataclass(frozen=True)
+class SkippedEntity:
+    """An entity a matcher could not compile for its tokenizer / vocabulary, and why.
+
+    Every other entity stays in force (fail closed per entity); ``fastsafe entities check`` lists these.
+
+    Example:
+        >>> m = PhraseMatcher.build(None, entities=[RiskEntity(7, "99999 5", "token_ids")], vocab_size=10,
+        ...                         skip_invalid=True, warn=False)
+        >>> m.skipped[0].entity.id, m.skipped[0].reason
+        (7, 'token ids [99999] outside the vocabulary [0, 10)')
+    """
+
+    entity: RiskEntity
+    reason: str
+
+    def __str__(self) -> str:
+        e = self.entity
+        return f"entity id={e.id} {e.kind} {e.phrase[:80]!r}: {self.reason}"
+
+
+def _warn_skipped(items: list) -> None:
+    shown = "; ".join(str(x) for x in items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
+    warnings.warn(f"fastsafe: {len(items)} risk entit{'y' if len(items) == 1 else 'ies'} not enforced (cannot be "
+                  f"compiled for this tokenizer/vocabulary; every other entity is in force; see "
+                  f"`fastsafe entities check`): {shown}", RuntimeWarning, stacklevel=3)
 
 
 def phrase_variants(phrase: str, _deleet: list[str] | None = None) -> list[str]:
@@ -320,13 +351,53 @@ class PhraseMatcher:
             ban_tokens_(self._base_cpu, sorted(index.static))
         self._base_np = self._base_cpu.numpy()
         self._texts = _token_texts(tokenizer) if (text_map or regexes) and tokenizer is not None else None
+        self.skipped: list[SkippedEntity] = []     # set by build (entities left out, with the reason)
+        self._skipped_idx: frozenset = frozenset()
+        self._singles = (np.zeros(0, np.int64), np.zeros(0, np.int64))   # (token, entity) of 1-token sequences
+        self._n_config = 0                         # entities[:_n_config] came from the build arguments
+        self._seq_hash = np.zeros(0, np.uint64)    # hash of every banned sequence (sorted), and its entity
+        self._seq_val = np.zeros(0, np.int64)
+        self._by_id: dict | None = None            # store id -> entity indices (lazy, for LiveMatcher)
+        self._by_norm: dict | None = None          # normalised phrase -> entity indices (lazy)
+
+    # ------------------------------------------------------------------ masks (for LiveMatcher)
+    def _indices_of_ids(self, ids) -> set[int]:
+        """Indices of the store entities (not the build arguments) with these store ids."""
+        if self._by_id is None:
+            by: dict = {}
+            for i in range(self._n_config, len(self.entities)):
+                by.setdefault(self.entities[i].id, []).append(i)
+            self._by_id = by
+        return {i for x in ids for i in self._by_id.get(x, ())}
+
+    def _collateral(self, drop: set[int]) -> set[int]:
+        """Entities outside ``drop`` that share a banned token sequence or a normalised text with one in
+        it (the automaton keeps one owner per sequence / text, so masking ``drop`` would unban them too)."""
+        out: set[int] = set()
+        if len(self._seq_hash) and drop:
+            mine = self._seq_hash[np.isin(self._seq_val, np.fromiter(drop, np.int64, len(drop)))]
+            if len(mine):
+                out.update(self._seq_val[np.isin(self._seq_hash, mine)].tolist())
+        if self._text_map and drop:
+            if self._by_norm is None:
+                by: dict = {}
+                for i, e in enumerate(self.entities):
+                    if e.kind == "phrase" and e.phrase in self._forms and i not in self._skipped_idx:
+                        by.setdefault(self._forms[e.phrase][0], []).append(i)
+                self._by_norm = by
+            for i in drop:
+                e = self.entities[i]
+                if e.kind == "phrase" and e.phrase in self._forms:
+                    out.update(self._by_norm.get(self._forms[e.phrase][0], ()))
+        return out - drop - set(self._skipped_idx)
 
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, tokenizer, phrases: Iterable = (), *, token_id_phrases: Iterable = (), regexes: Iterable = (),
               entities: Iterable[RiskEntity] | None = None, vocab_size: int | None = None,
               eos_token_id=None, word_boundaries: bool = True, regex_window: int = 200,
-              version=None, reuse: "PhraseMatcher | None" = None) -> "PhraseMatcher":
+              version=None, reuse: "PhraseMatcher | None" = None, skip_invalid: bool = False,
+              warn: bool = True) -> "PhraseMatcher":
         """Build a matcher.
 
         Args:
@@ -348,10 +419,21 @@ class PhraseMatcher:
             version: stored on the matcher (``LiveMatcher`` passes the store version).
             reuse: a previous matcher of the same tokenizer whose phrase tokenisations are reused
                 (makes incremental rebuilds fast).
+            skip_invalid: fail closed *per entity* for the ``entities`` rows: one that cannot be
+                compiled for this tokenizer / vocabulary (token ids ``>= V``, a regex the
+                linear-time engine rejects, a phrase empty after normalisation or tokenisation,
+                an unknown kind) is left out and listed in :attr:`skipped` with the reason, and
+                every other entity is in force. The ``phrases`` / ``token_id_phrases`` /
+                ``regexes`` arguments always raise (they are the caller's own configuration).
+            warn: with ``skip_invalid``, also ``warnings.warn`` once per build naming the skipped rows.
+
+        Regexes run on RE2 (:mod:`fastsafe.safety.regex`): linear time in the text, whatever the
+        pattern; a compiled ``re.Pattern`` is re-compiled from its pattern (``re.IGNORECASE`` kept).
 
         Raises:
             ValueError: an entity empty after normalisation or tokenisation (named), a token id
-                outside ``[0, V)``, an invalid regex or one that matches the empty string.
+                outside ``[0, V)``, an invalid regex or one that matches the empty string (for the
+                ``entities`` rows only when ``skip_invalid`` is False).
 
         Example:
             >>> m = PhraseMatcher.build(None, token_id_phrases=[[5, 7], [3]], vocab_size=10)
@@ -394,20 +476,26 @@ class PhraseMatcher:
             ents.append(RiskEntity(0, " ".join(str(int(t)) for t in seq), "token_ids", source="config"))
         if isinstance(regexes, (str, re.Pattern)):
             regexes = [regexes]
-        compiled_given: dict[str, re.Pattern] = {}
         for r in regexes:
             pat = r.pattern if isinstance(r, re.Pattern) else r
             if not isinstance(pat, str):
                 raise TypeError(f"regexes: expected str or compiled patterns, got {type(r).__name__}")
-            if isinstance(r, re.Pattern):
-                compiled_given[pat] = r
+            if isinstance(r, re.Pattern) and r.flags & re.IGNORECASE:
+                pat = "(?i)" + pat
             ents.append(RiskEntity(0, pat, "regex", source="config"))
+        n_config = len(ents)                 # ents[:n_config] raise on errors; the rest may be skipped
         if entities is not None:
             for e in entities:
                 if not isinstance(e, RiskEntity):
                     raise TypeError(f"entities: expected RiskEntity items, got {type(e).__name__}")
                 if e.active:
                     ents.append(e)
+        skipped: dict[int, str] = {}         # entity index -> reason
+
+        def fail(i: int, reason: str) -> None:
+            if i < n_config or not skip_invalid:
+                raise ValueError(f"entity {ents[i].phrase!r}: {reason}")
+            skipped.setdefault(i, reason)
 
         # ---- phrases: text map and the entity that owns each distinct phrase
         text_map: dict[str, int] = {}
@@ -420,14 +508,16 @@ class PhraseMatcher:
                 continue
             f = forms_in.get(e.phrase)
             if f is None:
-                f = entity_forms(e.phrase.strip())
+                try:
+                    f = entity_forms(e.phrase.strip())
+                except Exception as exc:  # noqa: BLE001 - any text a store holds must not stop the build
+                    fail(i, f"cannot be normalised ({type(exc).__name__}: {exc})")
+                    continue
             forms[e.phrase] = f
             norm, deleet[e.phrase] = f
             if not norm:
-                raise ValueError(f"entity {e.phrase!r}: empty after normalisation (nothing to match)")
-            old = text_map.get(norm)
-            if old is None or ents[old].severity < e.severity:
-                text_map[norm] = i
+                fail(i, "empty after normalisation (nothing to match)")
+                continue
             old = phrase_owner.get(e.phrase)
             if old is None or ents[old].severity < e.severity:
                 phrase_owner[e.phrase] = i
@@ -450,8 +540,21 @@ class PhraseMatcher:
         nonempty = new_lens > 0
         new_count = np.bincount(owner[nonempty], minlength=len(new_phrases))
         if len(new_phrases) and (new_count == 0).any():
-            bad = new_phrases[int(np.nonzero(new_count == 0)[0][0])]
-            raise ValueError(f"entity {bad!r}: tokenises to nothing with this tokenizer")
+            empty = {new_phrases[j] for j in np.nonzero(new_count == 0)[0].tolist()}
+            for i, e in enumerate(ents):
+                if e.kind == "phrase" and e.phrase in empty:
+                    fail(i, "tokenises to nothing with this tokenizer")
+            for p in empty:
+                del phrase_owner[p]
+            keep_p = [j for j, p in enumerate(new_phrases) if p not in empty]
+            new_phrases = [new_phrases[j] for j in keep_p]
+            new_count = new_count[keep_p]
+        for i, e in enumerate(ents):             # the text map: every phrase entity still in force
+            if e.kind == "phrase" and i not in skipped:
+                norm = forms[e.phrase][0]
+                old = text_map.get(norm)
+                if old is None or ents[old].severity < e.severity:
+                    text_map[norm] = i
         new_lens = new_lens[nonempty]               # drop empty tokenisations (flat is unaffected)
 
         # ---- assemble CSR arrays: reused phrases first, then new ones
@@ -489,25 +592,26 @@ class PhraseMatcher:
         regex_list = []
         for i, e in enumerate(ents):
             if e.kind == "token_ids":
-                seq = e.token_ids()
+                try:
+                    seq = e.token_ids()
+                except ValueError:
+                    fail(i, "expected space-separated token ids")
+                    continue
                 bad = [t for t in seq if t < 0 or t >= vocab_size]
-                if bad:
-                    raise ValueError(f"entity {e.phrase!r}: token ids {bad} outside the vocabulary [0, {vocab_size})")
+                if not seq or bad:
+                    fail(i, f"token ids {bad} outside the vocabulary [0, {vocab_size})" if bad else "no token ids")
+                    continue
                 tid_seqs.append(seq)
                 tid_vals.append(i)
             elif e.kind == "regex":
-                pat = compiled_given.get(e.phrase)
-                if pat is None:
-                    try:
-                        _check_phrase(e.phrase, "regex")
-                    except ValueError as exc:
-                        raise ValueError(f"entity {e.phrase!r}: {exc}") from None
-                    pat = re.compile(e.phrase)
-                elif pat.search("") is not None:
-                    raise ValueError(f"entity {e.phrase!r}: regular expression matches the empty string")
+                try:
+                    pat = compile_regex(e.phrase)
+                except (ValueError, TypeError) as exc:
+                    fail(i, str(exc).removeprefix("phrase: "))
+                    continue
                 regex_list.append((pat, i))
             elif e.kind != "phrase":
-                raise ValueError(f"entity {e.phrase!r}: unknown kind {e.kind!r}")
+                fail(i, f"unknown kind {e.kind!r}")
 
         # ---- filter phrase variants the model cannot emit; add token-id sequences; drop [eos]
         flat, lens, vals = ph_flat, ph_lens, ph_vals
@@ -536,11 +640,24 @@ class PhraseMatcher:
                 vals = vals[keep]
         sev = np.asarray([e.severity for e in ents], np.float64)
         index = TokenIndex.from_arrays(flat, lens, vals, sev[vals] if len(vals) else np.zeros(0))
+        single = np.nonzero(lens == 1)[0]
+        singles = (flat[(np.cumsum(lens) - 1)[single]].astype(np.int64), vals[single].astype(np.int64))
         if len(variants) > 50000:
             _release_memory()
-        return cls(tokenizer=tokenizer, vocab_size=vocab_size, entities=ents, index=index, text_map=text_map,
-                   regexes=regex_list, word_boundaries=word_boundaries, regex_window=regex_window,
-                   phrase_cache=phrase_cache, num_sequences=len(lens), version=version, forms=forms)
+        skipped_list = [SkippedEntity(ents[i], why) for i, why in sorted(skipped.items())]
+        if skipped_list and warn:
+            _warn_skipped(skipped_list)
+        m = cls(tokenizer=tokenizer, vocab_size=vocab_size, entities=ents, index=index, text_map=text_map,
+                regexes=regex_list, word_boundaries=word_boundaries, regex_window=regex_window,
+                phrase_cache=phrase_cache, num_sequences=len(lens), version=version, forms=forms)
+        m.skipped = skipped_list
+        m._skipped_idx = frozenset(skipped)
+        m._singles = singles
+        m._n_config = n_config
+        h = _seq_hashes(flat, lens)
+        order = np.argsort(h, kind="stable")
+        m._seq_hash, m._seq_val = h[order], vals[order].astype(np.int64)
+        return m
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -599,11 +716,20 @@ class PhraseMatcher:
         """
         if device is None:
             device = histories.device if isinstance(histories, torch.Tensor) else torch.device("cpu")
+        res = torch.from_numpy(self._bitmask_np(histories))
+        return res if torch.device(device).type == "cpu" else res.to(device)
+
+    def _bitmask_np(self, histories, drop: np.ndarray | None = None, static_np: np.ndarray | None = None):
+        """``[B, W]`` int32 numpy allowed-bits; ``drop``: entity indices whose sequences are ignored (their
+        single-token bans must already be left out of ``static_np``, see :meth:`_static_np`)."""
         rev, lengths = self._rev("histories", histories)
         B = rev.shape[0]
-        out = np.repeat(self._base_np[None, :], B, axis=0)
+        out = np.repeat((self._base_np if static_np is None else static_np)[None, :], B, axis=0)
         if self._index.num_prefixes and B:
-            rows, toks, _ = self._index.completions(*self._index.hits(rev, lengths))
+            rows, toks, vals = self._index.completions(*self._index.hits(rev, lengths))
+            if drop is not None and len(drop) and len(rows):
+                keep = ~np.isin(vals, drop)
+                rows, toks = rows[keep], toks[keep]
             if len(rows):
                 V = self.vocab_size
                 W = out.shape[1]
@@ -612,8 +738,16 @@ class PhraseMatcher:
                 clear = np.bincount(r * W + t // 32, weights=np.left_shift(1, t % 32).astype(np.float64),
                                     minlength=B * W).astype(np.int64)   # distinct bits: sum == OR
                 out &= ~clear.astype(np.uint32).view(np.int32).reshape(B, W)
-        res = torch.from_numpy(out)
-        return res if torch.device(device).type == "cpu" else res.to(device)
+        return out
+
+    def _static_np(self, drop: np.ndarray) -> np.ndarray:
+        """``[W]`` allowed-bits of the single-token bans, without those of the entities in ``drop``."""
+        toks, vals = self._singles
+        base = full_bitmask(self.vocab_size)
+        keep = toks[~np.isin(vals, drop)] if len(toks) else toks
+        if len(keep):
+            ban_tokens_(base, sorted(set(keep.tolist())))
+        return base.numpy()
 
     def banned_tokens(self, history: Sequence[int]) -> set[int]:
         """The set of tokens banned after one history (static ones included); for tests and debugging."""
@@ -624,7 +758,7 @@ class PhraseMatcher:
             s.update(toks.tolist())
         return s
 
-    def explain_token_ban(self, history, token_id: int) -> RiskEntity | None:
+    def explain_token_ban(self, history, token_id: int, _drop=None) -> RiskEntity | None:
         """Which entity bans ``token_id`` after ``history`` (None if it is not banned).
 
         Returns the entity of the highest severity among the variants that apply.
@@ -633,12 +767,18 @@ class PhraseMatcher:
             history = history.reshape(-1).tolist()
         token_id = int(token_id)
         found = []
-        if token_id in self._index.static:
-            found.append(self._index.static[token_id])
+        if _drop is None:
+            if token_id in self._index.static:
+                found.append(self._index.static[token_id])
+        else:
+            st, sv = self._singles
+            found.extend(sv[st == token_id].tolist())
         if self._index.num_prefixes:
             rev, lengths = self._rev("history", [list(history)])
             _, toks, vals = self._index.completions(*self._index.hits(rev, lengths))
             found.extend(vals[toks == token_id].tolist())
+        if _drop is not None:
+            found = [j for j in found if j not in _drop]
         if not found:
             return None
         return self.entities[max(found, key=lambda j: self.entities[j].severity)]
@@ -685,7 +825,7 @@ class PhraseMatcher:
             return [m.start() for m in _START_ASCII.finditer(text, lo, hi)]
         return [i for i in range(lo, hi) if text[i] != " " and (i == 0 or not _word(text[i]) or not _word(text[i - 1]))]
 
-    def _piece_info(self, pn: str, ctx: str):
+    def _piece_info(self, pn: str, ctx: str, drop=None):
         """For a candidate's normalised text ``pn`` after a tail ending like ``ctx``:
         (entity index of an occurrence inside the piece or None, the piece as appended,
         valid end offsets ``q`` such that an entity may end after ``pn[:q]``)."""
@@ -693,7 +833,7 @@ class PhraseMatcher:
             pn = pn[1:]
         text = ctx + pn
         t0 = len(ctx)
-        hit = self._match_text(text, t0, [])
+        hit = self._match_text(text, t0, [], drop)
         L = len(text)
         wb = self.word_boundaries
         ends = tuple(e - t0 for e in range(t0 + 1, L + 1) if text[e - 1] != " " and
@@ -713,7 +853,7 @@ class PhraseMatcher:
                 out.append(st)
         return out
 
-    def _match_text(self, text: str, t0: int, tail_starts: list[int] | None = None):
+    def _match_text(self, text: str, t0: int, tail_starts: list[int] | None = None, drop=None):
         """Entity index of a new occurrence ending after position ``t0`` in normalised ``text``, or None.
 
         ``tail_starts``: precomputed :meth:`_starts` of ``text[:t0]`` (entries >= t0 are ignored).
@@ -741,18 +881,20 @@ class PhraseMatcher:
                     break
                 if (e - st) in lengths:
                     j = tmap.get(text[st:e])
-                    if j is not None:
+                    if j is not None and (drop is None or j not in drop):
                         return j
         return None
 
-    def _match_regex(self, text: str, t0: int):
+    def _match_regex(self, text: str, t0: int, drop=None):
         for pat, j in self._regexes:
+            if drop is not None and j in drop:
+                continue
             for m in pat.finditer(text):
                 if m.end() > t0 and m.end() > m.start():
                     return j
         return None
 
-    def check_candidates(self, histories, candidate_ids) -> tuple[torch.Tensor, list[SafetyEvent]]:
+    def check_candidates(self, histories, candidate_ids, *, _drop=None) -> tuple[torch.Tensor, list[SafetyEvent]]:
         """Text-level check of the top-k candidates.
 
         Args:
@@ -812,26 +954,31 @@ class PhraseMatcher:
                     if self._text_map:
                         full = normalize_text(full_raw)
                         t0 = _common_prefix(full, tail_norm)
-                        hit = self._match_text(full, t0, tail_starts)
+                        hit = self._match_text(full, t0, tail_starts, _drop)
                         rule = "text_match"
                     if hit is None and self._regexes:
                         lfull = light_normalize(full_raw)
                         t0 = _common_prefix(lfull, light_normalize(tail_raw))
                         cut = max(0, len(lfull) - self.regex_window - (len(lfull) - t0))
-                        hit = self._match_regex(lfull[cut:], t0 - cut)
+                        hit = self._match_regex(lfull[cut:], t0 - cut, _drop)
                         rule = "regex"
                 else:
                     hit = None
                     if self._text_map:
-                        info = piece_cache.get((c, ctx))
-                        if info is None:
-                            info = self._piece_info(texts.norm[c], ctx)
-                            piece_cache[(c, ctx)] = info
+                        if _drop is not None:        # a masked view: no cache (hits differ)
+                            info = self._piece_info(texts.norm[c], ctx, _drop)
+                        else:
+                            info = piece_cache.get((c, ctx))
+                            if info is None:
+                                info = self._piece_info(texts.norm[c], ctx)
+                                piece_cache[(c, ctx)] = info
                         hit, pn, ends = info
                         if hit is None and suffixes and ends:
                             for suf in suffixes:
                                 for q in ends:
                                     hit = tmap.get(suf + pn[:q])
+                                    if hit is not None and _drop is not None and hit in _drop:
+                                        hit = None
                                     if hit is not None:
                                         break
                                 if hit is not None:
@@ -841,7 +988,7 @@ class PhraseMatcher:
                         pl = texts.light[c]
                         if pl.startswith(" ") and tail_light.endswith(" "):
                             pl = pl[1:]
-                        hit = self._match_regex(tail_light + pl, len(tail_light))
+                        hit = self._match_regex(tail_light + pl, len(tail_light), _drop)
                         rule = "regex"
                 if hit is not None:
                     allowed[b][j] = False
@@ -849,6 +996,22 @@ class PhraseMatcher:
                     events.append(SafetyEvent(step=-1, row=b, token_id=int(c), token_text=piece, rule=rule,
                                               entity=e.phrase, category=e.category, severity=e.severity))
         return torch.tensor(allowed, dtype=torch.bool, device=device).reshape(len(cands), k), events
+
+
+def _seq_hashes(flat: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each CSR sequence (equal sequences, equal hashes)."""
+    n = len(lens)
+    h = np.full(n, np.uint64(len(lens) and 0x2545F4914F6CDD1D), np.uint64)
+    if n == 0:
+        return h
+    starts = np.cumsum(lens) - lens
+    with np.errstate(over="ignore"):
+        h = h ^ lens.astype(np.uint64)
+        for d in range(int(lens.max())):
+            sel = lens > d
+            tok = flat[starts[sel] + d].astype(np.uint64) + np.uint64(1)
+            h[sel] = ((h[sel] * np.uint64(0x9E3779B97F4A7C15)) ^ tok) * np.uint64(0xBF58476D1CE4E5B9)
+    return h
 
 
 def _context_char(tail: str) -> str:
@@ -881,23 +1044,110 @@ def _common_prefix(a: str, b: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # live matcher
 # ---------------------------------------------------------------------------------------------
+class _MatcherView:
+    """A base :class:`PhraseMatcher` with some of its entities masked, plus a small delta matcher.
+
+    What :meth:`LiveMatcher.current` returns between a change and the background merge: the
+    entities changed since the base was built are masked out of it (``drop``: entity indices,
+    with the ones that share a token sequence or normalised text with them, which the delta
+    re-adds), and the delta holds the active changed rows. Same interface as ``PhraseMatcher``
+    for the decoding loops (``banned_bitmask``, ``check_candidates``, ``explain_token_ban``, ...).
+    """
+
+    def __init__(self, base: PhraseMatcher, delta: PhraseMatcher, drop: set[int], version: int):
+        self.base, self.delta = base, delta
+        self.version = version
+        self.vocab_size = base.vocab_size
+        self.tokenizer = base.tokenizer
+        self._drop = frozenset(drop)
+        self._drop_arr = np.fromiter(sorted(drop), np.int64, len(drop))
+        self._static = base._static_np(self._drop_arr) if drop else None
+        self.max_phrase_tokens = max(base.max_phrase_tokens, delta.max_phrase_tokens)
+        self.max_phrase_chars = max(base.max_phrase_chars, delta.max_phrase_chars)
+        self.skipped = [x for x in base.skipped] + list(delta.skipped)
+
+    @property
+    def entities(self) -> list[RiskEntity]:
+        return [e for i, e in enumerate(self.base.entities) if i not in self._drop] + list(self.delta.entities)
+
+    def __len__(self) -> int:
+        return len(self.base.entities) - len(self._drop) + len(self.delta.entities)
+
+    @property
+    def has_text_rules(self) -> bool:
+        return self.base.has_text_rules or self.delta.has_text_rules
+
+    @property
+    def num_regexes(self) -> int:
+        return self.base.num_regexes + self.delta.num_regexes
+
+    def __repr__(self) -> str:
+        return f"_MatcherView(base={self.base!r}, masked={len(self._drop)}, delta={self.delta!r})"
+
+    def banned_bitmask(self, histories, *, device=None) -> torch.Tensor:
+        """As :meth:`PhraseMatcher.banned_bitmask` (bans of the base without the masked entities, AND the delta)."""
+        if device is None:
+            device = histories.device if isinstance(histories, torch.Tensor) else torch.device("cpu")
+        out = self.base._bitmask_np(histories, self._drop_arr if self._drop else None, self._static)
+        out &= self.delta._bitmask_np(histories)
+        res = torch.from_numpy(out)
+        return res if torch.device(device).type == "cpu" else res.to(device)
+
+    def banned_tokens(self, history: Sequence[int]) -> set[int]:
+        from fastsafe.ops.bitmask import unpack_bitmask
+        allowed = unpack_bitmask(self.banned_bitmask([list(history)]), self.vocab_size)[0]
+        return set((~allowed).nonzero().flatten().tolist())
+
+    def explain_token_ban(self, history, token_id: int) -> RiskEntity | None:
+        hit = self.delta.explain_token_ban(history, token_id)
+        return hit if hit is not None else self.base.explain_token_ban(history, token_id, _drop=self._drop)
+
+    def check_candidates(self, histories, candidate_ids) -> tuple[torch.Tensor, list[SafetyEvent]]:
+        """As :meth:`PhraseMatcher.check_candidates`: a candidate must pass the masked base and the delta."""
+        allowed, events = self.base.check_candidates(histories, candidate_ids, _drop=self._drop or None)
+        if self.delta.has_text_rules:
+            cands = candidate_ids if isinstance(candidate_ids, torch.Tensor) else torch.as_tensor(
+                token_rows("candidate_ids", candidate_ids), dtype=torch.long)
+            rest = torch.where(allowed.to(cands.device), cands, torch.full_like(cands, -1))
+            ok2, ev2 = self.delta.check_candidates(histories, rest)
+            allowed = allowed & ok2.to(allowed.device)
+            events = events + ev2
+        return allowed, events
+
+
 class LiveMatcher:
-    """Follows a :class:`RiskEntityStore`: rebuilds the :class:`PhraseMatcher` when the store's
-    version changes and swaps it in atomically (a single reference assignment).
+    """Follows a :class:`RiskEntityStore`: every change committed before a call to :meth:`current`
+    is in force in the matcher that call returns.
+
+    Freshness (the rule the tests check, with the default settings): an add, update or remove
+    committed before decoding step ``t`` starts is in force at step ``t``. Each :meth:`current`
+    reads the store version (one indexed SQLite read, ``poll_interval=0``); when it moved, the
+    rows changed since the base matcher was built are read (:meth:`RiskEntityStore.changes_since`)
+    and compiled into a small *delta* matcher (milliseconds for a few entities), checked beside the
+    base, whose copies of the changed entities are masked out (removals are this mask). A full
+    rebuild (reusing the base's tokenisations) then runs in a background thread and replaces
+    base + delta when done. A large import is compiled in that call too (the step waits for it).
+
+    Fail closed, per entity: an entity that cannot be compiled for this tokenizer / vocabulary
+    is skipped, listed in :attr:`skipped` with the reason and warned about once; every other
+    entity and every later update stays in force.
 
     Args:
         store: the store to follow.
         tokenizer: as for :meth:`PhraseMatcher.build`.
-        extra_phrases, extra_token_id_phrases, extra_regexes: entities not in the store.
-        poll_interval: seconds between version checks in :meth:`current` (0 = every call).
-        background: rebuild in a background thread (``current`` keeps returning the previous
-            matcher until the new one is complete); False rebuilds synchronously inside
-            ``current``, so a change is in force from the very next call.
+        extra_phrases, extra_token_id_phrases, extra_regexes: entities not in the store (errors raise).
+        poll_interval: seconds between version checks in :meth:`current` (default 0: every call;
+            a positive value delays changes by up to that long).
+        background: merge in a background thread (default); False rebuilds the whole matcher
+            synchronously inside ``current`` instead of using a delta.
+        on_skip: optional callback called once with each newly skipped :class:`SkippedEntity`.
         **build_kwargs: passed to :meth:`PhraseMatcher.build` (``vocab_size``, ``eos_token_id``, ...).
 
     Attributes:
-        version: the store version of the matcher :meth:`current` returns.
-        last_error: the exception of the last failed rebuild (the previous matcher stays in force).
+        version: the store version the matcher :meth:`current` returns reflects.
+        skipped: the entities not in force (:class:`SkippedEntity`).
+        last_error: the last exception reading the store or building (the last good matcher stays).
+        last_update_s: seconds the last change took from being seen to being in force.
 
     Example:
         >>> live = LiveMatcher(store, tok)                 # doctest: +SKIP
@@ -905,7 +1155,7 @@ class LiveMatcher:
     """
 
     def __init__(self, store, tokenizer, *, extra_phrases=(), extra_token_id_phrases=(), extra_regexes=(),
-                 poll_interval: float = 0.5, background: bool = True, **build_kwargs):
+                 poll_interval: float = 0.0, background: bool = True, on_skip=None, **build_kwargs):
         self.store = store
         self.tokenizer = tokenizer
         self.extra_phrases = list(extra_phrases)
@@ -913,83 +1163,153 @@ class LiveMatcher:
         self.extra_regexes = list(extra_regexes)
         self.poll_interval = float(poll_interval)
         self.background = bool(background)
+        self.on_skip = on_skip
+        build_kwargs.pop("skip_invalid", None)
+        build_kwargs.pop("warn", None)
         self.build_kwargs = build_kwargs
         self.last_error: Exception | None = None
-        self._failed_version: int | None = None
-        self._thread: threading.Thread | None = None
+        self.last_update_s: float | None = None
+        self._reported: set = set()
+        self._lock = threading.RLock()          # one update / swap at a time
+        self._merge_thread: threading.Thread | None = None
+        self._merge_done = threading.Condition()
         self._last_poll = time.monotonic()
-        self._changed = threading.Condition()
-        self._matcher = self._build()      # errors in the first build propagate
+        self._base = self._full_build(None)     # errors other than per-entity ones propagate
+        self._view = self._base
+        self._report(self._base.skipped)
 
+    # ------------------------------------------------------------------ state
     @property
     def version(self) -> int:
-        return self._matcher.version
+        return self._view.version
 
-    def _build(self, prev: PhraseMatcher | None = None) -> PhraseMatcher:
+    @property
+    def skipped(self) -> list[SkippedEntity]:
+        return list(self._view.skipped)
+
+    def _report(self, items) -> None:
+        new = [x for x in items if (x.entity.id, x.entity.phrase, x.reason) not in self._reported]
+        if not new:
+            return
+        self._reported.update((x.entity.id, x.entity.phrase, x.reason) for x in new)
+        _warn_skipped(new)
+        if self.on_skip is not None:
+            for x in new:
+                self.on_skip(x)
+
+    def _full_build(self, prev: PhraseMatcher | None) -> PhraseMatcher:
         v, ents = self.store.snapshot()
-        return PhraseMatcher.build(self.tokenizer, self.extra_phrases, token_id_phrases=self.extra_token_id_phrases,
-                                   regexes=self.extra_regexes, entities=ents, version=v, reuse=prev,
-                                   **self.build_kwargs)
+        m = PhraseMatcher.build(self.tokenizer, self.extra_phrases, token_id_phrases=self.extra_token_id_phrases,
+                                regexes=self.extra_regexes, entities=ents, version=v, reuse=prev,
+                                skip_invalid=True, warn=False, **self.build_kwargs)
+        m._indices_of_ids(())                  # build the id map here, not in a decoding step
+        return m
 
-    def _rebuild(self, seen: int) -> None:
-        try:
-            m = self._build(self._matcher)
-            if m.version is not None and (self._matcher.version is None or m.version > self._matcher.version):
-                self._matcher = m          # one reference assignment: readers see old or new, never half
+    def _compose(self, base: PhraseMatcher):
+        """The matcher for the store's current state on top of ``base`` (``base`` itself if unchanged)."""
+        ch = self.store.changes_since(base.version)
+        if ch is None:                         # the store cannot tell (purge): compile everything now
+            return self._full_build(base)
+        v, rows = ch
+        if not rows:
+            if v == base.version:
+                return base
+            m = PhraseMatcher.build(self.tokenizer, entities=(), vocab_size=base.vocab_size, version=v)
+            return _MatcherView(base, m, set(), v)
+        drop = base._indices_of_ids({e.id for e in rows})
+        extra = base._collateral(drop) if drop else set()
+        ents = [e for e in rows if e.active] + [base.entities[i] for i in sorted(extra)]
+        delta = PhraseMatcher.build(self.tokenizer, entities=ents, version=v, reuse=base, skip_invalid=True,
+                                    warn=False, **self.build_kwargs)
+        return _MatcherView(base, delta, drop | extra, v)
+
+    def _update(self) -> None:
+        """Bring the view up to the store's current version (in this thread)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            try:
+                if self.background:
+                    view = self._compose(self._base)
+                else:
+                    view = self._base = self._full_build(self._base)
+            except Exception as exc:  # noqa: BLE001 - keep the last good matcher; report loudly
+                self.last_error = exc
+                warnings.warn(f"fastsafe: risk store {getattr(self.store, 'path', self.store)!r} could not be "
+                              f"read or compiled ({type(exc).__name__}: {exc}); the matcher of version "
+                              f"{self._view.version} stays in force", RuntimeWarning, stacklevel=3)
+                return
+            self._view = view
             self.last_error = None
-        except Exception as exc:  # keep the previous matcher in force; do not retry this version
-            self.last_error = exc
-            self._failed_version = seen
-        finally:
-            with self._changed:
-                self._thread = None
-                self._changed.notify_all()
+            self.last_update_s = time.perf_counter() - t0
+            self._report(view.skipped)
+            if isinstance(view, _MatcherView) and self._merge_thread is None:
+                self._merge_thread = threading.Thread(target=self._merge, name="fastsafe-live-matcher",
+                                                      daemon=True)
+                self._merge_thread.start()
 
-    def refresh(self, *, block: bool = True) -> PhraseMatcher:
-        """Check the store now; rebuild if its version moved (waiting for the build when ``block``)."""
+    def _merge(self) -> None:
+        """Background: rebuild the whole matcher, then swap it in as the new base."""
+        try:
+            while True:
+                base = self._full_build(self._base)
+                with self._lock:
+                    self._base = base
+                    view = self._compose(base)
+                    if view.version >= self._view.version:
+                        self._view = view
+                    self._report(view.skipped)
+                    if not isinstance(view, _MatcherView) or view.version <= base.version:
+                        self._merge_thread = None
+                        return
+        except Exception as exc:  # noqa: BLE001 - the view in force stays; the next change retries
+            self.last_error = exc
+            with self._lock:
+                self._merge_thread = None
+        finally:
+            with self._merge_done:
+                self._merge_done.notify_all()
+
+    # ------------------------------------------------------------------ API
+    def refresh(self, *, block: bool = True) -> "PhraseMatcher | _MatcherView":
+        """Check the store now and bring the matcher up to date; with ``block`` also wait for the
+        background merge (so the result is one fully built :class:`PhraseMatcher`)."""
         self._last_poll = time.monotonic()
         try:
             v = self.store.version()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             self.last_error = exc
-            return self._matcher
-        if v == self._matcher.version or v == self._failed_version:
-            return self._matcher
-        with self._changed:
-            if self._thread is None:
-                if block and not self.background:
-                    self._thread = threading.current_thread()
-                else:
-                    self._thread = threading.Thread(target=self._rebuild, args=(v,),
-                                                    name="fastsafe-live-matcher", daemon=True)
-                    self._thread.start()
-                    if block:
-                        while self._thread is not None:
-                            self._changed.wait()
-                    return self._matcher
-            elif block:
-                while self._thread is not None:
-                    self._changed.wait()
-                return self._matcher
-            else:
-                return self._matcher
-        self._rebuild(v)   # synchronous, in this thread
-        return self._matcher
+            return self._view
+        if v != self._view.version:
+            self._update()
+        if block:
+            self.wait_merged()
+        return self._view
 
-    def current(self) -> PhraseMatcher:
-        """The newest fully built matcher (cheap: a version read at most every ``poll_interval`` s)."""
+    def current(self) -> "PhraseMatcher | _MatcherView":
+        """The matcher in force now: every change committed before this call is in it (see the class doc)."""
         if time.monotonic() - self._last_poll >= self.poll_interval:
-            return self.refresh(block=not self.background)
-        return self._matcher
+            return self.refresh(block=False)
+        return self._view
+
+    def wait_merged(self, timeout: float = 60.0) -> bool:
+        """Wait until no background merge runs (the view is one ``PhraseMatcher``); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._merge_done:
+            while self._merge_thread is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._merge_done.wait(min(left, 0.05))
+        return True
 
     def wait_for(self, version: int, timeout: float = 30.0) -> bool:
-        """Block until the current matcher is built from ``version`` or newer; False on timeout."""
+        """Block until the current matcher reflects ``version`` or newer; False on timeout."""
         deadline = time.monotonic() + timeout
-        while self._matcher.version is None or self._matcher.version < version:
+        while self._view.version is None or self._view.version < version:
             if time.monotonic() > deadline:
                 return False
-            self.refresh(block=True)
-            if self._matcher.version is not None and self._matcher.version >= version:
+            self.refresh(block=False)
+            if self._view.version is not None and self._view.version >= version:
                 break
             time.sleep(0.01)
         return True
