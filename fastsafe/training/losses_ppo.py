@@ -1,4 +1,9 @@
-"""Token-masked PPO clipped surrogate (eq. 9) with an optional KL penalty."""
+"""Token-masked PPO / GRPO clipped surrogates (eq. 9) with an optional KL penalty.
+
+- :func:`masked_ppo_loss`: masked mean over the tokens the mask selects (``sum |M|``).
+- :func:`masked_grpo_loss`: the mask multiplies each token's surrogate; aggregated like TRL's
+  ``GRPOTrainer`` (``loss_type`` grpo, bnpo, dr_grpo, dapo), so an all-ones mask is TRL's loss.
+"""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -8,7 +13,7 @@ import torch
 from ._checks import (acc_dtype, as_weights, check_finite, check_float, check_logps, check_real,
                       check_same_device, metric)
 
-__all__ = ["masked_ppo_loss", "kl_estimate", "masked_mean"]
+__all__ = ["masked_ppo_loss", "masked_grpo_loss", "kl_estimate", "masked_mean", "GRPO_LOSS_TYPES"]
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -130,4 +135,143 @@ def masked_ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
         if entropy_coef != 0:
             loss = loss - entropy_coef * ent_mean
         metrics["entropy"] = metric(ent_mean)
+    return loss, metrics
+
+
+#: Aggregations of :func:`masked_grpo_loss` (the ``loss_type`` names of TRL's ``GRPOTrainer``).
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def masked_grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                     completion_mask: torch.Tensor, token_mask: Optional[torch.Tensor] = None, *,
+                     loss_type: str = "grpo", clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
+                     ratio_max: Optional[float] = None, ref_logps: Optional[torch.Tensor] = None,
+                     beta: float = 0.0, kl_importance_correction: bool = False,
+                     max_completion_length: Optional[int] = None, num_items: Optional[torch.Tensor] = None,
+                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """GRPO clipped surrogate with a signed token mask (eq. 9), aggregated as TRL's ``loss_type``.
+
+    Per completion token (``c_t = completion_mask``, ``M_t = token_mask``, default all ones):
+    ``ratio_t = exp(logps_t - old_logps_t)``;
+    ``s_t = -min(min(ratio_t, ratio_max) * A, clip(ratio_t, 1 - clip_eps, 1 + clip_eps_high) * A)``;
+    ``l_t = M_t * s_t + beta * kl_t`` with the k3 estimate
+    ``kl_t = exp(ref_t - logps_t) - (ref_t - logps_t) - 1`` (times ``ratio_t`` when
+    ``kl_importance_correction``). ``M_t = 1`` keeps the token's push, ``0`` drops it, ``-1``
+    reverses it; the KL penalty is not masked. The token mask does not change the normaliser, so
+    an all-ones mask is exactly TRL's GRPO loss and an all-zero mask (with ``beta=0``) gives 0:
+
+    - ``"grpo"``: ``mean_i(sum_t c l / max(sum_t c, 1))`` (per-sequence mean, then batch mean);
+    - ``"bnpo"``: ``sum c l / max(sum c, 1)``;
+    - ``"dr_grpo"``: ``sum c l / (N * max_completion_length)`` (default ``T``);
+    - ``"dapo"``: ``sum c l / max(num_items, 1)`` (default ``sum c``; TRL passes the token count of
+      the whole generation batch over processes, rescaled to one accumulation window).
+
+    Gradient accumulation is the caller's: divide the loss by the number of micro-batches for
+    ``grpo``/``bnpo``/``dr_grpo``, or pass the window's ``num_items`` for ``dapo``.
+
+    Args:
+        logps: ``[N, T]`` per-token log-probs of the policy (with gradient).
+        old_logps: ``[N, T]`` log-probs of the sampling policy (``logps.detach()`` when on-policy).
+        advantages: ``[N]`` per-completion or ``[N, T]`` per-token advantages (finite).
+        completion_mask: ``[N, T]`` nonzero on completion tokens (padding may hold anything).
+        token_mask: optional ``[N, T]`` finite real mask (``{1, 0, -1}`` from :func:`schmitt_mask`,
+            or any weights); multiplies each token's clipped surrogate.
+        loss_type: one of :data:`GRPO_LOSS_TYPES`.
+        clip_eps, clip_eps_high: clip range ``[1 - clip_eps, 1 + clip_eps_high]`` (``None``: ``clip_eps``).
+        ratio_max: optional upper bound of the unclipped ratio (TRL's two-sided clipping ``delta``).
+        ref_logps, beta: reference log-probs ``[N, T]`` and the KL coefficient (``ref_logps``
+            required when ``beta != 0``).
+        kl_importance_correction: multiply the KL estimate by ``ratio_t`` (with its gradient), as
+            TRL's ``use_bias_correction_kl``.
+        max_completion_length: the ``dr_grpo`` constant (default ``T``).
+        num_items: the ``dapo`` normaliser, a number or 0-d tensor (default ``sum c``).
+
+    Returns:
+        ``(loss, metrics)``; metrics are detached 0-d float32 means over the completion tokens:
+        ``policy_loss`` (the loss without the KL term), ``kl`` (with ``ref_logps``),
+        ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
+        ``mask/positive_fraction``, ``mask/negative_fraction``.
+
+    Example:
+        >>> lp = torch.randn(4, 6, requires_grad=True)
+        >>> mask = torch.tensor([1, 0, -1, 1, 1, 1]).expand(4, 6)
+        >>> loss, m = masked_grpo_loss(lp, lp.detach(), torch.randn(4), torch.ones(4, 6), mask, loss_type="dapo")
+        >>> loss.backward()
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+    check_logps("logps", logps)
+    check_logps("old_logps", old_logps, logps, "logps")
+    check_float("advantages", advantages, ndims=(1, 2))
+    check_same_device("advantages", advantages, logps, "logps")
+    N, T = logps.shape
+    if advantages.shape not in (torch.Size([N]), logps.shape):
+        raise ValueError(f"advantages: expected [N] = [{N}] or [N, T] = {list(logps.shape)}, "
+                         f"got {list(advantages.shape)}")
+    acc = acc_dtype(logps, old_logps, advantages, ref_logps)
+    c = as_weights("completion_mask", completion_mask, logps, "logps") != 0
+    m = None if token_mask is None else as_weights("token_mask", token_mask, logps, "logps").to(acc)
+    clip_eps = check_real("clip_eps", clip_eps)
+    clip_eps_high = clip_eps if clip_eps_high is None else check_real("clip_eps_high", clip_eps_high)
+    if not 0 <= clip_eps < 1 or clip_eps_high < 0:
+        raise ValueError(f"clip_eps: expected 0 <= clip_eps < 1 and clip_eps_high >= 0, "
+                         f"got clip_eps={clip_eps}, clip_eps_high={clip_eps_high}")
+    if ratio_max is not None and check_real("ratio_max", ratio_max) <= 1:
+        raise ValueError(f"ratio_max: expected a number > 1 or None, got {ratio_max}")
+    beta = check_real("beta", beta)
+    if beta != 0 and ref_logps is None:
+        raise ValueError(f"ref_logps: required when beta != 0 (got beta={beta}), got None")
+    if max_completion_length is not None and (isinstance(max_completion_length, bool)
+                                              or not isinstance(max_completion_length, int)
+                                              or max_completion_length < 1):
+        raise ValueError(f"max_completion_length: expected an int >= 1 or None, got {max_completion_length!r}")
+    zero = torch.zeros((), dtype=acc, device=logps.device)
+
+    def clean(x):
+        return torch.where(c, x.to(acc), zero)
+
+    adv = advantages[:, None].expand(N, T) if advantages.dim() == 1 else advantages
+    adv = clean(adv)
+    check_finite("advantages", adv)
+    lp, old = clean(logps), clean(old_logps)
+    ratio = torch.exp(lp - old)
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
+    unclipped = ratio if ratio_max is None else ratio.clamp(max=ratio_max)
+    surrogate = -torch.minimum(unclipped * adv, clipped * adv)
+    if m is not None:
+        surrogate = torch.where(c & (m != 0), m * surrogate, zero)
+    cf = c.to(acc)
+
+    def aggregate(x):
+        if loss_type == "grpo":
+            return ((x * cf).sum(-1) / cf.sum(-1).clamp(min=1)).mean()
+        if loss_type == "bnpo":
+            return (x * cf).sum() / cf.sum().clamp(min=1)
+        if loss_type == "dr_grpo":
+            return (x * cf).sum() / (N * (T if max_completion_length is None else max_completion_length))
+        items = cf.sum() if num_items is None else torch.as_tensor(num_items, dtype=acc, device=logps.device)
+        return (x * cf).sum() / items.clamp(min=1)
+
+    policy_loss = aggregate(surrogate)
+    loss = policy_loss
+    metrics = {}
+    if ref_logps is not None:
+        check_logps("ref_logps", ref_logps, logps, "logps")
+        d = clean(ref_logps) - lp
+        kl = torch.expm1(d) - d
+        if kl_importance_correction:
+            kl = kl * ratio
+        if beta != 0:
+            loss = aggregate(surrogate + beta * kl)
+        metrics["kl"] = metric(masked_mean(kl, cf))
+    with torch.no_grad():
+        low = (ratio < 1 - clip_eps) & (adv < 0)
+        high = (ratio > 1 + clip_eps_high) & (adv > 0)
+        metrics["policy_loss"] = metric(policy_loss)
+        metrics["clip_ratio/low_mean"] = metric(masked_mean(low.to(acc), cf))
+        metrics["clip_ratio/high_mean"] = metric(masked_mean(high.to(acc), cf))
+        metrics["clip_ratio/region_mean"] = metric(masked_mean((low | high).to(acc), cf))
+        sign = cf if m is None else torch.where(c, m, zero)
+        metrics["mask/positive_fraction"] = metric(masked_mean((sign > 0).to(acc), cf))
+        metrics["mask/negative_fraction"] = metric(masked_mean((sign < 0).to(acc), cf))
     return loss, metrics

@@ -8,10 +8,10 @@ from torch import nn
 
 from ._checks import as_weights, check_float, check_logps, check_real, check_same_device, check_tensor
 from .losses_dpo import masked_dpo_loss
-from .losses_ppo import KL_ESTIMATORS, masked_ppo_loss
+from .losses_ppo import GRPO_LOSS_TYPES, KL_ESTIMATORS, masked_grpo_loss, masked_ppo_loss
 from .token_logps import TOKEN_LOGPS_BACKENDS, token_logps
 
-__all__ = ["FusedLinearMaskedDPOLoss", "FusedLinearMaskedPPOLoss"]
+__all__ = ["FusedLinearMaskedDPOLoss", "FusedLinearMaskedPPOLoss", "FusedLinearMaskedGRPOLoss"]
 
 
 def _check_common(ignore_index, temperature, chunk_size, backend):
@@ -149,3 +149,58 @@ class FusedLinearMaskedPPOLoss(_FusedBase):
         return masked_ppo_loss(lp, old_logps, advantages, w, clip_eps=self.clip_eps,
                                clip_eps_high=self.clip_eps_high, ref_logps=ref, kl_coef=self.kl_coef,
                                kl_estimator=self.kl_estimator, entropy=entropy, entropy_coef=self.entropy_coef)
+
+
+class FusedLinearMaskedGRPOLoss(_FusedBase):
+    """Masked GRPO from hidden states: ``token_logps`` (fused) + :func:`masked_grpo_loss`.
+
+    Args (constructor): ``loss_type``, ``clip_eps``, ``clip_eps_high``, ``ratio_max``, ``beta``,
+    ``kl_importance_correction``, ``max_completion_length`` as in :func:`masked_grpo_loss`;
+    ``ignore_index``, ``temperature``, ``chunk_size``, ``backend`` as in :func:`token_logps`.
+
+    ``forward(hidden [N, T, H], weight [V, H], targets [N, T], advantages [N] | [N, T],
+    token_mask=None [N, T], bias=None, *, old_logps=None, ref_hidden=None, ref_weight=None,
+    ref_bias=None, ref_logps=None, num_items=None) -> (loss, metrics)``. The completion tokens are
+    the targets other than ``ignore_index``; ``old_logps=None`` means on-policy (the policy's own
+    detached log-probs). The reference (needed when ``beta != 0``) is ``ref_logps`` or is computed
+    from ``ref_hidden`` without gradient. Only the logits of completion tokens are computed.
+
+    Example:
+        >>> loss_fn = FusedLinearMaskedGRPOLoss(loss_type="dapo")
+        >>> loss, metrics = loss_fn(h, lm_head.weight, completion_targets, advantages, schmitt_mask(r, 0.1))
+        >>> loss.backward()
+    """
+
+    def __init__(self, loss_type: str = "grpo", clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
+                 ratio_max: Optional[float] = None, beta: float = 0.0, kl_importance_correction: bool = False,
+                 max_completion_length: Optional[int] = None, ignore_index: int = -100, temperature: float = 1.0,
+                 chunk_size: Optional[int] = None, backend: Optional[str] = None):
+        super().__init__(ignore_index, temperature, chunk_size, backend)
+        if loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+        self.loss_type = loss_type
+        self.clip_eps = check_real("clip_eps", clip_eps)
+        self.clip_eps_high = None if clip_eps_high is None else check_real("clip_eps_high", clip_eps_high)
+        self.ratio_max = None if ratio_max is None else check_real("ratio_max", ratio_max)
+        self.beta = check_real("beta", beta)
+        self.kl_importance_correction = bool(kl_importance_correction)
+        self.max_completion_length = max_completion_length
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                advantages: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None, *, old_logps: Optional[torch.Tensor] = None,
+                ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
+                ref_bias: Optional[torch.Tensor] = None, ref_logps: Optional[torch.Tensor] = None,
+                num_items=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        check_float("hidden", hidden, ndims=(3,))
+        check_tensor("targets", targets, ndims=(2,))
+        completion = targets != self.ignore_index
+        lp = self._logps(hidden, weight, targets, bias, completion)
+        if old_logps is None:
+            old_logps = lp.detach()
+        ref = self._reference(targets, completion, weight, ref_logps, ref_hidden, ref_weight, ref_bias,
+                              need=self.beta != 0)
+        return masked_grpo_loss(lp, old_logps, advantages, completion, token_mask, loss_type=self.loss_type,
+                                clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high, ratio_max=self.ratio_max,
+                                ref_logps=ref, beta=self.beta, kl_importance_correction=self.kl_importance_correction,
+                                max_completion_length=self.max_completion_length, num_items=num_items)
