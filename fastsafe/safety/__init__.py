@@ -1,6 +1,7 @@
 """Safety components around the kernels: the risk-entity store, phrase matching, normalisation.
 
 >>> from fastsafe.safety import RiskEntityStore, PhraseMatcher, LiveMatcher, SafetyEvent, normalize_text
+>>> from fastsafe.safety import DeviceMatcher     # the same checks as tensor programs on a device
 
 Names load lazily, so the store and the ``fastsafe entities`` command do not import torch.
 """
@@ -14,6 +15,7 @@ _LAZY = {
     "PhraseMatcher": "matcher", "LiveMatcher": "matcher", "phrase_variants": "matcher",
     "normalize_text": "normalize", "light_normalize": "normalize", "deleet_forms": "normalize",
     "TokenIndex": "token_index",
+    "DeviceMatcher": "device_matcher",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,282 @@
+"""The character automaton of the text-level check: folding, the symbol stream, and the DFA.
+
+Text is checked one character at a time, so the result does not depend on how the model split it
+into tokens. Each character is **folded** (:func:`fold_char`): the steps of
+:func:`~fastsafe.safety.normalize.normalize_text` (NFKC, case folding, diacritics and invisible
+characters removed, the hand-written confusables, leetspeak) applied to the character, then
+Unicode's look-alikes (:func:`~fastsafe.safety.confusables.confusable_map`, UTS #39). A folded
+character falls in a **class**: one class per character that occurs in some entity, plus
+``SEP`` (whitespace and the separators ``. - _ * ~ | / \\ + , · •``), ``OTHER_WORD`` and
+``OTHER_NONWORD``.
+
+The classes become a stream of **symbols** (:func:`stream_symbols`, the host reference of what the
+device does):
+
+* a run of separators is one ``SEP`` symbol (so ``"make  a"``, ``"make - a"`` and ``"make_a"``
+  read alike);
+* a word character that follows a non-word character (or the start) is preceded by ``BND``, the
+  word-start mark of the whole-word rule;
+* the 2nd and 3rd repeat of a word character are the symbols ``SQ2`` and ``SQ3`` (further repeats
+  are nothing): ``"boom"`` is ``BND b o SQ2 m``, ``"booom"`` ``BND b o SQ2 SQ3 m``.
+
+Entities become symbol patterns the same way, plus a **spaced** pattern (each character a word of
+its own, ``"b o m b"`` = ``BND b SEP BND o SEP BND m SEP BND b``) for entities of 3 or more
+characters. The DFA is Aho-Corasick over the patterns (:mod:`fastsafe.safety.automaton`) with one
+change: reading ``SQ2``/``SQ3`` where no pattern continues with a repeat keeps the state (the
+repeat is skipped). So an entity letter may be stretched (``"booomb"`` reads as ``"bomb"``),
+while a doubled entity letter still needs two (``"bom"`` never matches ``"boom"``). Every exact
+occurrence is still found (a repeat is only skipped where no pattern could use it).
+
+Whole words: an entity whose first character is a word character starts with ``BND``; one whose
+last character is a word character matches only when the next character is not a word character
+or the text ends there (the device confirms it one character later).
+"""
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .automaton import build_trie, dense_transitions, failure_links, propagate_best
+from .confusables import confusable_map
+from .normalize import is_word_char, normalize_text
+
+__all__ = ["SEPARATORS", "fold_char", "fold_text", "CharAlphabet", "CharAutomaton", "build_char_automaton",
+           "stream_symbols", "OTHER_NONWORD", "OTHER_WORD", "SEP", "BND", "SQ2", "SQ3", "NUM_SPECIAL"]
+
+#: Folded characters that separate letters (a run of them is one ``SEP`` symbol).
+SEPARATORS = frozenset(" .-_*~|/\\+,\u00b7\u2022")
+OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3 = range(6)
+NUM_SPECIAL = 6
+CP_LIMIT = 0x30000            # codepoints folded through a table (above: OTHER_NONWORD)
+_SPACED_MIN = 3               # entities of at least this many characters also match spaced out
+
+
+@lru_cache(maxsize=1 << 16)
+def fold_char(ch: str) -> str:
+    """The folded form of one character (may be empty or several characters).
+
+    Example:
+        >>> fold_char("Б"), fold_char("ｂ"), fold_char("0"), fold_char("\\u200b"), fold_char("ß")
+        ('б', 'b', 'o', '', 'ss')
+    """
+    s = normalize_text(ch)
+    if not s or s.isascii():
+        return s
+    conf = confusable_map()
+    out = []
+    for c in s:
+        t = conf.get(c)
+        out.append(normalize_text(t) if t is not None else c)
+    return "".join(out)
+
+
+def fold_text(text: str) -> str:
+    """``text`` folded character by character (separators kept as they are)."""
+    return "".join(fold_char(c) for c in text)
+
+
+@lru_cache(maxsize=1)
+def _fold_table() -> list[str]:
+    """``fold_char(chr(cp))`` for every codepoint below :data:`CP_LIMIT` (surrogates: ``"\\ufffd"``)."""
+    return [fold_char(chr(cp)) if not 0xD800 <= cp < 0xE000 else "\ufffd" for cp in range(CP_LIMIT)]
+
+
+def _is_word(ch: str) -> bool:
+    return ch != "_" and is_word_char(ch)
+
+
+class CharAlphabet:
+    """Folded character -> class (see the module docstring).
+
+    Args:
+        chars: the folded characters that occur in entities (separators are ignored).
+    """
+
+    def __init__(self, chars):
+        chars = sorted({c for c in chars if c not in SEPARATORS})
+        self.chars = chars
+        self.index = {c: NUM_SPECIAL + i for i, c in enumerate(chars)}
+        self.num_classes = NUM_SPECIAL + len(chars)
+        word = np.zeros(self.num_classes, bool)
+        word[OTHER_WORD] = True
+        for c, i in self.index.items():
+            word[i] = _is_word(c)
+        self.is_word = word
+
+    def cls(self, ch: str) -> int:
+        """Class of one folded character."""
+        if ch in SEPARATORS or ch.isspace():
+            return SEP
+        i = self.index.get(ch)
+        if i is not None:
+            return i
+        return OTHER_WORD if _is_word(ch) else OTHER_NONWORD
+
+    def classes(self, folded: str) -> list[int]:
+        return [self.cls(c) for c in folded]
+
+    def codepoint_classes(self) -> np.ndarray:
+        """``[CP_LIMIT, 2]`` int16: the classes of the first two folded characters of each codepoint (-1: none)."""
+        out = np.full((CP_LIMIT, 2), -1, np.int16)
+        cache: dict[str, tuple[int, int]] = {}
+        for cp, f in enumerate(_fold_table()):
+            if not f:
+                continue
+            r = cache.get(f)
+            if r is None:
+                cl = self.classes(f[:2])
+                r = cache[f] = (cl[0], cl[1] if len(cl) > 1 else -1)
+            out[cp] = r
+        return out
+
+
+def stream_symbols(classes, is_word: np.ndarray, *, word_boundaries: bool = True, prev: int = OTHER_NONWORD,
+                   run: int = 0) -> list[int]:
+    """The symbol stream of a class sequence (host reference of the device's character step).
+
+    Args:
+        classes: character classes in text order.
+        is_word: ``[num_classes]`` bool.
+        word_boundaries: emit ``BND`` word-start marks.
+        prev, run: class of the character before and the length of its run (start of text:
+            ``OTHER_NONWORD``, 0).
+    """
+    out: list[int] = []
+    for c in classes:
+        if c == SEP:
+            if prev != SEP:
+                out.append(SEP)
+            prev, run = SEP, 0
+        elif is_word[c]:
+            if c == prev:
+                run += 1
+                if run == 2:
+                    out.append(SQ2)
+                elif run == 3:
+                    out.append(SQ3)
+                run = min(run, 3)
+            else:
+                if word_boundaries and not is_word[prev]:
+                    out.append(BND)
+                out.append(c)
+                prev, run = c, 1
+        else:
+            out.append(c)
+            prev, run = c, 0
+    return out
+
+
+@dataclass
+class CharAutomaton:
+    """The DFA of the text check (numpy; the device matcher moves it to torch).
+
+    Attributes:
+        delta: ``[S, C]`` int32 transitions (``SQ2``/``SQ3`` skip where no pattern repeats).
+        out_word: ``[S]`` int32 entity of a word-final pattern that ends here (needs a boundary next), -1 none.
+        out_now: ``[S]`` int32 entity of a pattern ending in a non-word character (matches at once), -1 none.
+        alphabet: the classes.
+        num_patterns: patterns in the trie (plain and spaced).
+    """
+
+    delta: np.ndarray
+    out_word: np.ndarray
+    out_now: np.ndarray
+    alphabet: CharAlphabet
+    num_patterns: int
+
+    @property
+    def num_states(self) -> int:
+        return self.delta.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.delta.nbytes + self.out_word.nbytes + self.out_now.nbytes
+
+
+def entity_text(phrase: str) -> str:
+    """The folded text of an entity (whitespace stripped at both ends)."""
+    return fold_text(phrase.strip()).strip()
+
+
+def build_char_automaton(phrases: list[str], values: list[int], priority: list[float], *,
+                         word_boundaries: bool = True, spaced: bool = True) -> CharAutomaton:
+    """Build the DFA of the phrase entities.
+
+    Args:
+        phrases: the entity phrases (as written; folded here).
+        values: entity index of each phrase (reported on a match).
+        priority: e.g. severity; where several entities end at one state the highest wins.
+        word_boundaries: whole-word matching (``BND`` marks and the end check).
+        spaced: also match each entity of 3+ characters spelled with separators between its letters.
+
+    Raises:
+        ValueError: a phrase that folds to nothing, or to separators only (it would match every space).
+    """
+    folded = []
+    for p in phrases:
+        f = entity_text(p)
+        if not f:
+            raise ValueError(f"entity {p!r}: empty after normalisation (nothing to match)")
+        if all(c in SEPARATORS or c.isspace() for c in f):
+            raise ValueError(f"entity {p!r}: only separators after normalisation (it would match every space)")
+        folded.append(f)
+    alpha = CharAlphabet({c for f in folded for c in f})
+    pats: list[list[int]] = []
+    kinds: list[bool] = []
+    pv: list[int] = []
+    pp: list[float] = []
+    seen: set = set()
+    for f, v, pr in zip(folded, values, priority):
+        forms = [f]
+        elems = [c for c in f if c not in SEPARATORS and not c.isspace()]
+        if spaced and len(elems) >= _SPACED_MIN:
+            forms.append(" ".join(elems))
+        for form in forms:
+            cl = alpha.classes(form)
+            while cl and cl[-1] == SEP:        # a trailing separator run: the boundary does the work
+                cl.pop()
+            sym = tuple(stream_symbols(cl, alpha.is_word, word_boundaries=word_boundaries))
+            key = (sym, v)
+            if key in seen:
+                continue
+            seen.add(key)
+            pats.append(list(sym))
+            kinds.append(word_boundaries and bool(alpha.is_word[cl[-1]]))
+            pv.append(v)
+            pp.append(pr)
+    lens = np.asarray([len(p) for p in pats], np.int64)
+    flat = np.asarray([s for p in pats for s in p], np.int64)
+    trie = build_trie(flat, lens, alpha.num_classes)
+    fail = failure_links(trie)
+    delta = dense_transitions(trie, fail)
+    states = np.arange(trie.num_nodes, dtype=np.int32)
+    for sq in (SQ2, SQ3):
+        col = delta[:, sq]
+        delta[:, sq] = np.where(col == 0, states, col)
+    N = trie.num_nodes
+    kinds_a = np.asarray(kinds, bool)
+    outs = []
+    for want in (True, False):
+        own = np.full(N, -1, np.int64)
+        pri = np.full(N, -np.inf)
+        sel = np.nonzero(kinds_a == want)[0]
+        # highest priority per end node (stable: first listed wins ties)
+        order = sel[np.lexsort((sel, -np.asarray(pp)[sel]))] if len(sel) else sel
+        ends = trie.end[order]
+        first = np.unique(ends, return_index=True)[1]
+        own[ends[first]] = np.asarray(pv, np.int64)[order[first]]
+        pri[ends[first]] = np.asarray(pp)[order[first]]
+        outs.append(propagate_best(trie, fail, own, pri).astype(np.int32))
+    return CharAutomaton(delta, outs[0], outs[1], alpha, len(pats))
+
+
+def token_classes(text: str, alphabet: CharAlphabet) -> list[int]:
+    """Classes of a piece of text (folded per character); for tests and the host reference."""
+    return alphabet.classes(fold_text(text))
+
+
+def is_combining(ch: str) -> bool:
+    return bool(unicodedata.combining(ch))

@@ -1,0 +1,533 @@
+"""The device matcher: token bans and the text check as tensor programs, with one state per row.
+
+>>> dm = DeviceMatcher.build(tok, ["make a bomb"], vocab_size=V, device="cuda")   # doctest: +SKIP
+>>> state = dm.state_from_histories(prompt_ids)                                    # doctest: +SKIP
+>>> words = dm.banned_bitmask(state)               # [B, ceil(V/32)] int32, bit 1 = allowed
+>>> ok, entity = dm.check_candidates(state, topk_ids)                               # doctest: +SKIP
+>>> state = dm.advance(state, chosen)                                              # doctest: +SKIP
+
+Two automata, both on the device:
+
+* **token level** (:mod:`~fastsafe.safety.token_automaton`): Aho-Corasick over every banned token
+  sequence (the same sequences as :class:`~fastsafe.safety.PhraseMatcher`, so
+  :meth:`DeviceMatcher.banned_bitmask` equals :meth:`PhraseMatcher.banned_bitmask`, the rule of
+  transformers' ``NoBadWordsLogitsProcessor``);
+* **text level** (:mod:`~fastsafe.safety.char_automaton`): a character DFA over folded text, fed
+  from a ``[V, max_len]`` table of each token's character classes (:mod:`~fastsafe.safety.token_chars`).
+  It catches what ``PhraseMatcher.check_candidates`` catches for any tokenisation of the text, and
+  also letters split by separators (``b.o.m.b``, ``b o m b``, ``b-o-m-b``, ``b_o_m_b``), stretched
+  letters (``booomb``) and Unicode look-alikes (UTS #39).
+
+The state is one ``[B, 6]`` int64 tensor: token state, character state, previous character class,
+its run length, and a partial UTF-8 character (codepoint bits, bytes still needed).
+:meth:`advance`, :meth:`banned_bitmask` and :meth:`check_candidates` read no tensor back to the host
+and have no data-dependent Python control flow, so a step compiles whole
+(``torch.compile(fullgraph=True)``) and can be captured in a CUDA graph. Regex entities are the one
+host part: :meth:`host_regex_check`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .char_automaton import (BND, CP_LIMIT, OTHER_NONWORD, SEP, SQ2, SQ3, build_char_automaton)
+from .store import RiskEntity
+from .token_automaton import build_token_automaton
+from .token_chars import BYTE0, token_slots
+from .token_sequences import banned_sequences
+
+__all__ = ["DeviceMatcher", "STATE_WIDTH"]
+
+#: Columns of the state tensor.
+STATE_WIDTH = 6
+_TOK, _CHR, _PREV, _RUN, _CP, _NEED = range(STATE_WIDTH)
+
+
+def _entities(phrases, token_id_phrases, regexes, entities) -> list[RiskEntity]:
+    """One entity list in PhraseMatcher's order: phrases, token-id phrases, regexes, store entities."""
+    ents: list[RiskEntity] = []
+    if isinstance(phrases, str):
+        raise TypeError("phrases: expected a list of str, got a single str (wrap it in a list)")
+    for p in phrases:
+        if isinstance(p, RiskEntity):
+            ents.append(p)
+        elif isinstance(p, str):
+            ents.append(RiskEntity(0, p, "phrase", source="config"))
+        else:
+            raise TypeError(f"phrases: expected str items, got {type(p).__name__} ({p!r})")
+    for seq in token_id_phrases:
+        if isinstance(seq, torch.Tensor):
+            seq = seq.tolist()
+        if not isinstance(seq, (list, tuple)) or not seq or any(isinstance(t, bool) or not isinstance(t, int) for t in seq):
+            raise ValueError(f"token_id_phrases: expected non-empty lists of ints, got {seq!r}")
+        ents.append(RiskEntity(0, " ".join(str(int(t)) for t in seq), "token_ids", source="config"))
+    if isinstance(regexes, (str, re.Pattern)):
+        regexes = [regexes]
+    for r in regexes:
+        pat = r.pattern if isinstance(r, re.Pattern) else r
+        if not isinstance(pat, str):
+            raise TypeError(f"regexes: expected str or compiled patterns, got {type(r).__name__}")
+        ents.append(RiskEntity(0, pat, "regex", source="config"))
+    if entities is not None:
+        for e in entities:
+            if not isinstance(e, RiskEntity):
+                raise TypeError(f"entities: expected RiskEntity items, got {type(e).__name__}")
+            if e.active:
+                ents.append(e)
+    for e in ents:
+        if e.kind not in ("phrase", "token_ids", "regex"):
+            raise ValueError(f"entity {e.phrase!r}: unknown kind {e.kind!r}")
+    return ents
+
+
+def _eos_ids(tokenizer, eos_token_id) -> set[int]:
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        return {int(x) for x in eos_token_id.reshape(-1).tolist()}
+    if isinstance(eos_token_id, int):
+        return {int(eos_token_id)}
+    return {int(x) for x in eos_token_id}
+
+
+class DeviceMatcher:
+    """Token-level bans and the text-level candidate check, as tables on one device.
+
+    Build with :meth:`build` or :meth:`from_store`; immutable afterwards (a new store version
+    builds a new matcher; :meth:`state_from_histories` gives the rows' states under it).
+
+    Attributes:
+        vocab_size: ``V`` (width of the bitmask: ``ceil(V/32)`` words).
+        device: where the tables live; states and token ids must be there too.
+        entities: the entities (``RiskEntity``), indexed by the entity ids the checks return.
+        version: the store version (None when built from plain lists).
+        word_boundaries: text matches are whole words.
+        max_token_chars: slots per token in the text table (``max_len``).
+    """
+
+    def __init__(self, *, entities, vocab_size, device, tok, char, slots, cp_classes, word_boundaries, version,
+                 regex_matcher):
+        self.entities = entities
+        self.vocab_size = int(vocab_size)
+        self.version = version
+        self.word_boundaries = bool(word_boundaries)
+        self._regex_matcher = regex_matcher
+        dev = torch.device(device)
+        t = lambda a, dt=torch.int64: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=dev)  # noqa: E731
+        W = (self.vocab_size + 31) // 32
+        self._words = W
+        # ---- token level
+        keys = tok.goto_keys if len(tok.goto_keys) else np.asarray([np.iinfo(np.int64).max])
+        self._goto_keys = t(keys)
+        self._goto_next = t(tok.goto_next if len(tok.goto_next) else [0])
+        self._chain_next = t(tok.chain_next)
+        self._chain_depth = int(tok.chain_depth)
+        self._ban_first = t(tok.ban_first)
+        nb = len(tok.ban_next)
+        self._ban_next = t(tok.ban_next if nb else [-1])
+        self._ban_off = t(tok.ban_off if nb else [0])
+        self._ban_cnt = t(tok.ban_cnt if nb else [0])
+        self._heavy_id = t(tok.heavy_id if nb else [-1])
+        self._ban_word = t(np.concatenate([tok.ban_word, [W]]))            # one spare pair: window padding
+        self._ban_mask = t(np.concatenate([tok.ban_mask, [-1]]).astype(np.int32), torch.int32)
+        self._ban_width = int(tok.ban_width)
+        self._ban_depth = int(tok.ban_depth)
+        self._heavy_rows = t(tok.heavy_rows, torch.int32)
+        self._has_heavy = tok.heavy_rows.shape[0] > 1
+        self._base = t(np.concatenate([tok.base, [-1]]).astype(np.int32), torch.int32)   # + the spare word
+        self.num_token_states = tok.num_states
+        self.max_sequence_tokens = tok.max_sequence
+        # ---- text level
+        self._has_text = char is not None
+        if char is not None:
+            self._classes = char.alphabet.num_classes
+            self._delta = t(char.delta.reshape(-1))
+            self._out_word = t(char.out_word)
+            self._out_now = t(char.out_now)
+            self._is_word = torch.as_tensor(char.alphabet.is_word, device=dev)
+            self._slots = t(slots, torch.int32)
+            self._cp0 = t(cp_classes[:, 0])
+            self._cp1 = t(cp_classes[:, 1])
+            self.num_char_states = char.num_states
+            self.alphabet = char.alphabet
+        else:
+            self._classes = 1
+            self.num_char_states = 1
+            self.alphabet = None
+        self.max_token_chars = int(slots.shape[1]) if slots is not None else 0
+        self.device = self._goto_keys.device
+        self._tok_bytes = tok.nbytes
+        self._char_bytes = char.nbytes + slots.nbytes + cp_classes.nbytes if char is not None else 0
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, tokenizer, phrases: Iterable = (), *, vocab_size: int | None = None, device="cpu",
+              token_id_phrases: Iterable = (), regexes: Iterable = (), entities: Iterable[RiskEntity] | None = None,
+              eos_token_id=None, word_boundaries: bool = True, spaced: bool = True, version=None,
+              regex_window: int = 200) -> "DeviceMatcher":
+        """Build the tables and put them on ``device``.
+
+        Args:
+            tokenizer: a Hugging Face tokenizer (``None`` only with token-id phrases alone).
+            phrases: strings or :class:`RiskEntity` (token variants banned, text matched after folding).
+            vocab_size: ``V``; defaults to ``len(tokenizer)``. Use the logits width when the
+                embedding is padded (ids past the tokenizer have no text).
+            device: device of the tables (and of every state and id passed in later).
+            token_id_phrases: id lists banned verbatim (``NoBadWordsLogitsProcessor`` semantics).
+            regexes: patterns checked on the host by :meth:`host_regex_check` only.
+            entities: :class:`RiskEntity` rows (e.g. ``store.entities()``); inactive ones are skipped.
+            eos_token_id: single-token sequences equal to these are never banned (default: the tokenizer's).
+            word_boundaries: text matches must be whole words.
+            spaced: also match entities of 3+ characters spelled with separators between the letters.
+            version: stored on the matcher.
+            regex_window: characters of recent text a regex sees (host path).
+
+        Raises:
+            ValueError: an entity empty after normalisation or that tokenises to nothing, token ids
+                outside ``[0, V)``, a bad ``vocab_size``, a tokenizer whose tokens cannot be decoded.
+
+        Example:
+            >>> dm = DeviceMatcher.build(None, token_id_phrases=[[5, 7], [3]], vocab_size=10)
+            >>> s = dm.advance(dm.initial_state(1), torch.tensor([5]))
+            >>> from fastsafe.ops import unpack_bitmask
+            >>> (~unpack_bitmask(dm.banned_bitmask(s), 10)).nonzero()[:, 1].tolist()
+            [3, 7]
+        """
+        if vocab_size is None:
+            if tokenizer is None:
+                raise ValueError("vocab_size: required when tokenizer is None")
+            vocab_size = len(tokenizer)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+        if vocab_size > (1 << 20):
+            raise ValueError(f"vocab_size: at most {1 << 20} supported, got {vocab_size}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device: expected a torch device, got {device!r}") from exc
+        ents = _entities(phrases, token_id_phrases, regexes, entities)
+        flat, lens, _ = banned_sequences(tokenizer, ents, vocab_size, _eos_ids(tokenizer, eos_token_id))
+        tok = build_token_automaton(flat, lens, vocab_size)
+        owner: dict[str, int] = {}
+        for i, e in enumerate(ents):
+            if e.kind == "phrase":
+                old = owner.get(e.phrase)
+                if old is None or ents[old].severity < e.severity:
+                    owner[e.phrase] = i
+        char = slots = cpc = None
+        if owner:
+            char = build_char_automaton(list(owner), list(owner.values()), [ents[i].severity for i in owner.values()],
+                                        word_boundaries=word_boundaries, spaced=spaced)
+            slots = token_slots(tokenizer, vocab_size, char.alphabet)
+            cpc = char.alphabet.codepoint_classes()
+        regex_matcher = None
+        rx = [e for e in ents if e.kind == "regex"]
+        if rx:
+            from .matcher import PhraseMatcher    # the host reference holds the regex check
+            regex_matcher = PhraseMatcher.build(tokenizer, entities=rx, vocab_size=vocab_size,
+                                                regex_window=regex_window)
+        return cls(entities=ents, vocab_size=vocab_size, device=device, tok=tok, char=char, slots=slots,
+                   cp_classes=cpc, word_boundaries=word_boundaries, version=version, regex_matcher=regex_matcher)
+
+    @classmethod
+    def from_store(cls, store, tokenizer, **kwargs) -> "DeviceMatcher":
+        """Build from a consistent snapshot of a :class:`~fastsafe.safety.RiskEntityStore` (its version is kept).
+
+        ``kwargs`` are those of :meth:`build` (``vocab_size``, ``device``, extra ``phrases`` ...).
+        """
+        version, ents = store.snapshot()
+        extra = kwargs.pop("entities", None) or []
+        return cls.build(tokenizer, entities=list(extra) + list(ents), version=version, **kwargs)
+
+    # ------------------------------------------------------------------ info
+    def __len__(self) -> int:
+        return len(self.entities)
+
+    def __repr__(self) -> str:
+        return (f"DeviceMatcher({len(self.entities)} entities, {self.num_token_states} token states, "
+                f"{self.num_char_states} char states, V={self.vocab_size}, device={self.device})")
+
+    @property
+    def nbytes(self) -> dict:
+        """Memory of the tables in bytes: ``{"token": ..., "text": ..., "total": ...}``."""
+        return {"token": int(self._tok_bytes), "text": int(self._char_bytes),
+                "total": int(self._tok_bytes + self._char_bytes)}
+
+    @property
+    def has_regexes(self) -> bool:
+        return self._regex_matcher is not None
+
+    def entity(self, i: int) -> RiskEntity:
+        """The entity of an id returned by :meth:`check_candidates` (host side, for events)."""
+        if isinstance(i, torch.Tensor):
+            i = int(i)
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= int(i) < len(self.entities):
+            raise IndexError(f"i: expected an entity id in [0, {len(self.entities)}), got {i!r}")
+        return self.entities[int(i)]
+
+    # ------------------------------------------------------------------ validation (static facts only)
+    def _check_state(self, state, batch: int | None = None) -> None:
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"state: expected a torch.Tensor from initial_state/advance, got {type(state).__name__}")
+        if state.dim() != 2 or state.shape[1] != STATE_WIDTH or state.dtype != torch.int64:
+            raise ValueError(f"state: expected an int64 tensor [B, {STATE_WIDTH}], got {state.dtype} "
+                             f"{list(state.shape)}")
+        if state.device != self.device:
+            raise ValueError(f"state: expected a tensor on {self.device} (the matcher's device), got {state.device}")
+        if batch is not None and state.shape[0] != batch:
+            raise ValueError(f"state: expected {batch} rows (one per row of the ids), got {state.shape[0]}")
+
+    def _check_ids(self, name: str, ids, dim: int, batch: int) -> None:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(ids).__name__}")
+        if ids.dim() != dim or ids.dtype not in (torch.int64, torch.int32):
+            shape = "[B]" if dim == 1 else "[B, k]"
+            raise ValueError(f"{name}: expected an int64 tensor {shape}, got {ids.dtype} {list(ids.shape)}")
+        if ids.device != self.device:
+            raise ValueError(f"{name}: expected a tensor on {self.device} (the matcher's device), got {ids.device}")
+        if ids.shape[0] != batch:
+            raise ValueError(f"{name}: expected {batch} rows (the state's batch size), got {ids.shape[0]}")
+
+    # ------------------------------------------------------------------ state
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        """``[batch_size, 6]`` int64 state of empty histories, on :attr:`device`."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size: expected a non-negative int, got {batch_size!r}")
+        s = torch.zeros(batch_size, STATE_WIDTH, dtype=torch.int64, device=self.device)
+        s[:, _PREV] = OTHER_NONWORD
+        return s
+
+    def state_from_histories(self, histories) -> torch.Tensor:
+        """The state after each row's tokens (prompt time, or after a hot swap to a new matcher).
+
+        Args:
+            histories: ``[B, T]`` integer tensor or a list of ``B`` token-id lists (ragged is fine).
+
+        Returns:
+            ``[B, 6]`` int64 on :attr:`device`, equal to advancing :meth:`initial_state` token by token.
+            Costs ``T`` masked steps (host-driven; not part of the per-step graph).
+        """
+        if isinstance(histories, torch.Tensor):
+            if histories.dim() != 2 or histories.dtype.is_floating_point or histories.dtype == torch.bool:
+                raise ValueError(f"histories: expected an integer tensor [B, T], got {histories.dtype} "
+                                 f"{list(histories.shape)}")
+            rows = histories.to(self.device, torch.int64)
+            lengths = torch.full((rows.shape[0],), rows.shape[1], dtype=torch.int64, device=self.device)
+        else:
+            if isinstance(histories, (str, bytes)) or not hasattr(histories, "__len__"):
+                raise TypeError(f"histories: expected a [B, T] tensor or a list of token-id lists, "
+                                f"got {type(histories).__name__}")
+            lists = []
+            for r in histories:
+                r = r.tolist() if isinstance(r, torch.Tensor) else list(r)
+                if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in r):
+                    raise ValueError("histories: expected lists of ints")
+                lists.append([int(x) for x in r])
+            T = max((len(r) for r in lists), default=0)
+            pad = [[0] * (T - len(r)) + r for r in lists]        # right-aligned; the padding is masked
+            rows = torch.tensor(pad, dtype=torch.int64, device=self.device).reshape(len(lists), T)
+            lengths = torch.tensor([len(r) for r in lists], dtype=torch.int64, device=self.device)
+        B, T = rows.shape
+        state = self.initial_state(B)
+        for j in range(T):
+            active = lengths >= T - j
+            state = torch.where(active[:, None], self._advance(state, rows[:, j]), state)
+        return state
+
+    # ------------------------------------------------------------------ token level
+    def _token_step(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        V = self.vocab_size
+        keys = self._goto_keys
+        E = keys.shape[0]
+        valid = (t >= 0) & (t < V)
+        cur = s
+        res = torch.zeros_like(s)
+        done = ~valid
+        for _ in range(self._chain_depth):
+            key = cur * V + t
+            idx = torch.searchsorted(keys, key).clamp(max=E - 1)
+            hit = (keys[idx] == key) & ~done
+            res = torch.where(hit, self._goto_next[idx], res)
+            done = done | hit
+            cur = self._chain_next[cur]
+        return res
+
+    def banned_bitmask(self, state: torch.Tensor, *, vocab_size: int | None = None) -> torch.Tensor:
+        """Packed mask of the tokens allowed next.
+
+        Args:
+            state: ``[B, 6]`` int64 from :meth:`initial_state` / :meth:`advance`.
+            vocab_size: optional check that the logits width equals the matcher's ``V``.
+
+        Returns:
+            ``[B, ceil(V/32)]`` int32 on :attr:`device`; bit ``t`` is 0 when token ``t`` would
+            complete a banned token sequence (single-token ones always), else 1.
+
+        Example:
+            >>> dm = DeviceMatcher.build(None, token_id_phrases=[[3], [1, 2]], vocab_size=8)
+            >>> from fastsafe.ops import unpack_bitmask
+            >>> s = dm.state_from_histories([[0, 1], [2]])
+            >>> unpack_bitmask(dm.banned_bitmask(s), 8).int().tolist()
+            [[1, 1, 0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1]]
+        """
+        self._check_state(state)
+        if vocab_size is not None and vocab_size != self.vocab_size:
+            raise ValueError(f"vocab_size: the matcher was built for V={self.vocab_size}, got {vocab_size}")
+        B = state.shape[0]
+        W = self._words
+        out = self._base.unsqueeze(0).expand(B, W + 1).clone()
+        b = self._ban_first[state[:, _TOK]]
+        H = self._ban_width
+        ar = torch.arange(H, device=state.device)
+        P = self._ban_word.shape[0] - 1
+        for _ in range(self._ban_depth):
+            valid = b >= 0
+            bb = b.clamp(min=0)
+            cnt = torch.where(valid, self._ban_cnt[bb], 0)
+            idx = (self._ban_off[bb].unsqueeze(1) + ar).clamp(max=P)
+            use = ar < cnt.unsqueeze(1)
+            w = torch.where(use, self._ban_word[idx], W)
+            m = torch.where(use, self._ban_mask[idx], -1)
+            out.scatter_(1, w, out.gather(1, w) & m)
+            if self._has_heavy:
+                hv = torch.where(valid, self._heavy_id[bb], 0).clamp(min=0)
+                out[:, :W] &= self._heavy_rows[hv]
+            b = torch.where(valid, self._ban_next[bb], -1)
+        return out[:, :W]
+
+    # ------------------------------------------------------------------ text level
+    def _char_step(self, s, prev, run, c, hit, fresh, track: bool):
+        """One folded character (class ``c``, -1 = none) through the character DFA."""
+        C = self._classes
+        active = c >= 0
+        cc = c.clamp(min=0)
+        w = self._is_word[cc]
+        pw = self._is_word[prev]
+        sep = cc == SEP
+        same = w & (cc == prev)
+        noop = ~active | (sep & (prev == SEP)) | (same & (run >= 3))
+        sym = torch.where(same, torch.where(run == 1, SQ2, SQ3), cc)
+        if self.word_boundaries:
+            bnd = active & w & ~same & ~pw
+            s1 = torch.where(bnd, self._delta[s * C + BND], s)
+        else:
+            s1 = s
+        s2 = torch.where(noop, s, self._delta[s1 * C + sym])
+        if track:
+            ow = self._out_word[s]
+            conf = active & ~w & ~noop & fresh & (ow >= 0) & (hit < 0)
+            hit = torch.where(conf, ow, hit)
+            nw = self._out_now[s2]
+            hit = torch.where(~noop & (nw >= 0) & (hit < 0), nw, hit)
+            fresh = fresh | (s2 != s)
+        run2 = torch.where(noop, run, torch.where(w, torch.where(same, run + 1, 1), 0))
+        prev2 = torch.where(noop, prev, cc)
+        return s2, prev2, run2, hit, fresh
+
+    def _text_run(self, st: list, ids: torch.Tensor, track: bool):
+        """Feed the slots of tokens ``ids`` (any shape, broadcast with the state columns ``st``)."""
+        s, prev, run, cp, need = st
+        hit = torch.full_like(s, -1) if track else None
+        fresh = torch.zeros_like(s, dtype=torch.bool) if track else None
+        valid = (ids >= 0) & (ids < self.vocab_size)
+        rows = self._slots[ids.clamp(0, self.vocab_size - 1)]
+        for j in range(self.max_token_chars):
+            code = torch.where(valid, rows[..., j], -1).to(torch.int64)
+            is_cls = (code >= 0) & (code < BYTE0)
+            is_byte = code >= BYTE0
+            b = (code - BYTE0).clamp(0, 255)
+            cont = (b & 0xC0) == 0x80
+            lead2 = (b & 0xE0) == 0xC0
+            lead3 = (b & 0xF0) == 0xE0
+            lead4 = (b & 0xF8) == 0xF0
+            lead = is_byte & (lead2 | lead3 | lead4)
+            ok_cont = is_byte & cont & (need > 0)
+            stray = is_byte & ~lead & ~ok_cont
+            done = ok_cont & (need == 1)
+            lead_bits = b & torch.where(lead2, 0x1F, torch.where(lead3, 0x0F, 0x07))
+            lead_need = torch.where(lead2, 1, torch.where(lead3, 2, 3))
+            cp = torch.where(lead, lead_bits, torch.where(ok_cont, (cp << 6) | (b & 0x3F),
+                                                          torch.where(is_cls | stray, 0, cp)))
+            need = torch.where(lead, lead_need, torch.where(ok_cont, need - 1, torch.where(is_cls | stray, 0, need)))
+            big = cp >= CP_LIMIT
+            cpi = cp.clamp(0, CP_LIMIT - 1)
+            ca = torch.where(is_cls, code, torch.where(done, torch.where(big, OTHER_NONWORD, self._cp0[cpi]),
+                                                       torch.where(stray, OTHER_NONWORD, -1)))
+            cb = torch.where(done & ~big, self._cp1[cpi], -1)
+            s, prev, run, hit, fresh = self._char_step(s, prev, run, ca, hit, fresh, track)
+            s, prev, run, hit, fresh = self._char_step(s, prev, run, cb, hit, fresh, track)
+        if track:
+            ow = self._out_word[s]
+            hit = torch.where(fresh & (ow >= 0) & (hit < 0), ow, hit)
+        return [s, prev, run, cp, need], hit
+
+    # ------------------------------------------------------------------ the step
+    def _advance(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        t = token_ids.to(torch.int64)
+        cols = [self._token_step(state[:, _TOK], t)]
+        if self._has_text:
+            st = [state[:, i] for i in (_CHR, _PREV, _RUN, _CP, _NEED)]
+            st, _ = self._text_run(st, t, track=False)
+            cols += st
+        else:
+            cols += [state[:, i] for i in (_CHR, _PREV, _RUN, _CP, _NEED)]
+        return torch.stack(cols, dim=1)
+
+    def advance(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The state after each row appends one token.
+
+        Args:
+            state: ``[B, 6]`` int64 on :attr:`device`.
+            token_ids: ``[B]`` int64 (or int32) on :attr:`device`; ids outside ``[0, V)`` reset the
+                token state and add no text.
+
+        Returns:
+            The new ``[B, 6]`` state (the input is not modified).
+        """
+        self._check_state(state)
+        self._check_ids("token_ids", token_ids, 1, state.shape[0])
+        return self._advance(state, token_ids)
+
+    def check_candidates(self, state: torch.Tensor, cand_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-level check of ``k`` candidate next tokens per row.
+
+        Args:
+            state: ``[B, 6]`` int64 on :attr:`device`.
+            cand_ids: ``[B, k]`` int64 (or int32) on :attr:`device`; ids outside ``[0, V)`` (e.g. -1
+                padding) are not allowed and have entity -1.
+
+        Returns:
+            ``(ok, entity)``: ``ok`` ``[B, k]`` bool (False = the candidate would complete a new
+            occurrence of a folded entity, or is out of range); ``entity`` ``[B, k]`` int32 id of the
+            entity matched (:meth:`entity`), -1 for none.
+        """
+        self._check_state(state)
+        self._check_ids("cand_ids", cand_ids, 2, state.shape[0])
+        c = cand_ids.to(torch.int64)
+        valid = (c >= 0) & (c < self.vocab_size)
+        if not self._has_text:
+            return valid, torch.full(c.shape, -1, dtype=torch.int32, device=c.device)
+        k = c.shape[1]
+        st = [state[:, i].unsqueeze(1).expand(-1, k) for i in (_CHR, _PREV, _RUN, _CP, _NEED)]
+        _, hit = self._text_run(st, c, track=True)
+        return valid & (hit < 0), hit.to(torch.int32)
+
+    # ------------------------------------------------------------------ host path
+    def host_regex_check(self, histories, cand_ids):
+        """Regex entities on the host (the one part that is not a tensor program).
+
+        Runs :meth:`PhraseMatcher.check_candidates` of the regex entities (lightly normalised text,
+        ``regex_window`` characters). Returns ``(allowed [B, k] bool on cand_ids' device, events)``;
+        all True and no events when there are no regex entities.
+        """
+        if self._regex_matcher is None:
+            k = cand_ids.shape[1] if isinstance(cand_ids, torch.Tensor) else len(cand_ids[0]) if len(cand_ids) else 0
+            B = cand_ids.shape[0] if isinstance(cand_ids, torch.Tensor) else len(cand_ids)
+            dev = cand_ids.device if isinstance(cand_ids, torch.Tensor) else torch.device("cpu")
+            return torch.ones(B, k, dtype=torch.bool, device=dev), []
+        return self._regex_matcher.check_candidates(histories, cand_ids)

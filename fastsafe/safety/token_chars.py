@@ -1,0 +1,153 @@
+"""Each token's text as character-class slots: the ``[V, max_len]`` table of the device text check.
+
+A token's text is taken as the exact bytes it adds inside a sequence (leading space included):
+for byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM2, ...) from the token string through the
+byte-level alphabet; otherwise by decoding ``[anchor, token]`` and removing the anchor's text
+(SentencePiece ``<0xNN>`` byte tokens give their byte). Special tokens have no text (as with
+``skip_special_tokens=True``).
+
+Slots: a complete character inside the token is folded (:func:`~fastsafe.safety.char_automaton.fold_char`)
+into one slot per folded character (its class); bytes of a character split across tokens (UTF-8
+continuation bytes at the token's start, an unfinished character at its end) stay raw,
+``BYTE0 + byte``, and the device assembles them. Runs that cannot change the automaton are
+shortened (a run of separators or of ``OTHER_NONWORD`` to one slot, a run of one word class to
+three). Unused slots are -1.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .char_automaton import OTHER_NONWORD, SEP, CharAlphabet, fold_char
+
+__all__ = ["BYTE0", "token_bytes", "token_slots"]
+
+#: Slot codes ``>= BYTE0`` are raw UTF-8 bytes (``BYTE0 + byte``).
+BYTE0 = 1 << 16
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (printable stand-ins for the 256 byte values), reversed."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = list(keep)
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    dec = getattr(backend, "decoder", None) if backend is not None else None
+    return dec is not None and type(dec).__name__ == "ByteLevel" or "ByteLevel" in repr(dec)
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
+    """The UTF-8 bytes each token id ``0 .. vocab_size-1`` adds to a text (``b""`` for special and padding ids).
+
+    Raises:
+        ValueError: the tokenizer cannot turn ids into text (no ``decode`` / ``convert_ids_to_tokens``,
+            or decoding fails).
+    """
+    n = min(int(vocab_size), len(tokenizer))
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    out: list[bytes] = [b""] * int(vocab_size)
+    try:
+        if _is_byte_level(tokenizer):
+            strs = tokenizer.convert_ids_to_tokens(list(range(n)))
+            inv = _byte_decoder()
+            for i, s in enumerate(strs):
+                if i in special or s is None:
+                    continue
+                if i in added:
+                    out[i] = tokenizer.decode([i], skip_special_tokens=True).encode("utf-8")
+                    continue
+                try:
+                    out[i] = bytes(inv[c] for c in s)
+                except KeyError:
+                    out[i] = tokenizer.decode([i], skip_special_tokens=True).encode("utf-8")
+            return out
+        anchor = tokenizer.encode("a", add_special_tokens=False)
+        a_text = tokenizer.decode(anchor, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        texts = tokenizer.batch_decode([anchor + [i] for i in range(n)], skip_special_tokens=True,
+                                       clean_up_tokenization_spaces=False)
+        strs = tokenizer.convert_ids_to_tokens(list(range(n)))
+    except Exception as exc:
+        raise ValueError(f"tokenizer: cannot decode its tokens to text for the text check "
+                         f"({type(exc).__name__}: {exc})") from exc
+    for i, (t, s) in enumerate(zip(texts, strs)):
+        if i in special:
+            continue
+        m = _BYTE_TOKEN.match(s or "")
+        if m is not None:
+            out[i] = bytes([int(m.group(1), 16)])
+        elif t.startswith(a_text):
+            out[i] = t[len(a_text):].encode("utf-8")
+        else:
+            out[i] = tokenizer.decode([i], skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False).encode("utf-8")
+    return out
+
+
+def _char_len(lead: int) -> int:
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0        # continuation or invalid lead
+
+
+def bytes_slots(b: bytes, alphabet: CharAlphabet) -> list[int]:
+    """Slots of one token's bytes (see the module docstring)."""
+    out: list[int] = []
+    i, n = 0, len(b)
+    while i < n and 0x80 <= b[i] <= 0xBF:
+        out.append(BYTE0 + b[i])
+        i += 1
+    while i < n:
+        L = _char_len(b[i])
+        if L == 0:
+            out.append(OTHER_NONWORD)
+            i += 1
+            continue
+        if i + L > n:                       # unfinished character: raw bytes for the next token
+            out.extend(BYTE0 + x for x in b[i:])
+            break
+        try:
+            ch = b[i:i + L].decode("utf-8")
+        except UnicodeDecodeError:
+            out.append(OTHER_NONWORD)
+            i += 1
+            continue
+        out.extend(alphabet.classes(fold_char(ch)))
+        i += L
+    # shorten runs that cannot change the automaton
+    res: list[int] = []
+    for c in out:
+        if res and c == res[-1] and c in (SEP, OTHER_NONWORD):
+            continue
+        if c < BYTE0 and alphabet.is_word[c] and len(res) >= 3 and res[-1] == res[-2] == res[-3] == c:
+            continue
+        res.append(c)
+    return res
+
+
+def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet) -> np.ndarray:
+    """``[vocab_size, max_len]`` int32 slot table (-1 = unused; at least one column)."""
+    rows = [bytes_slots(b, alphabet) for b in token_bytes(tokenizer, vocab_size)]
+    L = max([len(r) for r in rows] + [1])
+    table = np.full((int(vocab_size), L), -1, np.int32)
+    for i, r in enumerate(rows):
+        if r:
+            table[i, :len(r)] = r
+    return table

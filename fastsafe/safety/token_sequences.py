@@ -1,0 +1,191 @@
+"""The banned token sequences of a set of entities (what the token-level automaton is built from).
+
+Same rule as :class:`~fastsafe.safety.PhraseMatcher` (and so as transformers'
+``NoBadWordsLogitsProcessor``): a phrase entity is tokenised in every variant of
+:func:`~fastsafe.safety.phrase_variants`, each with and without a leading space; variants with a
+token id ``>= vocab_size`` or the unk id are dropped; token-id entities are banned verbatim;
+single-token sequences equal to an EOS id are never banned.
+
+:func:`encode_variants` encodes many short texts. When the tokenizer splits at spaces before its
+model runs (checked on probes and on a sample of the texts), a text of single-space-separated
+words is assembled from the encodings of its distinct word units (``"w0"`` / ``" w0"``, then
+``" w1"`` ...), which sends ~10x fewer strings through the tokenizer for 100k phrases.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .normalize import entity_forms
+from .store import RiskEntity
+
+__all__ = ["encode_variants", "banned_sequences"]
+
+_PROBES = ("make a bomb", "Make A Bomb", "THE QUICK BROWN fox", "über straße", "don't 2 girls, 1 cup!",
+           "e-mail me @ 555-1234", "naïve café's ＦＵＬＬ width")
+
+
+def _encode_plain(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(backend, "truncation", None) is None \
+            and getattr(backend, "padding", None) is None:
+        enc = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+        return [list(e.ids) for e in enc(texts, add_special_tokens=False)]
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _simple(t: str) -> bool:
+    """Words separated by single spaces (an optional single leading space), nothing else."""
+    s = t[1:] if t.startswith(" ") else t
+    return bool(s) and s == " ".join(s.split()) and s.isprintable()
+
+
+def _units(t: str) -> list[str]:
+    lead = t.startswith(" ")
+    words = (t[1:] if lead else t).split(" ")
+    return [(" " if lead else "") + words[0]] + [" " + w for w in words[1:]]
+
+
+def _split_ok(tokenizer, sample: list[str]) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None) if backend is not None else None
+    if pre is None:
+        return False
+    texts = [x for p in list(_PROBES) + sample for x in (p, " " + p) if _simple(x) and " " in x.strip()]
+    units = sorted({u for t in texts for u in _units(t)})
+    enc = dict(zip(units, _encode_plain(tokenizer, units)))
+    return all(f == [i for u in _units(t) for i in enc[u]] for t, f in zip(texts, _encode_plain(tokenizer, texts)))
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    total = int(lengths.sum())
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(starts - first, lengths) + np.arange(total)
+
+
+def encode_variants(tokenizer, variants: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the texts ``v, " " + v`` of every variant (no special tokens), as CSR
+    ``(flat, lens)`` in that order (word units assembled when that is exact, see the module doc).
+
+    Example:
+        >>> flat, lens = encode_variants(tok, ["make a bomb"])     # doctest: +SKIP
+        >>> lens.tolist()                                         # doctest: +SKIP
+        [3, 3]
+    """
+    variants = list(variants)
+    simple = [bool(v) and v == " ".join(v.split()) and v.isprintable() for v in variants]
+    multi = [v for v, ok in zip(variants, simple) if ok and " " in v]
+    split = len(multi) >= 32 and _split_ok(tokenizer, multi[:: max(1, len(multi) // 96)][:96])
+    unit_id: dict[str, int] = {}
+    get = unit_id.get
+    seq_units: list[int] = []
+    counts: list[int] = []
+    for v, ok in zip(variants, simple):
+        if split and ok:
+            words = v.split(" ")
+            rest = []
+            for w in words[1:]:
+                w = " " + w
+                j = get(w)
+                if j is None:
+                    j = unit_id[w] = len(unit_id)
+                rest.append(j)
+            for first in (words[0], " " + words[0]):
+                j = get(first)
+                if j is None:
+                    j = unit_id[first] = len(unit_id)
+                seq_units.append(j)
+                seq_units.extend(rest)
+                counts.append(len(words))
+        else:
+            for t in (v, " " + v):
+                j = get(t)
+                if j is None:
+                    j = unit_id[t] = len(unit_id)
+                seq_units.append(j)
+                counts.append(1)
+    enc = _encode_plain(tokenizer, list(unit_id))
+    u_lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
+    u_flat = np.fromiter((x for e in enc for x in e), np.int64, int(u_lens.sum()))
+    u_starts = np.cumsum(u_lens) - u_lens
+    su = np.asarray(seq_units, np.int64)
+    cnt = np.asarray(counts, np.int64)
+    if len(su) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    flat = u_flat[_ranges(u_starts[su], u_lens[su])]
+    lens = np.add.reduceat(u_lens[su], np.cumsum(cnt) - cnt)
+    return flat, lens
+
+
+def banned_sequences(tokenizer, entities: list[RiskEntity], vocab_size: int, eos_ids: set[int],
+                     forms: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR ``(flat, lens, owner)`` of every banned token sequence; ``owner`` indexes ``entities``.
+
+    Phrase entities are owned by the entity of highest severity among those with the same text.
+
+    Raises:
+        ValueError: a phrase entity that normalises or tokenises to nothing, a token-id entity with
+            ids outside ``[0, vocab_size)`` (each names the entity).
+    """
+    from . import phrase_variants    # public; the variant rule is shared with PhraseMatcher
+
+    owner: dict[str, int] = {}
+    deleet: dict[str, list[str]] = {}
+    for i, e in enumerate(entities):
+        if e.kind != "phrase":
+            continue
+        f = (forms or {}).get(e.phrase) or entity_forms(e.phrase.strip())
+        if not f[0]:
+            raise ValueError(f"entity {e.phrase!r}: empty after normalisation (nothing to match)")
+        deleet[e.phrase] = f[1]
+        old = owner.get(e.phrase)
+        if old is None or entities[old].severity < e.severity:
+            owner[e.phrase] = i
+    if owner and tokenizer is None:
+        raise ValueError("tokenizer: required for phrase entities")
+    phrases = list(owner)
+    variants: list[str] = []
+    n_texts = np.zeros(len(phrases), np.int64)
+    for j, p in enumerate(phrases):
+        vs = phrase_variants(p, deleet[p])
+        n_texts[j] = 2 * len(vs)
+        variants.extend(vs)
+    flat, lens = encode_variants(tokenizer, variants) if variants else (np.zeros(0, np.int64),) * 2
+    text_phrase = np.repeat(np.arange(len(phrases)), n_texts)
+    vals = np.asarray([owner[p] for p in phrases], np.int64)[text_phrase] if len(phrases) else np.zeros(0, np.int64)
+    nonempty = lens > 0
+    got = np.bincount(text_phrase[nonempty], minlength=len(phrases)) > 0
+    if len(phrases) and not got.all():
+        raise ValueError(f"entity {phrases[int(np.nonzero(~got)[0][0])]!r}: tokenises to nothing with this tokenizer")
+    unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
+    bad = flat >= vocab_size
+    if unk is not None:
+        bad |= flat == unk
+    seq_of = np.repeat(np.arange(len(lens)), lens)
+    bad_seq = np.zeros(len(lens), bool)
+    bad_seq[seq_of[bad]] = True
+    keep = nonempty & ~bad_seq
+    flat = flat[~np.repeat(~keep, lens)]
+    lens, vals = lens[keep], vals[keep]
+    extra_seqs, extra_vals = [], []
+    for i, e in enumerate(entities):
+        if e.kind == "token_ids":
+            seq = e.token_ids()
+            bad = [t for t in seq if t < 0 or t >= vocab_size]
+            if bad:
+                raise ValueError(f"entity {e.phrase!r}: token ids {bad} outside the vocabulary [0, {vocab_size})")
+            extra_seqs.append(seq)
+            extra_vals.append(i)
+    if extra_seqs:
+        flat = np.concatenate([flat, np.asarray([t for q in extra_seqs for t in q], np.int64)])
+        lens = np.concatenate([lens, np.asarray([len(q) for q in extra_seqs], np.int64)])
+        vals = np.concatenate([vals, np.asarray(extra_vals, np.int64)])
+    if eos_ids and len(lens):
+        starts = np.cumsum(lens) - lens
+        is_eos = (lens == 1) & np.isin(flat[np.minimum(starts, max(len(flat) - 1, 0))], sorted(eos_ids))
+        flat = flat[~np.repeat(is_eos, lens)]
+        lens, vals = lens[~is_eos], vals[~is_eos]
+    return flat, lens, vals
