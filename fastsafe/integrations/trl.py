@@ -41,15 +41,16 @@ try:
     import trl
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("fastsafe.integrations.trl needs TRL: pip install 'fastsafe[trl]' "
                       f"(trl {'>=1.16,<2'}, datasets)") from exc
 
-from fastsafe.training import FusedLinearMaskedDPOLoss, schmitt_mask, threshold_mask
+from fastsafe.training import FusedLinearMaskedDPOLoss, masked_grpo_loss, schmitt_mask, threshold_mask, token_logps
+from fastsafe.training.losses_ppo import GRPO_LOSS_TYPES
 
-__all__ = ["MaskedDPOTrainer", "DataCollatorForTokenWeightedPreference", "SUPPORTED_TRL", "check_trl_version",
+__all__ = ["MaskedDPOTrainer", "MaskedGRPOTrainer", "DataCollatorForTokenWeightedPreference", "SUPPORTED_TRL", "check_trl_version",
            "WEIGHT_COLUMNS", "REWARD_COLUMNS"]
 
 #: TRL versions this integration supports (it relies on DPOTrainer's dataset preparation,
@@ -164,10 +165,15 @@ def _refuse(args: DPOConfig, model, processing_class, compute_metrics, peft_conf
         no("use_liger_kernel=True", "fastsafe's fused loss replaces Liger's")
     if compute_metrics is not None:
         no("compute_metrics", "the fused loss never builds the logits it would need")
+    _refuse_model(no, model, processing_class, peft_config)
+
+
+def _refuse_model(no, model, processing_class, peft_config) -> None:
+    """Refuse the models and processors the fused log-probs cannot serve (shared by both trainers)."""
     if peft_config is not None or hasattr(model, "peft_config"):
         no("PEFT models", "not tested with this trainer; merge the adapter or train the full model")
     if isinstance(model, str):
-        no("a model id string", "pass an instantiated causal LM (and ref_model)")
+        no("a model id string", "pass an instantiated causal LM (AutoModelForCausalLM.from_pretrained(...))")
     try:
         from transformers import ProcessorMixin
         if isinstance(processing_class, ProcessorMixin):
@@ -344,3 +350,313 @@ class MaskedDPOTrainer(DPOTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+# ---- GRPO ------------------------------------------------------------------------------------------
+
+def _refuse_grpo(args: GRPOConfig, model, processing_class, peft_config, tools, rollout_func,
+                 environment_factory) -> None:
+    def no(what: str, why: str):
+        raise ValueError(f"MaskedGRPOTrainer does not support {what}: {why}")
+
+    if args.loss_type not in GRPO_LOSS_TYPES:
+        no(f"loss_type={args.loss_type!r}", f"the masked clipped surrogate is implemented for {GRPO_LOSS_TYPES}")
+    if args.importance_sampling_level != "token":
+        no(f"importance_sampling_level={args.importance_sampling_level!r}",
+           "the token mask acts on per-token ratios; use importance_sampling_level='token'")
+    if args.use_vllm:
+        no("use_vllm=True", "generation through vLLM (and its importance-sampling correction) is not wired in; "
+           "generate with transformers (use_vllm=False)")
+    if getattr(args, "use_transformers_continuous_batching", False):
+        no("use_transformers_continuous_batching=True", "not tested with the token mask")
+    if args.use_liger_kernel:
+        no("use_liger_kernel=True", "fastsafe's fused token_logps replaces Liger's")
+    if args.cast_lm_head_to_fp32:
+        no("cast_lm_head_to_fp32=True", "token_logps accumulates in fp32 already; leave it False")
+    if args.off_policy_mask_threshold is not None:
+        no(f"off_policy_mask_threshold={args.off_policy_mask_threshold}", "the off-policy sequence mask is not "
+           "implemented")
+    if args.top_entropy_quantile < 1.0:
+        no(f"top_entropy_quantile={args.top_entropy_quantile}", "the high-entropy token mask is not implemented")
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        no(f"an entropy bonus (entropy_coef={args.entropy_coef}, use_adaptive_entropy={args.use_adaptive_entropy})",
+           "not implemented")
+    if args.router_aux_loss_coef:
+        no(f"router_aux_loss_coef={args.router_aux_loss_coef}", "the MoE auxiliary loss is not added")
+    for name, value in (("tools", tools), ("rollout_func", rollout_func),
+                        ("environment_factory", environment_factory)):
+        if value:
+            no(name, "multi-turn / custom rollouts are not tested with the token mask")
+    _refuse_model(no, model, processing_class, peft_config)
+
+
+class MaskedGRPOTrainer(GRPOTrainer):
+    """TRL ``GRPOTrainer`` whose clipped surrogate is multiplied by a per-token mask (the paper's eq. 9).
+
+    Generation, sequence rewards and advantages are TRL's. ``token_reward_fn`` is called like a TRL
+    reward function, ``token_reward_fn(prompts=..., completions=..., completion_ids=..., trainer_state=...,
+    log_extra=..., log_metric=..., **dataset_columns)``, and returns one float per completion token
+    (a list of lists, ``len(rows[i]) == len(completion_ids[i])``; NaN or inf is an error). The
+    rewards of each generation batch become a token mask:
+
+    - ``mask="schmitt"``: :func:`fastsafe.training.schmitt_mask` with ``delta=mask_delta``:
+      ``+1`` above ``b + delta`` (keep the token's push), ``0`` inside the band (drop it),
+      ``-1`` below ``b - delta`` (reverse it).
+    - ``mask="threshold"`` (eq. 8, binary): :func:`fastsafe.training.threshold_mask` with the
+      completions of advantage ``>= 0`` as "chosen" (keep their tokens above ``b``) and the others
+      as "rejected" (keep their tokens below ``b``). ``mask_delta`` must be 0.
+
+    ``b = mask_baseline``, or (``None``) the mean token reward over all completion tokens of the
+    generation batch, across processes. ``token_reward_fn=None``: the mask is all ones and the
+    training is ``GRPOTrainer``'s. The per-token log-probs of the policy, the old policy and the
+    reference come from :func:`fastsafe.training.token_logps` on the backbone's hidden states and
+    the lm_head weight (the ``[B, T, V]`` logits are never built), and the loss is
+    :func:`fastsafe.training.masked_grpo_loss` with TRL's normaliser for ``args.loss_type``
+    (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``): the mask changes which tokens push and in which
+    direction, not the normaliser.
+
+    Supported TRL versions: :data:`SUPPORTED_TRL`. Options this trainer does not implement (other
+    loss types, sequence-level importance sampling, vLLM, Liger, entropy bonus or masks, off-policy
+    masks, tools / custom rollouts, PEFT, vision-language models, MoE auxiliary losses) raise
+    ``ValueError`` at construction.
+
+    Args:
+        model, reward_funcs, args, train_dataset, eval_dataset, processing_class,
+        reward_processing_classes, callbacks, optimizers: as for ``trl.GRPOTrainer`` (``model`` an
+        instantiated causal LM; with ``args.beta != 0`` TRL loads the reference from the model's
+        ``name_or_path``).
+        token_reward_fn: optional per-token reward function (see above).
+        mask: ``"schmitt"`` or ``"threshold"``.
+        mask_delta: the Schmitt band half-width, a number >= 0.
+        mask_baseline: ``None`` (batch mean) or a number.
+        chunk_size, backend: passed to :func:`fastsafe.training.token_logps`.
+
+    Logged metrics: TRL's (``reward``, ``kl``, ``entropy``, ``clip_ratio/*``, ...) plus, with a
+    ``token_reward_fn``, ``mask/positive_fraction``, ``mask/negative_fraction`` and
+    ``token_reward/mean`` per generation batch.
+
+    Example:
+        >>> from trl import GRPOConfig
+        >>> from fastsafe.integrations.trl import MaskedGRPOTrainer
+        >>> def token_rewards(completion_ids, **kw):      # -1 on a banned token, 0 elsewhere
+        ...     return [[-1.0 if t in banned else 0.0 for t in ids] for ids in completion_ids]
+        >>> trainer = MaskedGRPOTrainer(model, reward_funcs=[seq_reward], args=GRPOConfig("out"),
+        ...                             train_dataset=ds, processing_class=tokenizer,
+        ...                             token_reward_fn=token_rewards, mask_delta=0.1)
+        >>> trainer.train()
+    """
+
+    def __init__(self, model, reward_funcs=None, args: Optional[GRPOConfig] = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=(None, None), peft_config=None, tools=None, rollout_func=None,
+                 environment_factory=None, *, token_reward_fn: Optional[Callable[..., List[List[float]]]] = None,
+                 mask: str = "schmitt", mask_delta: float = 0.0, mask_baseline: Optional[float] = None,
+                 chunk_size: Optional[int] = None, backend: Optional[str] = None, **kwargs):
+        check_trl_version()
+        if kwargs:
+            raise ValueError(f"MaskedGRPOTrainer does not support {sorted(kwargs)}: not tested with the token mask")
+        if args is None or not isinstance(args, GRPOConfig):
+            raise ValueError(f"args: expected a trl.GRPOConfig (output_dir, loss_type, ...), got {args!r}")
+        _refuse_grpo(args, model, processing_class, peft_config, tools, rollout_func, environment_factory)
+        if token_reward_fn is not None and not callable(token_reward_fn):
+            raise TypeError(f"token_reward_fn: expected a callable or None, got {type(token_reward_fn).__name__}")
+        if mask not in TOKEN_MASKS:
+            raise ValueError(f"mask: expected one of {TOKEN_MASKS}, got {mask!r}")
+        if isinstance(mask_delta, bool) or not isinstance(mask_delta, (int, float)) or not mask_delta >= 0 \
+                or mask_delta == float("inf"):
+            raise ValueError(f"mask_delta: expected a finite number >= 0, got {mask_delta!r}")
+        if mask == "threshold" and mask_delta != 0:
+            raise ValueError(f"mask_delta: the threshold mask (eq. 8) has no band; expected 0, got {mask_delta}")
+        if mask_baseline is not None and (isinstance(mask_baseline, bool) or not isinstance(mask_baseline, (int, float))
+                                          or mask_baseline != mask_baseline or abs(mask_baseline) == float("inf")):
+            raise ValueError(f"mask_baseline: expected a finite number or None (the batch mean), got {mask_baseline!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size!r}")
+        self._token_reward_fn = token_reward_fn
+        self._mask_kind = mask
+        self._mask_delta = float(mask_delta)
+        self._mask_baseline = None if mask_baseline is None else float(mask_baseline)
+        self._chunk_size = chunk_size
+        self._backend = backend
+        self._pending_token_rewards = None
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         reward_processing_classes=reward_processing_classes, callbacks=callbacks,
+                         optimizers=optimizers)
+        if self.aux_loss_enabled:
+            raise ValueError("MaskedGRPOTrainer does not support MoE router auxiliary losses")
+        _add_backbone_forward(self.model)
+        if self.ref_model is not None:
+            _add_backbone_forward(self.accelerator.unwrap_model(self.ref_model))
+
+    # ---- per-token log-probs -------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's hook, served by the fused ``token_logps`` on the backbone's last hidden states.
+
+        Returns ``(logps [B, C], entropies [B, C] or None, None)`` for the last ``C = logits_to_keep``
+        positions, 0 where ``attention_mask`` is 0 (as TRL's fused head does).
+        """
+        if compute_aux_loss:
+            raise ValueError("MaskedGRPOTrainer does not support MoE router auxiliary losses")
+        extra = sorted(k for k, v in multimodal.items() if v is not None)
+        if extra:
+            raise ValueError(f"MaskedGRPOTrainer does not support multimodal inputs, got {extra}")
+        batch_size = batch_size or input_ids.size(0)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids = input_ids[start:start + batch_size]
+            am = attention_mask[start:start + batch_size]
+            with self.accelerator.autocast():
+                out = model(input_ids=ids, attention_mask=am, use_cache=False, fastsafe_backbone=True)
+            hidden = out.last_hidden_state[:, -logits_to_keep - 1:-1].to(head.weight.device)
+            targets = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100).to(hidden.device)
+            res = token_logps(hidden, head.weight, targets, head.bias, temperature=self.temperature,
+                              return_entropy=compute_entropy, chunk_size=self._chunk_size, backend=self._backend)
+            if compute_entropy:
+                logps.append(res[0])
+                entropies.append(res[1])
+            else:
+                logps.append(res)
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    # ---- token rewards -> mask -----------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self._token_reward_fn is not None:
+            keys = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")]
+            kwargs = {k: [ex[k] for ex in inputs] for k in keys}
+            kwargs.update(trainer_state=self.state, log_extra=self._log_completion_extra,
+                          log_metric=self._log_metric)
+            rows = self._token_reward_fn(prompts=prompts, completions=completions,
+                                         completion_ids=completion_ids_list, **kwargs)
+            self._pending_token_rewards = _check_token_rewards(rows, completion_ids_list)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        self._pending_token_rewards = None
+        output = super()._generate_and_score_completions(inputs)
+        if self._token_reward_fn is None:
+            return output
+        rows, self._pending_token_rewards = self._pending_token_rewards, None
+        if rows is None:  # pragma: no cover - TRL changed where rewards are computed
+            raise RuntimeError("MaskedGRPOTrainer: token_reward_fn was not called (unsupported TRL code path)")
+        loss_mask = output["completion_mask"]
+        if "tool_mask" in output:
+            loss_mask = loss_mask * output["tool_mask"]
+        valid = loss_mask != 0
+        rewards = torch.zeros(loss_mask.shape, dtype=torch.float32, device=loss_mask.device)
+        for i, r in enumerate(rows):
+            n = min(len(r), rewards.shape[1])
+            rewards[i, :n] = torch.tensor(r[:n], dtype=torch.float32)
+        local = torch.stack([torch.where(valid, rewards, 0.0).sum(), valid.sum().float()])
+        total = self.accelerator.reduce(local, reduction="sum")  # over all processes
+        batch_mean = total[0] / total[1].clamp(min=1)
+        baseline = batch_mean if self._mask_baseline is None else self._mask_baseline
+        if self._mask_kind == "schmitt":
+            token_mask = schmitt_mask(rewards, self._mask_delta, baseline=baseline, attention_mask=valid)
+        else:
+            token_mask = threshold_mask(rewards, output["advantages"] >= 0, baseline=baseline, attention_mask=valid)
+        output["token_mask"] = token_mask.float()
+        mode = "train" if self.model.training else "eval"
+        counts = self.accelerator.reduce(torch.stack([(token_mask > 0).sum(), (token_mask < 0).sum()]).float(),
+                                         reduction="sum") / total[1].clamp(min=1)
+        self._metrics[mode]["mask/positive_fraction"].append(counts[0].item())
+        self._metrics[mode]["mask/negative_fraction"].append(counts[1].item())
+        self._metrics[mode]["token_reward/mean"].append(batch_mean.item())
+        return output
+
+    # ---- loss ------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True)
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        num_items = None
+        if self.loss_type == "dapo":
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        loss, metrics = masked_grpo_loss(
+            logps, old, inputs["advantages"], mask, inputs.get("token_mask"), loss_type=self.loss_type,
+            clip_eps=self.epsilon_low, clip_eps_high=self.epsilon_high, ratio_max=self.args.delta,
+            ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None, beta=self.beta,
+            kl_importance_correction=self.args.use_bias_correction_kl,
+            max_completion_length=self.max_completion_length, num_items=num_items)
+        if self.loss_type != "dapo":
+            loss = loss / accumulation
+        self._log_loss_metrics(mode, metrics, logps, old, entropies, inputs["advantages"], mask)
+        return loss
+
+    def _log_loss_metrics(self, mode, metrics, logps, old, entropies, advantages, mask):
+        """TRL's per-step metrics (global token means over processes), from the fused log-probs."""
+        maskf = mask.float()
+
+        def global_mean(x):
+            totals = self.accelerator.reduce(torch.stack([(x * maskf).sum(), maskf.sum()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        with torch.no_grad():
+            if self.beta != 0.0:
+                n_tok = self.accelerator.reduce(maskf.sum().reshape(1), reduction="sum").clamp(min=1.0)
+                local = metrics["kl"].to(maskf.device) * maskf.sum()
+                self._metrics[mode]["kl"].append((self.accelerator.reduce(local.reshape(1), reduction="sum")
+                                                  / n_tok).item())
+            self._metrics[mode]["entropy"].append(global_mean(entropies))
+            ratio = torch.exp(logps.detach() - old)
+            adv = advantages[:, None] if advantages.dim() == 1 else advantages
+            low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
+            high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
+            self._metrics[mode]["clip_ratio/low_mean"].append(global_mean(low))
+            self._metrics[mode]["clip_ratio/high_mean"].append(global_mean(high))
+            self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
+
+            def seq_mean(x):
+                return self.accelerator.gather((x * maskf).sum(-1) / maskf.sum(-1))
+
+            low_seq, high_seq = seq_mean(low), seq_mean(high)
+            self._metrics[mode]["clip_ratio/low_min"].append(_nan_reduce(low_seq, torch.min))
+            self._metrics[mode]["clip_ratio/high_max"].append(_nan_reduce(high_seq, torch.max))
+
+
+def _nan_reduce(x: torch.Tensor, op) -> float:
+    x = x[~torch.isnan(x)]
+    return float("nan") if x.numel() == 0 else op(x).item()
+
+
+def _check_token_rewards(rows, completion_ids_list) -> List[List[float]]:
+    """``token_reward_fn``'s output: one finite float per completion token of each completion."""
+    n = len(completion_ids_list)
+    if isinstance(rows, torch.Tensor) or not hasattr(rows, "__len__") or len(rows) != n:
+        got = f"{len(rows)} rows" if hasattr(rows, "__len__") and not isinstance(rows, torch.Tensor) \
+            else type(rows).__name__
+        raise ValueError(f"token_reward_fn: expected a list of {n} rows (one per completion), each with one float "
+                         f"per completion token, got {got}")
+    out = []
+    for i, (row, ids) in enumerate(zip(rows, completion_ids_list)):
+        vals = row.detach().float().cpu().tolist() if isinstance(row, torch.Tensor) else row
+        if not hasattr(vals, "__len__") or len(vals) != len(ids):
+            got = f"{len(vals)} values" if hasattr(vals, "__len__") else type(vals).__name__
+            raise ValueError(f"token_reward_fn: completion {i} has {len(ids)} tokens, expected as many rewards, "
+                             f"got {got}")
+        try:
+            vals = [float(v) for v in vals]
+        except (TypeError, ValueError):
+            raise ValueError(f"token_reward_fn: completion {i}: expected floats, got {vals!r}") from None
+        bad = [j for j, v in enumerate(vals) if v != v or v in (float("inf"), float("-inf"))]
+        if bad:
+            raise ValueError(f"token_reward_fn: completion {i}: expected finite rewards, got {vals[bad[0]]} at "
+                             f"token {bad[0]} ({len(bad)} non-finite)")
+        out.append(vals)
+    return out
