@@ -167,8 +167,8 @@ def test_token_mask_from_token_rewards(model_dir, tmp_path, mask):
     out = generated_batch(tr)
     comp = out["completion_mask"]
     rewards = torch.where(comp.bool(), (out["completion_ids"] % 7) / 7.0, 0.0)
-    if mask == "schmitt":
-        want = schmitt_mask(rewards, delta, attention_mask=comp)
+    if mask == "schmitt":  # negated in completions worse than their group (MaskedDPOTrainer's rejected)
+        want = schmitt_mask(rewards, delta, attention_mask=comp) * torch.where(out["advantages"] < 0, -1, 1)[:, None]
     else:
         want = threshold_mask(rewards, out["advantages"] >= 0, attention_mask=comp)
     assert torch.equal(out["token_mask"], want.float())
@@ -176,8 +176,12 @@ def test_token_mask_from_token_rewards(model_dir, tmp_path, mask):
 
 
 @pytest.mark.parametrize("baseline, sign", [(1.5, -1.0), (-1.0, 1.0)])
-def test_signed_masks_reverse_or_keep_trl_loss_and_gradient(model_dir, tmp_path, baseline, sign):
-    """Rewards 0 against a baseline above (below) them: every token's mask is -1 (+1)."""
+def test_tokens_move_with_their_reward_whatever_the_advantage(model_dir, tmp_path, baseline, sign):
+    """Rewards 0 against a baseline above (below) them: every token is below (above) the band.
+
+    Then every token is pushed down (up) by ``|advantage|``, in completions better and worse than
+    their group alike: on-policy, that is TRL's loss with advantages ``sign * |A|``.
+    """
     ours = trainer(MaskedGRPOTrainer, model_dir, tmp_path, cfg=dict(loss_type="bnpo"), mask_delta=0.5,
                    mask_baseline=baseline, token_reward_fn=lambda completion_ids, **kw: [[0.0] * len(i)
                                                                                          for i in completion_ids])
@@ -185,18 +189,18 @@ def test_signed_masks_reverse_or_keep_trl_loss_and_gradient(model_dir, tmp_path,
     theirs.model.train()
     theirs.current_gradient_accumulation_steps = 1
     batch = generated_batch(ours)
-    on = batch["completion_mask"].bool()
-    assert torch.all(batch["token_mask"][on] == sign) and torch.all(batch["token_mask"][~on] == 0)
-    batch["advantages"] = torch.linspace(-1, 1, batch["advantages"].numel())   # nonzero everywhere
-    batch["old_per_token_logps"] = torch.zeros_like(batch["completion_mask"], dtype=torch.float32) - 3.0
-    trl_batch = {k: v for k, v in batch.items() if k != "token_mask"}
+    adv, on = batch["advantages"], batch["completion_mask"].bool()
+    assert (adv > 0).any() and (adv < 0).any() and "old_per_token_logps" not in batch
+    flip = torch.where(adv < 0, -1.0, 1.0)[:, None].expand_as(on)
+    assert torch.all(batch["token_mask"][on] == (sign * flip)[on]) and torch.all(batch["token_mask"][~on] == 0)
+    trl_batch = {**{k: v for k, v in batch.items() if k != "token_mask"}, "advantages": sign * adv.abs()}
     loss_o = ours.compute_loss(ours.model, batch)
     loss_t = theirs.compute_loss(theirs.model, trl_batch)
-    assert abs(loss_t.item()) > 1e-3
-    assert loss_o.item() == pytest.approx(sign * loss_t.item(), rel=1e-5)
     g_o = torch.autograd.grad(loss_o, ours.model.lm_head.weight)[0]
     g_t = torch.autograd.grad(loss_t, theirs.model.lm_head.weight)[0]
-    torch.testing.assert_close(g_o, sign * g_t, atol=1e-5 * g_t.abs().max().item(), rtol=0)
+    assert g_t.abs().max() > 1e-4
+    torch.testing.assert_close(g_o, g_t, atol=1e-5 * g_t.abs().max().item(), rtol=0)
+    assert loss_o.item() == pytest.approx(loss_t.item(), rel=1e-5, abs=1e-7)
 
 
 def test_loss_never_builds_logits_and_matches_the_loss_function(model_dir, tmp_path):

@@ -399,9 +399,14 @@ class MaskedGRPOTrainer(GRPOTrainer):
     (a list of lists, ``len(rows[i]) == len(completion_ids[i])``; NaN or inf is an error). The
     rewards of each generation batch become a token mask:
 
-    - ``mask="schmitt"``: :func:`fastsafe.training.schmitt_mask` with ``delta=mask_delta``:
-      ``+1`` above ``b + delta`` (keep the token's push), ``0`` inside the band (drop it),
-      ``-1`` below ``b - delta`` (reverse it).
+    - ``mask="schmitt"``: :func:`fastsafe.training.schmitt_mask` ``M`` with ``delta=mask_delta``:
+      ``+1`` above ``b + delta``, ``0`` inside the band, ``-1`` below ``b - delta``. In a
+      completion with advantage ``>= 0`` the mask is ``M`` (``+1`` keeps the token's push up, ``0``
+      drops it, ``-1`` reverses it); with advantage ``< 0`` it is ``-M``, as
+      :class:`MaskedDPOTrainer` weights a rejected response: ``+1`` keeps a bad token's push down,
+      ``-1`` reverses a good token's. So every token above the band is pushed up and every token
+      below it down, by ``|advantage|`` (with ``M`` alone, a harmful token of a completion worse
+      than its group would be pushed up).
     - ``mask="threshold"`` (eq. 8, binary): :func:`fastsafe.training.threshold_mask` with the
       completions of advantage ``>= 0`` as "chosen" (keep their tokens above ``b``) and the others
       as "rejected" (keep their tokens below ``b``). ``mask_delta`` must be 0.
@@ -558,6 +563,9 @@ class MaskedGRPOTrainer(GRPOTrainer):
         baseline = batch_mean if self._mask_baseline is None else self._mask_baseline
         if self._mask_kind == "schmitt":
             token_mask = schmitt_mask(rewards, self._mask_delta, baseline=baseline, attention_mask=valid)
+            # negative advantage: the completion plays DPO's "rejected" (MaskedDPOTrainer uses -M there),
+            # so a token above the band is pushed up and one below pushed down whatever the advantage
+            token_mask = torch.where((output["advantages"] < 0)[:, None], -token_mask, token_mask)
         else:
             token_mask = threshold_mask(rewards, output["advantages"] >= 0, baseline=baseline, attention_mask=valid)
         output["token_mask"] = token_mask.float()
