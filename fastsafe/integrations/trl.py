@@ -1,4 +1,9 @@
-"""TRL integration: a ``DPOTrainer`` that trains with the fused token-weighted (masked) DPO loss.
+"""TRL integration: ``DPOTrainer`` and ``GRPOTrainer`` subclasses that train with fastsafe's fused,
+token-masked losses.
+
+- :class:`MaskedDPOTrainer`: token-weighted (masked) DPO, described below.
+- :class:`MaskedGRPOTrainer`: GRPO whose clipped surrogate is multiplied by a token mask built from
+  a per-token reward function (the paper's eq. 9); see its docstring.
 
 :class:`MaskedDPOTrainer` keeps TRL's data pipeline (prompt extraction, EOS, tokenisation,
 truncation, padding) and replaces the loss: the policy's and the reference's last hidden states go
