@@ -6,6 +6,7 @@ model from the policy's ``name_or_path`` (``beta != 0``). Everything runs in fp3
 TRL's configs default to bf16 autocast).
 """
 import copy
+import math
 import os
 
 import pytest
@@ -288,3 +289,12 @@ def test_refuses_vllm_and_bad_arguments(model_dir, tmp_path):
         MaskedGRPOTrainer(model=load(model_dir), reward_funcs=[seq_reward], args=None, train_dataset=dataset())
     with pytest.raises(ValueError, match="does not support a model id string"):
         MaskedGRPOTrainer(model=model_dir, reward_funcs=[seq_reward], args=config(tmp_path), train_dataset=dataset())
+
+
+def test_evaluate_with_token_mask(model_dir, tmp_path):
+    tr = trainer(MaskedGRPOTrainer, model_dir, tmp_path, cfg=dict(per_device_eval_batch_size=4),
+                 token_reward_fn=token_reward_of_ids, mask_delta=0.05)
+    tr.eval_dataset = dataset()
+    out = tr.evaluate()
+    assert math.isfinite(out["eval_loss"]) and out["eval_loss"] != 0
+    assert 0 < out["eval_mask/negative_fraction"] < 1 and 0 < out["eval_mask/positive_fraction"] < 1

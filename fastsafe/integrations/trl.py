@@ -519,12 +519,13 @@ class MaskedGRPOTrainer(GRPOTrainer):
         for start in range(0, input_ids.size(0), batch_size):
             ids = input_ids[start:start + batch_size]
             am = attention_mask[start:start + batch_size]
-            with self.accelerator.autocast():
+            targets = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
+            with self.accelerator.autocast():  # the head in the same autocast as the backbone, as TRL's fused head
                 out = model(input_ids=ids, attention_mask=am, use_cache=False, fastsafe_backbone=True)
-            hidden = out.last_hidden_state[:, -logits_to_keep - 1:-1].to(head.weight.device)
-            targets = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100).to(hidden.device)
-            res = token_logps(hidden, head.weight, targets, head.bias, temperature=self.temperature,
-                              return_entropy=compute_entropy, chunk_size=self._chunk_size, backend=self._backend)
+                hidden = out.last_hidden_state[:, -logits_to_keep - 1:-1].to(head.weight.device)
+                res = token_logps(hidden, head.weight, targets.to(hidden.device), head.bias,
+                                  temperature=self.temperature, return_entropy=compute_entropy,
+                                  chunk_size=self._chunk_size, backend=self._backend)
             if compute_entropy:
                 logps.append(res[0])
                 entropies.append(res[1])
