@@ -288,3 +288,59 @@ def test_targets_out_of_vocab_at_ignored_or_inactive_positions():
     t3[1, 2] = -7
     lp = token_logps(h, w, t3, ignore_index=-7)  # custom ignore_index
     assert torch.isfinite(lp).all() and lp[1, 2] == 0 and (lp[0] != 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# one dispatcher: token_logps and safe_topk share the registry and the override rule
+# ------------------------------------------------------------------------------------------------
+
+def test_env_override_is_shared_with_the_decoding_ops(monkeypatch):
+    from fastsafe.ops import backend_for, backends
+    cpu = torch.zeros(2, 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTSAFE_BACKEND", "torch")
+    assert token_logps_backend(cpu) == "torch" and backend_for(cpu) == "torch"
+    # One name applies to the ops that implement it; token_logps has no cpp backend: its default.
+    monkeypatch.setenv("FASTSAFE_BACKEND", "cpp")
+    assert token_logps_backend(cpu) == "torch"
+    if backends()["cpp"].available:
+        assert backend_for(cpu) == "cpp"
+    # Per-op choices are strict; token_logps itself follows them.
+    monkeypatch.setenv("FASTSAFE_BACKEND", "safe_topk:torch,token_logps:triton")
+    assert backend_for(cpu) == "torch"
+    with pytest.raises(RuntimeError, match="FASTSAFE_BACKEND: backend 'triton' is unavailable for token_logps"):
+        token_logps(*_base())
+    monkeypatch.setenv("FASTSAFE_BACKEND", "token_logps:cpp")
+    with pytest.raises(ValueError, match="FASTSAFE_BACKEND: token_logps has no 'cpp' backend"):
+        token_logps_backend(cpu)
+    monkeypatch.setenv("FASTSAFE_BACKEND", "token_logps=torch")
+    with pytest.raises(ValueError, match="FASTSAFE_BACKEND: expected"):
+        token_logps_backend(cpu)
+    # An explicit backend= wins over the environment.
+    monkeypatch.setenv("FASTSAFE_BACKEND", "token_logps:triton")
+    assert token_logps_backend(cpu, "torch") == "torch"
+
+
+def test_per_op_backend_listing(monkeypatch):
+    from fastsafe.ops import backends
+    from fastsafe.ops.dispatch import describe
+    monkeypatch.delenv("FASTSAFE_BACKEND", raising=False)
+    assert set(backends(op="token_logps")) == {"torch", "triton"}
+    assert set(backends(op="safe_topk")) == {"torch", "cpp", "triton", "cuda"}
+    with pytest.raises(ValueError, match="op: expected one of"):
+        backends(op="nope")
+    text = describe()
+    header, *rows = text.splitlines()
+    assert header.split()[2:] == ["safe_topk", "token_logps"]
+    cpp_row = next(r for r in rows if r.startswith("cpp "))
+    assert cpp_row.split()[-1] == "-"                      # token_logps has no cpp backend
+    assert "token_logps=torch" in text
+
+
+def test_one_accumulation_dtype_helper():
+    import importlib
+    from fastsafe.training import _checks, reference
+    tl_module = importlib.import_module("fastsafe.training.token_logps")
+    assert reference.acc_dtype is _checks.acc_dtype and tl_module.acc_dtype is _checks.acc_dtype
+    assert _checks.acc_dtype(torch.bfloat16) == torch.float32
+    assert _checks.acc_dtype(None, torch.zeros(1, dtype=torch.float64)) == torch.float64

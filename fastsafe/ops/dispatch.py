@@ -1,21 +1,61 @@
-"""Backend registry and selection for the ops.
+"""One backend registry and one selection rule for every fastsafe op.
 
 Backends: ``torch`` (reference, any device), ``cpp`` (C++ CPU extension), ``triton`` (GPU; on the
-CPU only under ``TRITON_INTERPRET=1``), ``cuda`` (C++ CUDA extension). Default choice per device:
-CUDA tensor -> triton, else cuda, else torch; CPU tensor -> cpp, else torch. ``FASTSAFE_BACKEND``
-or an explicit ``backend=`` overrides.
+CPU only under ``TRITON_INTERPRET=1``), ``cuda`` (C++ CUDA extension). Each op names the backends
+that implement it and its default order per device (:data:`OPS`):
+
+==============  =========================  ============================  ====================
+op              backends                   CUDA tensor default           CPU tensor default
+==============  =========================  ============================  ====================
+``safe_topk``   torch, cpp, triton, cuda   triton, else cuda, else torch cpp, else torch
+``token_logps`` torch, triton              triton, else torch            torch
+==============  =========================  ============================  ====================
+
+Overrides, one rule for every op: an explicit ``backend=`` argument, else the ``FASTSAFE_BACKEND``
+environment variable. ``FASTSAFE_BACKEND`` holds either one backend name (``cpp``), applied to
+every op that implements it (the others keep their default), or per-op choices
+(``safe_topk:cpp,token_logps:torch``), which must each be implemented by their op. A forced
+backend must be available and run on the tensor's device, else the call fails naming why.
+``fastsafe backends`` prints the table with each backend's availability per op.
 """
 from __future__ import annotations
 
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
-_DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op in the registry: its backends, default order per device type, and the modules
+    (per backend) that must import for the backend to be available for this op."""
+
+    name: str
+    backends: Tuple[str, ...]
+    default_order: Dict[str, Tuple[str, ...]]
+    modules: Dict[str, str]
+    native_symbols: Dict[str, str]
+
+
+OPS: Dict[str, OpSpec] = {
+    "safe_topk": OpSpec(
+        "safe_topk", ("torch", "cpp", "triton", "cuda"),
+        {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")},
+        {"triton": "fastsafe.kernels.safe_topk"},
+        {"cpp": "safe_topk_cpu", "cuda": "safe_topk_cuda"}),
+    # CPU tensors default to torch even under TRITON_INTERPRET=1 (the interpreter is for tests).
+    "token_logps": OpSpec(
+        "token_logps", ("torch", "triton"),
+        {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+        {"triton": "fastsafe.kernels.token_logps"},
+        {}),
+}
+OP_NAMES = tuple(OPS)
 
 
 @dataclass(frozen=True)
@@ -37,6 +77,11 @@ def native_module():
     return importlib.import_module("fastsafe._C")
 
 
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET`` is set (Triton kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _probe_native(fn_name: str):
     try:
         mod = native_module()
@@ -48,33 +93,30 @@ def _probe_native(fn_name: str):
     return True, ""
 
 
-def _probe(name: str):
+def _probe_module(module: str):
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a Triton that cannot build for this GPU
+        return False, f"{module} not importable ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def _probe(name: str, op: Optional[str]):
+    """Importability of ``name`` (for ``op``, or the backend as a whole for ``op=None``)."""
     if name == "torch":
         return True, ""
-    if name == "cpp":
-        return _probe_native("safe_topk_cpu")
-    if name == "cuda":
-        ok, why = _probe_native("safe_topk_cuda")
-        if ok and not torch.cuda.is_available():
+    if name in ("cpp", "cuda"):
+        symbol = OPS[op].native_symbols[name] if op is not None else f"safe_topk_{'cpu' if name == 'cpp' else 'cuda'}"
+        ok, why = _probe_native(symbol)
+        if ok and name == "cuda" and not torch.cuda.is_available():
             return False, "no CUDA device visible to torch"
         return ok, why
     if name == "triton":
-        try:
-            importlib.import_module("triton")
-        except Exception as exc:
-            return False, f"triton not importable ({type(exc).__name__}: {exc})"
-        try:
-            importlib.import_module("fastsafe.kernels")
-        except Exception as exc:
-            return False, f"fastsafe.kernels not importable ({type(exc).__name__}: {exc})"
-        if not torch.cuda.is_available() and not interpreter_enabled():
-            return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
-        return True, ""
+        ok, why = _probe_module("triton")
+        if not ok:
+            return ok, why
+        return _probe_module(OPS[op].modules["triton"] if op is not None else "fastsafe.kernels")
     raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {name!r}")
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _devices(name: str) -> tuple:
@@ -82,29 +124,47 @@ def _devices(name: str) -> tuple:
             "triton": ("cuda", "cpu(interpreter)")}[name]
 
 
-_INFO_CACHE: Dict[str, BackendInfo] = {}
+_IMPORT_CACHE: Dict[tuple, tuple] = {}
 
 
-def backends(refresh: bool = False) -> Dict[str, BackendInfo]:
+def _info(name: str, op: Optional[str]) -> BackendInfo:
+    # Checked on every call (not cached), so a later TRITON_INTERPRET=1 takes effect; and before
+    # any kernel module is imported, since @triton.jit picks interpreted or compiled at import.
+    if name == "triton" and not torch.cuda.is_available() and not interpreter_enabled():
+        return BackendInfo(name, False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)",
+                           _devices(name))
+    key = (name, op)
+    if key not in _IMPORT_CACHE:
+        _IMPORT_CACHE[key] = _probe(name, op)
+    ok, why = _IMPORT_CACHE[key]
+    return BackendInfo(name, ok, why, _devices(name))
+
+
+def _check_op(op: str) -> OpSpec:
+    try:
+        return OPS[op]
+    except KeyError:
+        raise ValueError(f"op: expected one of {OP_NAMES}, got {op!r}") from None
+
+
+def backends(refresh: bool = False, op: Optional[str] = None) -> Dict[str, BackendInfo]:
     """Every backend with its availability and, if unavailable, the reason.
+
+    ``op=None`` lists the four backends as a whole; ``op="token_logps"`` (any name of
+    :data:`OPS`) lists only the backends of that op, available when that op's kernels import.
 
     Example:
         >>> for info in fastsafe.ops.backends().values(): print(info)
         torch   [cpu/cuda] available
         cpp     [cpu] available
         ...
+        >>> sorted(fastsafe.ops.backends(op="token_logps"))
+        ['torch', 'triton']
     """
     if refresh:
-        _INFO_CACHE.clear()
-    out = {}
-    for name in BACKEND_NAMES:
-        info = _INFO_CACHE.get(name)
-        if info is None:
-            ok, why = _probe(name)
-            info = BackendInfo(name, ok, why, _devices(name))
-            _INFO_CACHE[name] = info
-        out[name] = info
-    return out
+        _IMPORT_CACHE.clear()
+    names = BACKEND_NAMES if op is None else _check_op(op).backends
+    return {name: _info(name, op) for name in names}
 
 
 def _supports(name: str, device: torch.device) -> bool:
@@ -115,37 +175,112 @@ def _supports(name: str, device: torch.device) -> bool:
     if name == "cuda":
         return device.type == "cuda"
     if name == "triton":
-        return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+        return device.type in ("cuda", "cpu")
     return False
 
 
-def backend_for(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
-    """Name of the backend that runs an op on ``tensor``'s device.
+def _forced(op: str, backend: Optional[str]) -> Tuple[Optional[str], str]:
+    """The forced backend for ``op`` and where it came from, or ``(None, "")``."""
+    spec = OPS[op]
+    if backend is not None:
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected one of {BACKEND_NAMES} or None, got {backend!r}")
+        if backend not in spec.backends:
+            raise ValueError(f"backend: {op} has no {backend!r} backend (it has {', '.join(spec.backends)})")
+        return backend, "backend"
+    env = os.environ.get("FASTSAFE_BACKEND") or ""
+    if not env.strip():
+        return None, ""
+    origin = "FASTSAFE_BACKEND"
+    if ":" not in env:
+        name = env.strip()
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"{origin}: expected one of {BACKEND_NAMES} (or op:backend pairs such as "
+                             f"'safe_topk:cpp,token_logps:torch'), got {env!r}")
+        return (name, origin) if name in spec.backends else (None, "")
+    chosen = None
+    for part in env.split(","):
+        if not part.strip():
+            continue
+        op_name, sep, name = (s.strip() for s in part.partition(":"))
+        if not sep or op_name not in OPS or name not in BACKEND_NAMES:
+            raise ValueError(f"{origin}: expected 'op:backend' pairs with op in {OP_NAMES} and backend in "
+                             f"{BACKEND_NAMES}, got {part.strip()!r} in {env!r}")
+        if name not in OPS[op_name].backends:
+            raise ValueError(f"{origin}: {op_name} has no {name!r} backend "
+                             f"(it has {', '.join(OPS[op_name].backends)}), got {env!r}")
+        if op_name == op:
+            chosen = name
+    return (chosen, origin) if chosen is not None else (None, "")
 
-    ``backend`` (or else the ``FASTSAFE_BACKEND`` environment variable) forces a choice; it must
-    be available and support the device. Otherwise the fastest available default is taken.
+
+def backend_for(tensor: torch.Tensor, backend: Optional[str] = None, *, op: str = "safe_topk") -> str:
+    """Name of the backend that runs ``op`` on ``tensor``'s device.
+
+    ``backend`` (or else the ``FASTSAFE_BACKEND`` environment variable, see the module doc) forces
+    a choice; it must be one of ``op``'s backends, available, and run on the device. Otherwise the
+    first available backend of ``op``'s default order for the device is taken.
 
     Example:
         >>> fastsafe.ops.backend_for(torch.zeros(2, 10))
         'cpp'
+        >>> fastsafe.ops.backend_for(torch.zeros(2, 10), op="token_logps")
+        'torch'
     """
+    spec = _check_op(op)
     device = tensor.device
-    forced = backend if backend is not None else (os.environ.get("FASTSAFE_BACKEND") or None)
+    forced, origin = _forced(op, backend)
     if forced is not None:
-        origin = "backend" if backend is not None else "FASTSAFE_BACKEND"
-        if forced not in BACKEND_NAMES:
-            raise ValueError(f"{origin}: expected one of {BACKEND_NAMES}, got {forced!r}")
-        info = backends()[forced]
+        info = _info(forced, op)
         if not _supports(forced, device):
             raise ValueError(f"{origin}: backend {forced!r} does not run on {device.type} tensors "
                              f"(it runs on {'/'.join(info.devices)})")
         if not info.available:
-            raise RuntimeError(f"{origin}: backend {forced!r} is unavailable: {info.reason}")
+            raise RuntimeError(f"{origin}: backend {forced!r} is unavailable for {op}: {info.reason}")
         return forced
-    for name in _DEFAULT_ORDER.get(device.type, ("torch",)):
-        if backends()[name].available and _supports(name, device):
+    for name in spec.default_order.get(device.type, ("torch",)):
+        if _supports(name, device) and _info(name, op).available:
             return name
     return "torch"
+
+
+def describe() -> str:
+    """The text of ``fastsafe backends``: a table of backends x ops, the reasons of what is
+    unavailable, and each op's default backend for CPU (and CUDA, when visible) tensors.
+
+    Example:
+        >>> print(fastsafe.ops.dispatch.describe())
+        backend  devices                safe_topk    token_logps
+        torch    cpu/cuda               available    available
+        cpp      cpu                    available    -
+        ...
+    """
+    width = max(12, *(len(op) + 2 for op in OPS))
+    lines = [f"{'backend':8s} {'devices':22s} " + "".join(f"{op:{width}s}" for op in OPS).rstrip()]
+    reasons = {}
+    for name in BACKEND_NAMES:
+        cells = []
+        for op, spec in OPS.items():
+            if name not in spec.backends:
+                cells.append("-")
+                continue
+            info = _info(name, op)
+            cells.append("available" if info.available else "unavailable")
+            if not info.available:
+                reasons.setdefault(info.reason, []).append(f"{name} ({op})")
+        lines.append(f"{name:8s} {'/'.join(_devices(name)):22s} " + "".join(f"{c:{width}s}" for c in cells).rstrip())
+    for why, where in reasons.items():
+        lines.append(f"unavailable {', '.join(where)}: {why}")
+    devices = [torch.empty(0)] + ([torch.empty(0, device="cuda")] if torch.cuda.is_available() else [])
+    for t in devices:
+        chosen = []
+        for op in OPS:
+            try:
+                chosen.append(f"{op}={backend_for(t, op=op)}")
+            except (ValueError, RuntimeError) as exc:  # a bad FASTSAFE_BACKEND: show it, per op
+                chosen.append(f"{op}=error ({exc})")
+        lines.append(f"default for {t.device.type} tensors: {', '.join(chosen)}")
+    return "\n".join(lines)
 
 
 _IMPLS: Dict[tuple, Callable] = {}
@@ -160,10 +295,14 @@ def register(op: str, backend: str):
 
 
 def implementation(op: str, backend: str) -> Callable:
+    """The function registered for ``(op, backend)`` (importing the backend's module on first use)."""
     key = (op, backend)
     if key not in _IMPLS:
-        # Backends register themselves on import of their module.
-        importlib.import_module(f"fastsafe.ops.backend_{backend}")
+        # The decoding backends register themselves on import of their module.
+        try:
+            importlib.import_module(f"fastsafe.ops.backend_{backend}")
+        except ImportError:
+            pass
     try:
         return _IMPLS[key]
     except KeyError:

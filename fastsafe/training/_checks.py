@@ -80,9 +80,18 @@ def check_pair_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_log
     return wc, wr
 
 
-def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (the losses accumulate in at least fp32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def acc_dtype(*items) -> torch.dtype:
+    """The accumulation dtype of the training code: float64 if any of ``items`` (tensors, dtypes or
+    None) is float64, else float32 (token log-probs, losses and gradients accumulate in at least fp32).
+
+    Example:
+        >>> acc_dtype(torch.zeros(2, dtype=torch.bfloat16), None), acc_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    for t in items:
+        if t is not None and (t if isinstance(t, torch.dtype) else t.dtype) == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def metric(x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._checks import acc_dtype
 
 
 def token_logps_reference(hidden, weight, targets, bias=None, ignore_index=-100, temperature=1.0, *,
@@ -25,7 +23,7 @@ def token_logps_reference(hidden, weight, targets, bias=None, ignore_index=-100,
         >>> lp = token_logps_reference(torch.randn(2, 5, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 5)))
     """
     H = hidden.shape[-1]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden)
     flat_t = targets.reshape(-1)
     valid = flat_t != ignore_index
     if active is not None:
