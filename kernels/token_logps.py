@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["TritonTokenLogps", "token_logps_triton_forward", "launch_config"]
+__all__ = ["TritonTokenLogps", "token_logps_triton_forward", "token_logps_triton_partials", "launch_config"]
 
 
 @triton.jit
@@ -241,12 +241,12 @@ def _rowmajor(t):
     return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
 
-def token_logps_triton_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
-                               temperature: float, want_entropy: bool, *, n_splits=None, config=None):
-    """Forward of the Triton path on packed tokens: ``(logp, kl, entropy, lse, ref_lse, mean_z)``, fp32 ``[M]``.
-
-    ``kl`` / ``ref_lse`` are empty without ``ref_hidden``; ``entropy`` / ``mean_z`` without ``want_entropy``.
-    """
+def token_logps_triton_partials(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                                temperature: float, want_entropy: bool, *, n_splits=None, config=None):
+    """Forward kernel on packed tokens: ``(m, s, t, ez, rm, rs, rd)``, fp32 ``[M, S]`` per-split
+    partials (``ez`` None without ``want_entropy``, the ``r*`` None without ``ref_hidden``), the
+    input of ``fastsafe.training.token_logps_merge.merge_partials``. A target outside
+    ``[0, V)`` (held by another rank's shard) adds nothing to ``t``."""
     _check_dtype(hidden)
     M, K = hidden.shape
     V = weight.shape[0]
@@ -254,9 +254,6 @@ def token_logps_triton_forward(hidden, weight, bias, targets, ref_hidden, ref_we
     has_ref = ref_hidden is not None
     f32 = dict(dtype=torch.float32, device=dev)
     empty = torch.empty(0, **f32)
-    if M == 0:
-        z = torch.zeros(0, **f32)
-        return z, z.clone(), z.clone(), z.clone(), z.clone(), z.clone()
     cfg = dict(config or launch_config(hidden.dtype, dev))
     S = n_splits or _n_splits(M, V, cfg, dev)
     split_len = triton.cdiv(triton.cdiv(V, S), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
@@ -265,56 +262,57 @@ def token_logps_triton_forward(hidden, weight, bias, targets, ref_hidden, ref_we
     parts["ez"] = torch.empty(M, S, **f32) if want_entropy else empty
     for k in ("rm", "rs", "rd"):
         parts[k] = torch.empty(M, S, **f32) if has_ref else empty
-    hidden, weight, bias = _rowmajor(hidden), _rowmajor(weight), _rowmajor(bias)
-    ref_hidden, ref_weight, ref_bias = _rowmajor(ref_hidden), _rowmajor(ref_weight), _rowmajor(ref_bias)
-    rh = ref_hidden if has_ref else hidden
-    rw = ref_weight if has_ref else weight
-    prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), S)
-    _token_logps_fwd_kernel[grid](
-        hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, targets,
-        rh, rh.stride(0), rw, rw.stride(0), ref_bias if ref_bias is not None else rw,
-        parts["m"], parts["s"], parts["t"], parts["ez"], parts["rm"], parts["rs"], parts["rd"],
-        M, V, K, 1.0 / temperature, split_len, S,
-        HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and ref_bias is not None,
-        WANT_ENT=bool(want_entropy), BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
-        PREC=prec, UPCAST=_interpreted(dev), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    gm = parts["m"].max(dim=1).values
-    scale = torch.exp(parts["m"] - gm[:, None])
-    s_tot = (parts["s"] * scale).sum(1)
-    lse = gm + torch.log(s_tot)
-    lp = parts["t"].sum(1) - lse
-    if want_entropy:
-        mean_z = (parts["ez"] * scale).sum(1) / s_tot
-        ent = lse - mean_z
-    else:
-        mean_z = ent = empty
-    if has_ref:
-        rgm = parts["rm"].max(dim=1).values
-        rscale = torch.exp(parts["rm"] - rgm[:, None])
-        rs_tot = (parts["rs"] * rscale).sum(1)
-        ref_lse = rgm + torch.log(rs_tot)
-        kl = (parts["rd"] * rscale).sum(1) / rs_tot - ref_lse + lse
-    else:
-        ref_lse = kl = empty
-    return lp, kl, ent, lse, ref_lse, mean_z
+    if M > 0:
+        hidden, weight, bias = _rowmajor(hidden), _rowmajor(weight), _rowmajor(bias)
+        ref_hidden, ref_weight, ref_bias = _rowmajor(ref_hidden), _rowmajor(ref_weight), _rowmajor(ref_bias)
+        rh = ref_hidden if has_ref else hidden
+        rw = ref_weight if has_ref else weight
+        prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), S)
+        _token_logps_fwd_kernel[grid](
+            hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight, targets,
+            rh, rh.stride(0), rw, rw.stride(0), ref_bias if ref_bias is not None else rw,
+            parts["m"], parts["s"], parts["t"], parts["ez"], parts["rm"], parts["rs"], parts["rd"],
+            M, V, K, 1.0 / temperature, split_len, S,
+            HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and ref_bias is not None,
+            WANT_ENT=bool(want_entropy), BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
+            PREC=prec, UPCAST=_interpreted(dev), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return (parts["m"], parts["s"], parts["t"], parts["ez"] if want_entropy else None,
+            *((parts[k] for k in ("rm", "rs", "rd")) if has_ref else (None, None, None)))
+
+
+def token_logps_triton_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                               temperature: float, want_entropy: bool, *, n_splits=None, config=None,
+                               group=None):
+    """Forward of the Triton path on packed tokens: ``(logp, kl, entropy, lse, ref_lse, mean_z)``, fp32 ``[M]``.
+
+    ``kl`` / ``ref_lse`` are empty without ``ref_hidden``; ``entropy`` / ``mean_z`` without
+    ``want_entropy``. With a process ``group`` the splits of every rank's shard are merged.
+    """
+    from fastsafe.training.token_logps_merge import merge_partials
+    parts = token_logps_triton_partials(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                                        temperature, want_entropy, n_splits=n_splits, config=config)
+    return merge_partials(*parts, group=group)
 
 
 class TritonTokenLogps(torch.autograd.Function):
     """The Triton path of ``token_logps`` on packed active tokens.
 
     ``forward(hidden [M, H], weight [V, H], bias [V] | None, targets [M] int, ref_hidden [M, H] | None,
-    ref_weight [V, H] | None, ref_bias [V] | None, temperature, want_entropy)`` returns fp32
-    ``(logp [M], kl [M] | empty, entropy [M] | empty)``. Backward takes a gradient per token for
+    ref_weight [V, H] | None, ref_bias [V] | None, temperature, want_entropy, group=None)`` returns
+    fp32 ``(logp [M], kl [M] | empty, entropy [M] | empty)``; with a process ``group`` see
+    ``fastsafe.training.token_logps.ChunkedTokenLogps`` (vocabulary-parallel shards). Backward takes a gradient per token for
     each output and returns gradients for ``hidden``, ``weight`` and ``bias`` (fp32-accumulated).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, want_entropy):
+    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, want_entropy,
+                group=None):
         targets = targets.contiguous()
         lp, kl, ent, lse, ref_lse, mean_z = token_logps_triton_forward(
-            hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, want_entropy)
+            hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, want_entropy, group=group)
+        ctx.group = group
         ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z)
         ctx.temperature = temperature
         ctx.want_kl = ref_hidden is not None
@@ -373,5 +371,10 @@ class TritonTokenLogps(torch.autograd.Function):
                 )
                 if need_w:
                     gw[v_lo:v_hi].copy_(gw_acc[: v_hi - v_lo])
+        group = getattr(ctx, "group", None)
+        if gh is not None and group is not None:
+            # A column-parallel lm_head: every rank's hidden-state gradient is the sum over the shards.
+            import torch.distributed as dist
+            dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)
         return (None if gh is None else gh.to(hidden.dtype), gw,
-                None if gb is None else gb.to(bias.dtype), None, None, None, None, None, None)
+                None if gb is None else gb.to(bias.dtype), None, None, None, None, None, None, None)

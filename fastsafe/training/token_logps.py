@@ -16,17 +16,19 @@ Both are ``torch.autograd.Function``s whose backward takes a gradient per token 
 """
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Optional
 
 import torch
 
-from ._checks import check_float, check_int_tensor, check_real, check_same_device, check_tensor
+from fastsafe.ops.dispatch import OPS, backend_for
+
+from ._checks import acc_dtype, check_float, check_int_tensor, check_real, check_same_device, check_tensor
+from .token_logps_merge import merge_partials
+from .token_logps_vocab_parallel import vocab_shard
 
 __all__ = ["token_logps", "token_logps_backend", "default_chunk_size", "TOKEN_LOGPS_BACKENDS"]
 
-TOKEN_LOGPS_BACKENDS = ("torch", "triton")
+TOKEN_LOGPS_BACKENDS = OPS["token_logps"].backends
 # Elements of one [chunk, V] fp32 buffer in the chunked path (64 MiB); a few such buffers live at once.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -37,25 +39,11 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
     return max(1, min(c, num_tokens))
 
 
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_unavailable_reason(device: torch.device) -> Optional[str]:
-    if device.type != "cuda" and not (device.type == "cpu" and _interpreter()):
-        return (f"the triton backend runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), "
-                f"got a {device.type} tensor")
-    try:
-        importlib.import_module("triton")
-        importlib.import_module("fastsafe.kernels.token_logps")
-    except Exception as exc:  # ImportError, or a Triton that cannot build for this GPU
-        return f"triton kernels not importable ({type(exc).__name__}: {exc})"
-    return None
-
-
 def token_logps_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
     """Name of the backend :func:`token_logps` uses for ``tensor``'s device.
 
+    A thin alias of ``fastsafe.ops.backend_for(tensor, backend, op="token_logps")``: one registry
+    and one override rule (``backend=``, else ``FASTSAFE_BACKEND``) serve every op.
     ``backend=None`` picks ``"triton"`` for CUDA tensors when Triton is importable, else
     ``"torch"``. CPU tensors always default to ``"torch"`` (even with ``TRITON_INTERPRET=1``);
     ``backend="triton"`` forces the kernels (on the CPU this needs ``TRITON_INTERPRET=1``).
@@ -64,27 +52,12 @@ def token_logps_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> 
         >>> token_logps_backend(torch.zeros(2, 8))
         'torch'
     """
-    device = tensor.device
-    if backend is None:
-        if device.type == "cuda" and _triton_unavailable_reason(device) is None:
-            return "triton"
-        return "torch"
-    if backend not in TOKEN_LOGPS_BACKENDS:
-        raise ValueError(f"backend: expected one of {TOKEN_LOGPS_BACKENDS} or None, got {backend!r}")
-    if backend == "triton":
-        why = _triton_unavailable_reason(device)
-        if why is not None:
-            raise RuntimeError(f"backend: 'triton' is unavailable: {why}")
-    return backend
+    return backend_for(tensor, backend, op="token_logps")
 
 
 # ----------------------------------------------------------------------------------------------
 # torch backend: chunked over tokens
 # ----------------------------------------------------------------------------------------------
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _chunk_logits(h, weight, bias, inv_temp, acc):
     z = h @ weight.t()
@@ -96,55 +69,80 @@ def _chunk_logits(h, weight, bias, inv_temp, acc):
     return z
 
 
+def chunked_partials(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature: float,
+                     chunk_size: int, want_entropy: bool):
+    """Per-token partials of the torch path over ``weight``'s rows, chunk by chunk of tokens.
+
+    ``targets`` are row indices into ``weight``; one outside ``[0, V)`` (a target held by another
+    rank's shard) adds nothing to ``t``. Returns ``(m, s, t, ez, rm, rs, rd)`` as ``[M, 1]``
+    tensors of the accumulation dtype (``ez`` None without ``want_entropy``, the ``r*`` None
+    without ``ref_hidden``), the input of :func:`~fastsafe.training.token_logps_merge.merge_partials`.
+    """
+    M = hidden.shape[0]
+    V = weight.shape[0]
+    acc = acc_dtype(hidden)
+    inv_temp = 1.0 / temperature
+    want_kl = ref_hidden is not None
+
+    def buf(on=True):
+        return torch.empty(M, 1, dtype=acc, device=hidden.device) if on else None
+
+    m, s, t, ez = buf(), buf(), buf(), buf(want_entropy)
+    rm, rs, rd = buf(want_kl), buf(want_kl), buf(want_kl)
+    zero = torch.zeros((), dtype=acc, device=hidden.device)
+    for c0 in range(0, M, chunk_size):
+        c1 = min(M, c0 + chunk_size)
+        z = _chunk_logits(hidden[c0:c1], weight, bias, inv_temp, acc)
+        c_m = z.amax(dim=1, keepdim=True)
+        e = torch.exp(z - c_m)
+        m[c0:c1] = c_m
+        s[c0:c1] = e.sum(1, keepdim=True)
+        tgt = targets[c0:c1, None]
+        inside = (tgt >= 0) & (tgt < V)
+        t[c0:c1] = torch.where(inside, z.gather(1, tgt.clamp(0, V - 1)), zero)
+        if want_entropy:
+            ez[c0:c1] = (e.mul_(z)).sum(1, keepdim=True)
+        del e
+        if want_kl:
+            zr = _chunk_logits(ref_hidden[c0:c1], ref_weight, ref_bias, inv_temp, acc)
+            r_m = zr.amax(dim=1, keepdim=True)
+            er = torch.exp(zr - r_m)
+            rm[c0:c1] = r_m
+            rs[c0:c1] = er.sum(1, keepdim=True)
+            rd[c0:c1] = (er * zr.sub_(z)).sum(1, keepdim=True)
+            del zr, er
+        del z
+    return m, s, t, ez, rm, rs, rd
+
+
 class ChunkedTokenLogps(torch.autograd.Function):
     """Chunked log-softmax-and-gather (plus optional KL and entropy) over packed active tokens.
 
     ``forward(hidden [M, H], weight [V, H], bias [V] | None, targets [M], ref_hidden [M, H] | None,
-    ref_weight [V, H] | None, ref_bias [V] | None, temperature, chunk_size, want_entropy)`` returns
-    ``(logp [M], kl [M] | empty, entropy [M] | empty)`` in float32 (float64 for float64 inputs).
-    The reference side is constant: it gets no gradient.
+    ref_weight [V, H] | None, ref_bias [V] | None, temperature, chunk_size, want_entropy,
+    group=None)`` returns ``(logp [M], kl [M] | empty, entropy [M] | empty)`` in float32 (float64
+    for float64 inputs). The reference side is constant: it gets no gradient.
+
+    With a process ``group``, ``weight`` / ``bias`` (and ``ref_weight`` / ``ref_bias``) are this
+    rank's rows of a vocabulary-parallel lm_head and ``targets`` are relative to this rank's first
+    row: the logsumexps are merged across the group, and the backward sums the hidden-state
+    gradient over the group (each rank keeps its shard's weight gradient).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
-                temperature, chunk_size, want_entropy):
-        M = hidden.shape[0]
-        acc = _acc_dtype(hidden.dtype)
-        inv_temp = 1.0 / temperature
+                temperature, chunk_size, want_entropy, group=None):
         want_kl = ref_hidden is not None
-        lse = torch.empty(M, dtype=acc, device=hidden.device)
-        lp = torch.empty(M, dtype=acc, device=hidden.device)
-        kl = torch.empty(M if want_kl else 0, dtype=acc, device=hidden.device)
-        ref_lse = torch.empty(M if want_kl else 0, dtype=acc, device=hidden.device)
-        ent = torch.empty(M if want_entropy else 0, dtype=acc, device=hidden.device)
-        mean_z = torch.empty(M if want_entropy else 0, dtype=acc, device=hidden.device)
-        for s in range(0, M, chunk_size):
-            e = min(M, s + chunk_size)
-            z = _chunk_logits(hidden[s:e], weight, bias, inv_temp, acc)
-            c_lse = torch.logsumexp(z, dim=-1)
-            lse[s:e] = c_lse
-            lp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - c_lse
-            if want_entropy or want_kl:
-                p = torch.exp(z - c_lse[:, None])
-            if want_entropy:
-                ez = (p * z).sum(-1)
-                mean_z[s:e] = ez
-                ent[s:e] = c_lse - ez
-            if want_kl:
-                zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, inv_temp, acc)
-                r_lse = torch.logsumexp(zr, dim=-1)
-                ref_lse[s:e] = r_lse
-                # KL(ref || pi) = sum_v p_ref (z_ref - z) - lse_ref + lse, from logsumexps only.
-                pr = torch.exp(zr - r_lse[:, None])
-                kl[s:e] = (pr * (zr - z)).sum(-1) - r_lse + c_lse
-                del zr, pr
-            del z
+        parts = chunked_partials(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                                 temperature, chunk_size, want_entropy)
+        lp, kl, ent, lse, ref_lse, mean_z = merge_partials(*parts, group=group)
         ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
                               lse, ref_lse, mean_z)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         ctx.want_kl = want_kl
         ctx.want_entropy = want_entropy
+        ctx.group = group
         if not want_kl:
             ctx.mark_non_differentiable(kl)
         if not want_entropy:
@@ -157,7 +155,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
          lse, ref_lse, mean_z) = ctx.saved_tensors
         M, H = hidden.shape
         V = weight.shape[0]
-        acc = _acc_dtype(hidden.dtype)
+        acc = acc_dtype(hidden)
         low = hidden.dtype != acc
         inv_temp = 1.0 / ctx.temperature
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -230,8 +228,13 @@ class ChunkedTokenLogps(torch.autograd.Function):
                     grad_w[v0:v1] = acc_w.to(weight.dtype)
                 if acc_b is not None:
                     grad_b[v0:v1] = acc_b
+        group = getattr(ctx, "group", None)
+        if grad_h is not None and group is not None:
+            # A column-parallel lm_head: every rank's hidden-state gradient is the sum over the shards.
+            import torch.distributed as dist
+            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=group)
         return (None if grad_h is None else grad_h.to(hidden.dtype), grad_w,
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None, None)
 
 
 def backward_tile(num_tokens: int, vocab_size: int, chunk_size: int):
@@ -282,7 +285,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
                 ref_bias: Optional[torch.Tensor] = None, return_kl: bool = False,
                 return_entropy: bool = False, chunk_size: Optional[int] = None,
-                backend: Optional[str] = None):
+                backend: Optional[str] = None, process_group=None, vocab_size: Optional[int] = None):
     """Per-token ``log p(target)`` from hidden states and the lm_head, without materialising logits.
 
     ``logits = (hidden @ weight.T + bias) / temperature``; returns ``log_softmax(logits)[target]``.
@@ -305,7 +308,21 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             from logsumexps (needs ``ref_hidden``). Differentiable w.r.t. the policy side.
         return_entropy: also return the policy entropy per position (differentiable).
         chunk_size: rows per chunk of the torch path (default :func:`default_chunk_size`).
-        backend: ``None`` (Triton on CUDA, torch on CPU), ``"torch"`` or ``"triton"``.
+        backend: ``None`` (Triton on CUDA, torch on CPU; ``FASTSAFE_BACKEND`` overrides, see
+            :mod:`fastsafe.ops.dispatch`), ``"torch"`` or ``"triton"``.
+        process_group: vocabulary parallelism (a column-parallel lm_head, as in Megatron or
+            torchtitan). Each rank of the ``torch.distributed`` group passes the same ``hidden``,
+            ``targets``, ``active`` (and ``ref_hidden``) and its own contiguous block of the
+            lm_head's rows as ``weight`` ``[V_r, H]`` (``bias`` ``[V_r]``, ``ref_weight``
+            ``[V_r, H]``, ``ref_bias``): rank 0 the first rows, then rank 1, ...; blocks may be
+            uneven. ``targets`` are global ids. The logsumexps (and the entropy and KL sums) are
+            merged across the group, the target logit comes from the rank holding it, and every
+            rank gets the same outputs. The backward gives each rank its shard's weight (and bias)
+            gradient and the full hidden-state gradient, summed over the group (so do not also
+            all-reduce it, e.g. with Megatron's copy-to-parallel-region). One all-gather of the
+            shard sizes per call checks the layout; mismatched shards fail on every rank.
+        vocab_size: the global vocabulary size, checked against the sum of the shards (or
+            ``weight``'s rows without ``process_group``); ``None`` derives it.
 
     Returns:
         ``lp`` of ``targets``' shape, float32 (float64 for float64 inputs), 0 at ignored and
@@ -327,8 +344,21 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         raise ValueError(f"targets: expected shape {list(hidden.shape[:-1])} (hidden's shape without H), "
                          f"got {list(targets.shape)}")
     check_same_device("targets", targets, hidden, "hidden")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size: expected an int >= 1 or None, got {vocab_size!r}")
+    shard = None
+    if process_group is not None:
+        check_float("weight", weight, ndims=(2,))
+        # Before any check that compares weight with hidden: a bad shard must fail on every rank.
+        shard = vocab_shard(process_group, weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias,
+                            return_kl, return_entropy, vocab_size)
     _check_lm_head("weight", weight, "bias", bias, hidden, "hidden")
     V = weight.shape[0]
+    V_all = shard.vocab_size if shard is not None else V
+    if shard is None and vocab_size is not None and vocab_size != V:
+        raise ValueError(f"vocab_size: expected weight's rows V = {V} (or pass process_group for a "
+                         f"vocabulary-parallel shard), got {vocab_size}")
     temperature = check_real("temperature", temperature, positive=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
@@ -367,10 +397,10 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     out_shape = targets.shape
     flat_t = targets.reshape(-1)
     valid = flat_t != ignore_index
-    bad = valid & ((flat_t < 0) | (flat_t >= V))
+    bad = valid & ((flat_t < 0) | (flat_t >= V_all))
     if bool(bad.any()):
         vals = flat_t[bad]
-        raise ValueError(f"targets: expected ids in [0, V) = [0, {V}) or ignore_index = {ignore_index}, got "
+        raise ValueError(f"targets: expected ids in [0, V) = [0, {V_all}) or ignore_index = {ignore_index}, got "
                          f"{vals.numel()} out of range (min {vals.min().item()}, max {vals.max().item()})")
     if active is not None:
         check_tensor("active", active)
@@ -393,15 +423,20 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         rh_act = None if ref_hidden is None else ref_hidden.reshape(M_all, H).index_select(0, idx)
     M = h_act.shape[0]
     h_act = h_act if h_act.stride(-1) == 1 else h_act.contiguous()
+    group = None
+    if shard is not None:
+        group = process_group
+        if shard.offset:
+            t_act = t_act - shard.offset          # rows of this rank's shard; others' fall outside
     chosen = token_logps_backend(hidden, backend)
     if chosen == "triton":
         from fastsafe.kernels.token_logps import TritonTokenLogps
         lp, kl, ent = TritonTokenLogps.apply(h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
-                                             temperature, bool(return_entropy))
+                                             temperature, bool(return_entropy), group)
     else:
         C = chunk_size if chunk_size is not None else default_chunk_size(max(M, 1), V)
         lp, kl, ent = ChunkedTokenLogps.apply(h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
-                                              temperature, C, bool(return_entropy))
+                                              temperature, C, bool(return_entropy), group)
 
     def scatter(x):
         if idx is None:
