@@ -4,6 +4,7 @@
 ...                                masked_ppo_loss, masked_grpo_loss, masked_rs_loss, tdpo_loss,
 ...                                FusedLinearMaskedDPOLoss, FusedLinearMaskedPPOLoss, FusedLinearMaskedGRPOLoss)
 """
+from .in_forward import run_in_forward
 from .losses_dpo import masked_dpo_loss
 from .losses_ppo import kl_estimate, masked_grpo_loss, masked_ppo_loss
 from .losses_rs import masked_rs_loss
@@ -17,4 +18,5 @@ __all__ = [
     "schmitt_mask", "threshold_mask",
     "masked_dpo_loss", "masked_ppo_loss", "masked_grpo_loss", "masked_rs_loss", "tdpo_loss", "kl_estimate",
     "FusedLinearMaskedDPOLoss", "FusedLinearMaskedPPOLoss", "FusedLinearMaskedGRPOLoss",
+    "run_in_forward",
 ]
