@@ -233,6 +233,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
     for i, r in enumerate(rows):
         if not r:
             raise ValueError(f"prompts[{i}]: empty prompt (no tokens); give at least one token")
+    _check_before_model(model, rows, V, fallback_id, config.fallback_token_id is not None)
     B = len(rows)
     T = max(len(r) for r in rows)
     device = next(model.parameters()).device
@@ -408,6 +409,31 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
     events.sort(key=lambda e: (e.step, e.row))
     return GenerationResult(sequences=sequences, texts=texts, events=events, prompt_length=T,
                             finish_reasons=finish, new_tokens=new_tokens)
+
+
+def _check_before_model(model, rows: list[list[int]], V: int | None, fallback_id, from_config: bool) -> None:
+    """Errors that would otherwise surface deep inside torch: a model without data (meta tensors),
+    prompt token ids outside ``[0, V)``, a fallback token outside ``[0, V)``."""
+    from .models import logits_vocab_size
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    if param is not None and param.device.type == "meta":
+        raise ValueError("model: its weights are meta tensors (no data; loaded with device_map='meta' or "
+                         "init_empty_weights?); load the weights onto cpu or cuda first")
+    if V is None:
+        try:
+            V = logits_vocab_size(model)
+        except (AttributeError, TypeError):
+            V = None
+    if V is None:
+        return
+    for i, r in enumerate(rows):
+        lo, hi = min(r), max(r)
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"prompts[{i}]: expected token ids in [0, {V}) (the model's vocabulary), got {bad}")
+    if fallback_id is not None and not 0 <= int(fallback_id) < V:
+        name = "config.fallback_token_id" if from_config else "eos_token_id"
+        raise ValueError(f"{name}: expected a token id in [0, {V}) (the model's vocabulary), got {int(fallback_id)}")
 
 
 def _hits_stop(tokenizer, tokens: list[int], stop_strings: list[str], max_stop: int) -> bool:

@@ -102,6 +102,7 @@ class SafeLogitsProcessor:
         self.reward = config.resolve_reward()
         self._matcher_source = None
         self._matcher_vocab = None
+        self._checked_vocab = None
         self.events: list = []
         self.reset()
 
@@ -165,6 +166,7 @@ class SafeLogitsProcessor:
         if cfg.is_empty:
             return scores
         B, V = scores.shape
+        self._check_call(scores, V)
         out = scores
         dtype = scores.dtype
 
@@ -249,6 +251,22 @@ class SafeLogitsProcessor:
                 self._emit(SafetyEvent(step=position, row=b, token_id=fb, token_text=self._text(fb),
                                        rule="all_banned_fallback"))
         return out
+
+    def _check_call(self, scores: torch.Tensor, V: int) -> None:
+        """Clear errors for inputs that would otherwise fail deep inside torch (or sample garbage)."""
+        if scores.device.type == "meta":
+            raise ValueError("scores: expected a tensor with data, got a meta tensor (the model's weights are "
+                             "meta tensors?)")
+        if self.eos_token_id is not None and self._checked_vocab != V:
+            fb = self.eos_token_id
+            if isinstance(fb, bool) or not isinstance(fb, int) or not 0 <= fb < V:
+                raise ValueError(f"eos_token_id: the fallback token must be a token id in [0, {V}) (the scores' "
+                                 f"V), got {fb!r} (from eos_token_id=, config.fallback_token_id or the tokenizer)")
+            self._checked_vocab = V
+        if bool(torch.isposinf(scores).any()):
+            rows = torch.isposinf(scores).any(dim=-1).nonzero().flatten().tolist()
+            raise ValueError(f"scores: +inf in rows {rows[:16]}; expected finite scores or -inf (a +inf score "
+                             f"makes the softmax NaN under sampling; did an earlier logits processor write +inf?)")
 
     def _reward_events(self, position, values, s, cands, ok) -> None:
         """Report rows where the reward overturned the best allowed candidate by log-probability."""

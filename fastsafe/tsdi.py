@@ -158,6 +158,9 @@ class TSDIBias:
             raise ValueError(f"bias_table: expected a non-empty [L, V] tensor, got shape {tuple(self.bias_table.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"bias_table: expected a floating point dtype, got {t.dtype}")
+        if t.device.type == "meta":
+            raise ValueError(f"bias_table: expected a tensor with data (cpu or cuda), got a meta tensor of shape "
+                             f"{tuple(t.shape)}")
         t = t.to(torch.float32).contiguous()
         if not bool(torch.isfinite(t).all()):
             raise ValueError("bias_table: contains NaN or infinite values")
@@ -315,9 +318,15 @@ class TSDIBias:
             raise ValueError(f"path: {path!r} is not a readable safetensors file: {exc}") from None
         if table.dim() != 2:
             raise ValueError(f"path: {path!r}: expected a [L, V] {TABLE_KEY}, got shape {tuple(table.shape)}")
-        if "vocab_size" in meta and int(meta["vocab_size"]) != table.shape[1]:
-            raise ValueError(f"path: {path!r}: metadata vocab_size {meta['vocab_size']} does not match the "
-                             f"table's {table.shape[1]} columns")
+        if "vocab_size" in meta:
+            try:
+                meta_v = int(meta["vocab_size"])
+            except ValueError:
+                raise ValueError(f"path: {path!r}: metadata vocab_size: expected an integer, got "
+                                 f"{meta['vocab_size']!r}") from None
+            if meta_v != table.shape[1]:
+                raise ValueError(f"path: {path!r}: metadata vocab_size {meta['vocab_size']} does not match the "
+                                 f"table's {table.shape[1]} columns")
         bias = cls(table, meta)
         if vocab_size is not None:
             bias.check_vocab(check_int("vocab_size", vocab_size, 1), what="vocab_size")

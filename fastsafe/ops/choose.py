@@ -92,6 +92,11 @@ def choose(out: SafeTopK, candidate_reward=None, reward_weight: float = 0.0, can
     min_p = check_real("min_p", min_p)
     if not 0.0 <= min_p <= 1.0:
         raise ValueError(f"min_p: expected 0 <= min_p <= 1, got {min_p}")
+    if fallback_id is not None:          # a token id: an int >= 0 (callers that know V also check < V)
+        if isinstance(fallback_id, torch.Tensor) and fallback_id.numel() == 1 and not fallback_id.is_floating_point():
+            fallback_id = int(fallback_id.item())
+        if isinstance(fallback_id, bool) or not isinstance(fallback_id, int) or fallback_id < 0:
+            raise ValueError(f"fallback_id: expected a token id (an int >= 0) or None, got {fallback_id!r}")
 
     nan_rows = torch.isnan(out.logsumexp)
     if bool(nan_rows.any()):

@@ -370,6 +370,17 @@ class PhraseMatcher:
             self._by_id = by
         return {i for x in ids for i in self._by_id.get(x, ())}
 
+    def _prepare_masks(self) -> None:
+        """Build the maps :meth:`_indices_of_ids` and :meth:`_collateral` use (O(entities), once)."""
+        self._indices_of_ids(())
+        if self._by_norm is None:
+            by: dict = {}
+            forms, skipped = self._forms, self._skipped_idx
+            for i, e in enumerate(self.entities):
+                if e.kind == "phrase" and e.phrase in forms and i not in skipped:
+                    by.setdefault(forms[e.phrase][0], []).append(i)
+            self._by_norm = by
+
     def _collateral(self, drop: set[int]) -> set[int]:
         """Entities outside ``drop`` that share a banned token sequence or a normalised text with one in
         it (the automaton keeps one owner per sequence / text, so masking ``drop`` would unban them too)."""
@@ -379,12 +390,7 @@ class PhraseMatcher:
             if len(mine):
                 out.update(self._seq_val[np.isin(self._seq_hash, mine)].tolist())
         if self._text_map and drop:
-            if self._by_norm is None:
-                by: dict = {}
-                for i, e in enumerate(self.entities):
-                    if e.kind == "phrase" and e.phrase in self._forms and i not in self._skipped_idx:
-                        by.setdefault(self._forms[e.phrase][0], []).append(i)
-                self._by_norm = by
+            self._prepare_masks()
             for i in drop:
                 e = self.entities[i]
                 if e.kind == "phrase" and e.phrase in self._forms:
@@ -1140,6 +1146,8 @@ class LiveMatcher:
             a positive value delays changes by up to that long).
         background: merge in a background thread (default); False rebuilds the whole matcher
             synchronously inside ``current`` instead of using a delta.
+        merge_delay: seconds the background merge waits after a change before rebuilding, so a
+            burst of edits costs one rebuild (the delta keeps every change in force meanwhile).
         on_skip: optional callback called once with each newly skipped :class:`SkippedEntity`.
         **build_kwargs: passed to :meth:`PhraseMatcher.build` (``vocab_size``, ``eos_token_id``, ...).
 
@@ -1155,7 +1163,8 @@ class LiveMatcher:
     """
 
     def __init__(self, store, tokenizer, *, extra_phrases=(), extra_token_id_phrases=(), extra_regexes=(),
-                 poll_interval: float = 0.0, background: bool = True, on_skip=None, **build_kwargs):
+                 poll_interval: float = 0.0, background: bool = True, merge_delay: float = 1.0, on_skip=None,
+                 **build_kwargs):
         self.store = store
         self.tokenizer = tokenizer
         self.extra_phrases = list(extra_phrases)
@@ -1163,6 +1172,9 @@ class LiveMatcher:
         self.extra_regexes = list(extra_regexes)
         self.poll_interval = float(poll_interval)
         self.background = bool(background)
+        self.merge_delay = float(merge_delay)
+        if not self.merge_delay >= 0:
+            raise ValueError(f"merge_delay: expected a number of seconds >= 0, got {merge_delay!r}")
         self.on_skip = on_skip
         build_kwargs.pop("skip_invalid", None)
         build_kwargs.pop("warn", None)
@@ -1202,7 +1214,7 @@ class LiveMatcher:
         m = PhraseMatcher.build(self.tokenizer, self.extra_phrases, token_id_phrases=self.extra_token_id_phrases,
                                 regexes=self.extra_regexes, entities=ents, version=v, reuse=prev,
                                 skip_invalid=True, warn=False, **self.build_kwargs)
-        m._indices_of_ids(())                  # build the id map here, not in a decoding step
+        m._prepare_masks()                     # build the id / text maps here, not in a decoding step
         return m
 
     def _compose(self, base: PhraseMatcher):
@@ -1251,6 +1263,8 @@ class LiveMatcher:
         """Background: rebuild the whole matcher, then swap it in as the new base."""
         try:
             while True:
+                if self.merge_delay:
+                    time.sleep(self.merge_delay)
                 base = self._full_build(self._base)
                 with self._lock:
                     self._base = base

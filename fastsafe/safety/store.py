@@ -617,12 +617,12 @@ class RiskEntityStore:
             if isinstance(phrase_or_id, str) and kind != "token_ids":
                 _check_text("phrase_or_id", phrase_or_id)
                 key = phrase_or_id.strip() if kind != "regex" else phrase_or_id
-                where, args = "(phrase = ? OR phrase = ?)", [key, phrase_or_id]
+                where, args = "phrase IN (?, ?)", [key, phrase_or_id]
             else:
                 where, args = "phrase = ?", [_check_phrase(phrase_or_id, "token_ids")]
-            if kind is not None:
-                where += " AND kind = ?"
-                args.append(_check_kind(kind))
+            kinds = KINDS if kind is None else (_check_kind(kind),)      # (kind, phrase) is indexed
+            where = f"kind IN ({', '.join('?' * len(kinds))}) AND " + where
+            args = list(kinds) + args
         else:
             raise TypeError(f"phrase_or_id: expected an int id or a str phrase, got {type(phrase_or_id).__name__}")
         if isinstance(phrase_or_id, int) and not -2 ** 63 <= phrase_or_id < 2 ** 63:
@@ -734,7 +734,8 @@ class RiskEntityStore:
                 v = int(meta["version"])
                 if int(meta.get("purged", 0)) > version:
                     return None
-                rows = conn.execute(self._SELECT + " WHERE changed > ? ORDER BY id", (int(version),)).fetchall()
+                rows = sorted(conn.execute(self._SELECT + " INDEXED BY entities_changed WHERE changed > ?",
+                                           (int(version),)).fetchall())
             finally:
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
@@ -762,7 +763,9 @@ class RiskEntityStore:
         try:
             return int(self._conn().execute("SELECT COUNT(*) FROM entities WHERE active = 1").fetchone()[0])
         except sqlite3.DatabaseError as exc:
-            raise self._error(exc) from None
+            if not self.damaged:
+                raise self._error(exc) from None
+        return len(self._salvage(True)[0])
 
     def __contains__(self, phrase) -> bool:
         if not isinstance(phrase, str):
