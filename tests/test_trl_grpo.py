@@ -89,7 +89,7 @@ EQUAL_CASES = [
     ("dapo", dict(gradient_accumulation_steps=2, num_iterations=2, max_steps=2)),
     ("grpo", dict(gradient_accumulation_steps=2, num_iterations=2, max_steps=2, beta=0.05, epsilon_high=0.28,
                   delta=1.5, use_bias_correction_kl=True)),
-    ("dr_grpo", dict(gradient_accumulation_steps=2, max_steps=2, beta=0.05)),
+    ("dr_grpo", dict(gradient_accumulation_steps=2, max_steps=2, beta=0.05, gradient_checkpointing=True)),
 ]
 
 
@@ -207,7 +207,8 @@ def test_tokens_move_with_their_reward_whatever_the_advantage(model_dir, tmp_pat
 def test_loss_never_builds_logits_and_matches_the_loss_function(model_dir, tmp_path):
     tr = trainer(MaskedGRPOTrainer, model_dir, tmp_path, token_reward_fn=token_reward_of_ids, mask_delta=0.05)
     batch = generated_batch(tr)
-    batch["old_per_token_logps"] = -torch.rand(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    batch["old_per_token_logps"] = -torch.rand(batch["completion_mask"].shape, generator=g)
 
     def no_logits(module, args, output):
         raise AssertionError("the lm_head forward ran: [B, T, V] logits were built")

@@ -55,8 +55,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 from fastsafe.training import FusedLinearMaskedDPOLoss, masked_grpo_loss, schmitt_mask, threshold_mask, token_logps
 from fastsafe.training.losses_ppo import GRPO_LOSS_TYPES
 
-__all__ = ["MaskedDPOTrainer", "MaskedGRPOTrainer", "DataCollatorForTokenWeightedPreference", "SUPPORTED_TRL", "check_trl_version",
-           "WEIGHT_COLUMNS", "REWARD_COLUMNS"]
+__all__ = ["MaskedDPOTrainer", "MaskedGRPOTrainer", "DataCollatorForTokenWeightedPreference", "SUPPORTED_TRL",
+           "check_trl_version", "WEIGHT_COLUMNS", "REWARD_COLUMNS"]
 
 #: TRL versions this integration supports (it relies on DPOTrainer's dataset preparation,
 #: DataCollatorForPreference and the ``_metrics`` logging of the 1.x series).
@@ -480,7 +480,8 @@ class MaskedGRPOTrainer(GRPOTrainer):
         if mask_baseline is not None and (isinstance(mask_baseline, bool) or not isinstance(mask_baseline, (int, float))
                                           or mask_baseline != mask_baseline or abs(mask_baseline) == float("inf")):
             raise ValueError(f"mask_baseline: expected a finite number or None (the batch mean), got {mask_baseline!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
             raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size!r}")
         self._token_reward_fn = token_reward_fn
         self._mask_kind = mask
