@@ -213,20 +213,24 @@ def test_loss_never_builds_logits_and_matches_the_loss_function(model_dir, tmp_p
     def no_logits(module, args, output):
         raise AssertionError("the lm_head forward ran: [B, T, V] logits were built")
 
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    C = batch["completion_ids"].shape[1]
     handle = tr.model.lm_head.register_forward_hook(no_logits)
     try:
         loss = tr.compute_loss(tr.model, batch)
         loss.backward()
+        with torch.no_grad():   # the hook TRL calls for the old policy and the reference
+            old, none, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, am, C, batch_size=3)
     finally:
         handle.remove()
     # the same loss from full float64 logits and the plain loss function
     m = tr.model
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    C = batch["completion_ids"].shape[1]
     with torch.no_grad():
         logits = m(input_ids=ids, attention_mask=am).logits[:, -C - 1:-1].double()
     lp = torch.log_softmax(logits, -1).gather(-1, ids[:, -C:, None])[..., 0]
+    assert none is None
+    torch.testing.assert_close(old.double(), lp * batch["completion_mask"], atol=1e-5, rtol=0)
     want, _ = masked_grpo_loss(lp, batch["old_per_token_logps"].double(), batch["advantages"].double(),
                                batch["completion_mask"], batch["token_mask"], loss_type="dapo",
                                num_items=batch["num_items_in_batch"])
