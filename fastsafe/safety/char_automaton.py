@@ -23,9 +23,14 @@ Entities become symbol patterns the same way, plus a **spaced** pattern (each ch
 its own, ``"b o m b"`` = ``BND b SEP BND o SEP BND m SEP BND b``) for entities of 3 or more
 characters. The DFA is Aho-Corasick over the patterns (:mod:`fastsafe.safety.automaton`) with one
 change: reading ``SQ2``/``SQ3`` where no pattern continues with a repeat keeps the state (the
-repeat is skipped). So an entity letter may be stretched (``"booomb"`` reads as ``"bomb"``),
-while a doubled entity letter still needs two (``"bom"`` never matches ``"boom"``). Every exact
-occurrence is still found (a repeat is only skipped where no pattern could use it).
+repeat is skipped), and after a repeat that a pattern does use, a character that no pattern
+continues with is read as if the repeat had been skipped. So an entity letter may be stretched
+(``"booomb"`` reads as ``"bomb"``), while a doubled entity letter still needs two (``"bom"`` never
+matches ``"boom"``). Every exact occurrence is still found (a repeat is only skipped where no
+exact match is in progress). Limitation: the automaton follows one reading, so a stretched
+letter is read as a double when another entity doubles it *and* continues the same way for
+more than one character (with both ``"boom"`` and ``"bomb"`` listed, ``"booomb"`` is read as
+``"boom"`` + ``"b"`` and not caught; with ``"boob"`` and ``"bomb"`` it is caught).
 
 Whole words: an entity whose first character is a word character starts with ``BND``; one whose
 last character is a word character matches only when the next character is not a word character
@@ -44,7 +49,7 @@ from .confusables import confusable_map
 from .normalize import is_word_char, normalize_text
 
 __all__ = ["SEPARATORS", "fold_char", "fold_text", "CharAlphabet", "CharAutomaton", "build_char_automaton",
-           "stream_symbols", "OTHER_NONWORD", "OTHER_WORD", "SEP", "BND", "SQ2", "SQ3", "NUM_SPECIAL"]
+           "stream_symbols", "char_action", "action_tables", "OTHER_NONWORD", "OTHER_WORD", "SEP", "BND", "SQ2", "SQ3", "NUM_SPECIAL"]
 
 #: Folded characters that separate letters (a run of them is one ``SEP`` symbol).
 SEPARATORS = frozenset(" .-_*~|/\\+,\u00b7\u2022")
@@ -133,6 +138,28 @@ class CharAlphabet:
         return out
 
 
+def char_action(prev: int, run: int, c: int, is_word: np.ndarray, word_boundaries: bool = True):
+    """What one character of class ``c`` does after ``prev`` (run length ``run``).
+
+    Returns ``(symbol or -1, emit BND first, new prev, new run, is a repeat symbol, confirms a word end)``.
+    ``c == len(is_word)`` is "no character" (nothing happens).
+    """
+    C = len(is_word)
+    if c == C:
+        return -1, False, prev, run, False, False
+    if c == SEP:
+        if prev == SEP:
+            return -1, False, SEP, 0, False, False
+        return SEP, False, SEP, 0, False, True
+    if is_word[c]:
+        if c == prev:
+            r = min(run + 1, 3)
+            sym = SQ2 if run + 1 == 2 else SQ3 if run + 1 == 3 else -1
+            return sym, False, c, r, sym >= 0, False
+        return c, bool(word_boundaries and not is_word[prev]), c, 1, False, False
+    return c, False, c, 0, False, True
+
+
 def stream_symbols(classes, is_word: np.ndarray, *, word_boundaries: bool = True, prev: int = OTHER_NONWORD,
                    run: int = 0) -> list[int]:
     """The symbol stream of a class sequence (host reference of the device's character step).
@@ -146,27 +173,33 @@ def stream_symbols(classes, is_word: np.ndarray, *, word_boundaries: bool = True
     """
     out: list[int] = []
     for c in classes:
-        if c == SEP:
-            if prev != SEP:
-                out.append(SEP)
-            prev, run = SEP, 0
-        elif is_word[c]:
-            if c == prev:
-                run += 1
-                if run == 2:
-                    out.append(SQ2)
-                elif run == 3:
-                    out.append(SQ3)
-                run = min(run, 3)
-            else:
-                if word_boundaries and not is_word[prev]:
-                    out.append(BND)
-                out.append(c)
-                prev, run = c, 1
-        else:
-            out.append(c)
-            prev, run = c, 0
+        sym, bnd, prev, run, _, _ = char_action(prev, run, c, is_word, word_boundaries)
+        if bnd:
+            out.append(BND)
+        if sym >= 0:
+            out.append(sym)
     return out
+
+
+def action_tables(is_word: np.ndarray, word_boundaries: bool = True) -> dict[str, np.ndarray]:
+    """:func:`char_action` as tables over ``ctx = prev * 4 + run`` and ``c`` in ``0 .. C`` (``C`` = none).
+
+    Returns ``{"ctx": [4C, C+1] new ctx, "sym": [4C, C+1] symbol or -1, "flags": [4C, C+1]}`` with
+    flags bit 0 = emit BND first, bit 1 = repeat symbol, bit 2 = confirms a word end.
+    """
+    C = len(is_word)
+    ctx = np.zeros((4 * C, C + 1), np.int64)
+    sym = np.full((4 * C, C + 1), -1, np.int64)
+    flags = np.zeros((4 * C, C + 1), np.int64)
+    for prev in range(C):
+        for run in range(4):
+            for c in range(C + 1):
+                s, bnd, p2, r2, sq, conf = char_action(prev, run, c, is_word, word_boundaries)
+                i = prev * 4 + run
+                ctx[i, c] = p2 * 4 + r2
+                sym[i, c] = s
+                flags[i, c] = int(bnd) | (int(sq) << 1) | (int(conf) << 2)
+    return {"ctx": ctx, "sym": sym, "flags": flags}
 
 
 @dataclass
@@ -252,6 +285,15 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
     trie = build_trie(flat, lens, alpha.num_classes)
     fail = failure_links(trie)
     delta = dense_transitions(trie, fail)
+    # after a repeat that some pattern uses, a character no pattern continues with is read as if
+    # the repeat had been skipped (exact matches are unaffected: none is alive at that point)
+    sq_nodes = np.nonzero((trie.symbol == SQ2) | (trie.symbol == SQ3))[0]     # BFS order: parents first
+    other = np.ones(alpha.num_classes, bool)
+    other[[SQ2, SQ3]] = False
+    for v in sq_nodes:
+        row = delta[v]
+        dead = (row == 0) & other
+        row[dead] = delta[trie.parent[v]][dead]
     states = np.arange(trie.num_nodes, dtype=np.int32)
     for sq in (SQ2, SQ3):
         col = delta[:, sq]

@@ -18,8 +18,8 @@ Two automata, both on the device:
   also letters split by separators (``b.o.m.b``, ``b o m b``, ``b-o-m-b``, ``b_o_m_b``), stretched
   letters (``booomb``) and Unicode look-alikes (UTS #39).
 
-The state is one ``[B, 6]`` int64 tensor: token state, character state, previous character class,
-its run length, and a partial UTF-8 character (codepoint bits, bytes still needed).
+The state is one ``[B, 5]`` int64 tensor: token state, character state, character context (previous
+class and its run length), and a partial UTF-8 character (codepoint bits, bytes still needed).
 :meth:`advance`, :meth:`banned_bitmask` and :meth:`check_candidates` read no tensor back to the host
 and have no data-dependent Python control flow, so a step compiles whole
 (``torch.compile(fullgraph=True)``) and can be captured in a CUDA graph. Regex entities are the one
@@ -33,17 +33,18 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .char_automaton import (BND, CP_LIMIT, OTHER_NONWORD, SEP, SQ2, SQ3, build_char_automaton)
+from .char_automaton import BND, CP_LIMIT, OTHER_NONWORD, action_tables, build_char_automaton
 from .store import RiskEntity
 from .token_automaton import build_token_automaton
-from .token_chars import BYTE0, token_slots
+from .token_chars import token_slots
 from .token_sequences import banned_sequences
 
 __all__ = ["DeviceMatcher", "STATE_WIDTH"]
 
-#: Columns of the state tensor.
-STATE_WIDTH = 6
-_TOK, _CHR, _PREV, _RUN, _CP, _NEED = range(STATE_WIDTH)
+#: Columns of the state tensor: token state, character state, character context
+#: (``previous class * 4 + run length``), partial UTF-8 character bits, its missing bytes.
+STATE_WIDTH = 5
+_TOK, _CHR, _CTX, _CP, _NEED = range(STATE_WIDTH)
 
 
 def _entities(phrases, token_id_phrases, regexes, entities) -> list[RiskEntity]:
@@ -144,25 +145,35 @@ class DeviceMatcher:
         self.max_sequence_tokens = tok.max_sequence
         # ---- text level
         self._has_text = char is not None
+        self.max_token_chars = 0
         if char is not None:
-            self._classes = char.alphabet.num_classes
+            C = char.alphabet.num_classes
+            self._classes = C
             self._delta = t(char.delta.reshape(-1))
             self._out_word = t(char.out_word)
             self._out_now = t(char.out_now)
-            self._is_word = torch.as_tensor(char.alphabet.is_word, device=dev)
-            self._slots = t(slots, torch.int32)
-            self._cp0 = t(cp_classes[:, 0])
-            self._cp1 = t(cp_classes[:, 1])
+            act = action_tables(char.alphabet.is_word, word_boundaries)
+            self._act_ctx = t(act["ctx"].reshape(-1))
+            self._act_sym = t(act["sym"].reshape(-1))
+            self._act_flags = t(act["flags"].reshape(-1))
+            self._slots = t(slots["slots"], torch.int32)
+            self.max_token_chars = int(slots["slots"].shape[1])
+            for name in ("head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body"):
+                setattr(self, "_" + name, t(slots[name]))
+            self._cp0 = t(np.where(cp_classes[:, 0] < 0, C, cp_classes[:, 0]))
+            self._cp1 = t(np.where(cp_classes[:, 1] < 0, C, cp_classes[:, 1]))
             self.num_char_states = char.num_states
             self.alphabet = char.alphabet
+            char_bytes = char.nbytes + sum(v.nbytes for v in slots.values()) + cp_classes.nbytes + \
+                sum(v.nbytes for v in act.values())
         else:
             self._classes = 1
             self.num_char_states = 1
             self.alphabet = None
-        self.max_token_chars = int(slots.shape[1]) if slots is not None else 0
+            char_bytes = 0
         self.device = self._goto_keys.device
         self._tok_bytes = tok.nbytes
-        self._char_bytes = char.nbytes + slots.nbytes + cp_classes.nbytes if char is not None else 0
+        self._char_bytes = char_bytes
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -295,11 +306,11 @@ class DeviceMatcher:
 
     # ------------------------------------------------------------------ state
     def initial_state(self, batch_size: int) -> torch.Tensor:
-        """``[batch_size, 6]`` int64 state of empty histories, on :attr:`device`."""
+        """``[batch_size, 5]`` int64 state of empty histories, on :attr:`device`."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size: expected a non-negative int, got {batch_size!r}")
         s = torch.zeros(batch_size, STATE_WIDTH, dtype=torch.int64, device=self.device)
-        s[:, _PREV] = OTHER_NONWORD
+        s[:, _CTX] = OTHER_NONWORD * 4       # start of text: as after a non-word character
         return s
 
     def state_from_histories(self, histories) -> torch.Tensor:
@@ -309,7 +320,7 @@ class DeviceMatcher:
             histories: ``[B, T]`` integer tensor or a list of ``B`` token-id lists (ragged is fine).
 
         Returns:
-            ``[B, 6]`` int64 on :attr:`device`, equal to advancing :meth:`initial_state` token by token.
+            ``[B, 5]`` int64 on :attr:`device`, equal to advancing :meth:`initial_state` token by token.
             Costs ``T`` masked steps (host-driven; not part of the per-step graph).
         """
         if isinstance(histories, torch.Tensor):
@@ -361,7 +372,7 @@ class DeviceMatcher:
         """Packed mask of the tokens allowed next.
 
         Args:
-            state: ``[B, 6]`` int64 from :meth:`initial_state` / :meth:`advance`.
+            state: ``[B, 5]`` int64 from :meth:`initial_state` / :meth:`advance`.
             vocab_size: optional check that the logits width equals the matcher's ``V``.
 
         Returns:
@@ -401,93 +412,85 @@ class DeviceMatcher:
         return out[:, :W]
 
     # ------------------------------------------------------------------ text level
-    def _char_step(self, s, prev, run, c, hit, fresh, track: bool):
-        """One folded character (class ``c``, -1 = none) through the character DFA."""
+    def _char_step(self, s, ctx, c, hit, fresh, track: bool):
+        """One folded character (class ``c``; ``C`` = none) through the character DFA."""
         C = self._classes
-        active = c >= 0
-        cc = c.clamp(min=0)
-        w = self._is_word[cc]
-        pw = self._is_word[prev]
-        sep = cc == SEP
-        same = w & (cc == prev)
-        noop = ~active | (sep & (prev == SEP)) | (same & (run >= 3))
-        sym = torch.where(same, torch.where(run == 1, SQ2, SQ3), cc)
+        i = ctx * (C + 1) + c
+        sym = self._act_sym[i]
+        flags = self._act_flags[i]
+        ctx2 = self._act_ctx[i]
+        emit = sym >= 0
         if self.word_boundaries:
-            bnd = active & w & ~same & ~pw
-            s1 = torch.where(bnd, self._delta[s * C + BND], s)
+            s1 = torch.where((flags & 1) > 0, self._delta[s * C + BND], s)
         else:
             s1 = s
-        s2 = torch.where(noop, s, self._delta[s1 * C + sym])
+        s2 = torch.where(emit, self._delta[s1 * C + sym.clamp(min=0)], s)
         if track:
             ow = self._out_word[s]
-            conf = active & ~w & ~noop & fresh & (ow >= 0) & (hit < 0)
-            hit = torch.where(conf, ow, hit)
+            hit = torch.where(((flags & 4) > 0) & fresh & (ow >= 0), ow, hit)
+            changed = emit & ~(((flags & 2) > 0) & (s2 == s))     # a skipped repeat is not a new character
             nw = self._out_now[s2]
-            hit = torch.where(~noop & (nw >= 0) & (hit < 0), nw, hit)
-            fresh = fresh | (s2 != s)
-        run2 = torch.where(noop, run, torch.where(w, torch.where(same, run + 1, 1), 0))
-        prev2 = torch.where(noop, prev, cc)
-        return s2, prev2, run2, hit, fresh
+            hit = torch.where(changed & (nw >= 0), nw, hit)
+            fresh = fresh | changed
+        return s2, ctx2, hit, fresh
 
     def _text_run(self, st: list, ids: torch.Tensor, track: bool):
-        """Feed the slots of tokens ``ids`` (any shape, broadcast with the state columns ``st``)."""
-        s, prev, run, cp, need = st
+        """Feed tokens ``ids`` (any shape, broadcast with the state columns ``st``) through the DFA."""
+        s, ctx, cp, need = st
+        C = self._classes
         hit = torch.full_like(s, -1) if track else None
         fresh = torch.zeros_like(s, dtype=torch.bool) if track else None
-        valid = (ids >= 0) & (ids < self.vocab_size)
-        rows = self._slots[ids.clamp(0, self.vocab_size - 1)]
+        V = self.vocab_size
+        row = torch.where((ids >= 0) & (ids < V), ids, V)
+        # a character split across tokens: this token's continuation bytes finish the pending one
+        hn = self._head_n[row]
+        hb = self._head_bits[row]
+        done = (need > 0) & (hn >= need)
+        full = (cp << (6 * need)) | (hb >> (6 * (hn - need).clamp(min=0)))
+        big = full >= CP_LIMIT
+        cpi = full.clamp(0, CP_LIMIT - 1)
+        c0 = torch.where(done, torch.where(big, OTHER_NONWORD, self._cp0[cpi]), C)
+        c1 = torch.where(done & ~big, self._cp1[cpi], C)
+        partial = (need > hn) & (hn > 0)           # still unfinished after this token's head
+        cp = torch.where(partial, (cp << (6 * hn)) | hb, cp)
+        need = torch.where(partial, need - hn, need)
+        s, ctx, hit, fresh = self._char_step(s, ctx, c0, hit, fresh, track)
+        s, ctx, hit, fresh = self._char_step(s, ctx, c1, hit, fresh, track)
+        rows = self._slots[row]
         for j in range(self.max_token_chars):
-            code = torch.where(valid, rows[..., j], -1).to(torch.int64)
-            is_cls = (code >= 0) & (code < BYTE0)
-            is_byte = code >= BYTE0
-            b = (code - BYTE0).clamp(0, 255)
-            cont = (b & 0xC0) == 0x80
-            lead2 = (b & 0xE0) == 0xC0
-            lead3 = (b & 0xF0) == 0xE0
-            lead4 = (b & 0xF8) == 0xF0
-            lead = is_byte & (lead2 | lead3 | lead4)
-            ok_cont = is_byte & cont & (need > 0)
-            stray = is_byte & ~lead & ~ok_cont
-            done = ok_cont & (need == 1)
-            lead_bits = b & torch.where(lead2, 0x1F, torch.where(lead3, 0x0F, 0x07))
-            lead_need = torch.where(lead2, 1, torch.where(lead3, 2, 3))
-            cp = torch.where(lead, lead_bits, torch.where(ok_cont, (cp << 6) | (b & 0x3F),
-                                                          torch.where(is_cls | stray, 0, cp)))
-            need = torch.where(lead, lead_need, torch.where(ok_cont, need - 1, torch.where(is_cls | stray, 0, need)))
-            big = cp >= CP_LIMIT
-            cpi = cp.clamp(0, CP_LIMIT - 1)
-            ca = torch.where(is_cls, code, torch.where(done, torch.where(big, OTHER_NONWORD, self._cp0[cpi]),
-                                                       torch.where(stray, OTHER_NONWORD, -1)))
-            cb = torch.where(done & ~big, self._cp1[cpi], -1)
-            s, prev, run, hit, fresh = self._char_step(s, prev, run, ca, hit, fresh, track)
-            s, prev, run, hit, fresh = self._char_step(s, prev, run, cb, hit, fresh, track)
+            s, ctx, hit, fresh = self._char_step(s, ctx, rows[..., j].to(torch.int64), hit, fresh, track)
+        # an unfinished character at the token's end becomes the pending one
+        body = self._body[row] > 0
+        tn = self._tail_n[row]
+        cp = torch.where(tn > 0, self._tail_bits[row], torch.where(body | done, 0, cp))
+        need = torch.where(tn > 0, self._tail_need[row], torch.where(body | done, 0, need))
         if track:
             ow = self._out_word[s]
-            hit = torch.where(fresh & (ow >= 0) & (hit < 0), ow, hit)
-        return [s, prev, run, cp, need], hit
+            hit = torch.where(fresh & (ow >= 0), ow, hit)
+        return [s, ctx, cp, need], hit
 
     # ------------------------------------------------------------------ the step
     def _advance(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         t = token_ids.to(torch.int64)
         cols = [self._token_step(state[:, _TOK], t)]
         if self._has_text:
-            st = [state[:, i] for i in (_CHR, _PREV, _RUN, _CP, _NEED)]
+            st = [state[:, i] for i in (_CHR, _CTX, _CP, _NEED)]
             st, _ = self._text_run(st, t, track=False)
             cols += st
         else:
-            cols += [state[:, i] for i in (_CHR, _PREV, _RUN, _CP, _NEED)]
+            cols += [state[:, i] for i in (_CHR, _CTX, _CP, _NEED)]
         return torch.stack(cols, dim=1)
 
     def advance(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """The state after each row appends one token.
 
         Args:
-            state: ``[B, 6]`` int64 on :attr:`device`.
+            state: ``[B, 5]`` int64 on :attr:`device`.
             token_ids: ``[B]`` int64 (or int32) on :attr:`device`; ids outside ``[0, V)`` reset the
                 token state and add no text.
 
         Returns:
-            The new ``[B, 6]`` state (the input is not modified).
+            The new ``[B, 5]`` state (the input is not modified).
         """
         self._check_state(state)
         self._check_ids("token_ids", token_ids, 1, state.shape[0])
@@ -497,7 +500,7 @@ class DeviceMatcher:
         """Text-level check of ``k`` candidate next tokens per row.
 
         Args:
-            state: ``[B, 6]`` int64 on :attr:`device`.
+            state: ``[B, 5]`` int64 on :attr:`device`.
             cand_ids: ``[B, k]`` int64 (or int32) on :attr:`device`; ids outside ``[0, V)`` (e.g. -1
                 padding) are not allowed and have entity -1.
 
@@ -513,7 +516,7 @@ class DeviceMatcher:
         if not self._has_text:
             return valid, torch.full(c.shape, -1, dtype=torch.int32, device=c.device)
         k = c.shape[1]
-        st = [state[:, i].unsqueeze(1).expand(-1, k) for i in (_CHR, _PREV, _RUN, _CP, _NEED)]
+        st = [state[:, i].unsqueeze(1).expand(-1, k) for i in (_CHR, _CTX, _CP, _NEED)]
         _, hit = self._text_run(st, c, track=True)
         return valid & (hit < 0), hit.to(torch.int32)
 

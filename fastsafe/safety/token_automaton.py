@@ -79,7 +79,9 @@ def build_token_automaton(flat: np.ndarray, lens: np.ndarray, vocab_size: int, *
     W = (V + 31) // 32
     if V > (1 << 20):
         raise ValueError(f"vocab_size: at most {1 << 20} supported, got {V}")
-    base = np.full(W, -1, np.int64)
+    base = np.full(W, 0xFFFFFFFF, np.int64)
+    if V % 32:
+        base[-1] = (1 << (V % 32)) - 1            # bits past V stay 0 (as in fastsafe.ops.full_bitmask)
     trie = build_trie(flat, lens, V)
     N = trie.num_nodes
     fail = failure_links(trie)
@@ -116,7 +118,7 @@ def build_token_automaton(flat: np.ndarray, lens: np.ndarray, vocab_size: int, *
     at_root = own_node == 0
     if at_root.any():
         t = np.unique(own_tok[at_root])
-        np.bitwise_and.at(base, t // 32, ~np.left_shift(np.int64(1), t % 32))
+        np.bitwise_and.at(base, t // 32, ~np.left_shift(np.int64(1), t % 32) & 0xFFFFFFFF)
     base32 = (base & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
     own_node, own_tok = own_node[~at_root], own_tok[~at_root]
     banning = np.zeros(N, bool)

@@ -7,11 +7,11 @@ byte-level alphabet; otherwise by decoding ``[anchor, token]`` and removing the 
 ``skip_special_tokens=True``).
 
 Slots: a complete character inside the token is folded (:func:`~fastsafe.safety.char_automaton.fold_char`)
-into one slot per folded character (its class); bytes of a character split across tokens (UTF-8
-continuation bytes at the token's start, an unfinished character at its end) stay raw,
-``BYTE0 + byte``, and the device assembles them. Runs that cannot change the automaton are
-shortened (a run of separators or of ``OTHER_NONWORD`` to one slot, a run of one word class to
-three). Unused slots are -1.
+into one slot per folded character (its class). A character split across tokens is assembled on
+the device from each token's *head* (UTF-8 continuation bytes at its start) and *tail* (an
+unfinished character at its end); the first two folded characters of the completed codepoint are
+fed before the token's own slots. Runs that cannot change the automaton are shortened (a run of
+separators or of ``OTHER_NONWORD`` to one slot, a run of one word class to three).
 """
 from __future__ import annotations
 
@@ -21,10 +21,8 @@ import numpy as np
 
 from .char_automaton import OTHER_NONWORD, SEP, CharAlphabet, fold_char
 
-__all__ = ["BYTE0", "token_bytes", "token_slots"]
+__all__ = ["token_bytes", "token_slots", "bytes_slots"]
 
-#: Slot codes ``>= BYTE0`` are raw UTF-8 bytes (``BYTE0 + byte``).
-BYTE0 = 1 << 16
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -107,13 +105,15 @@ def _char_len(lead: int) -> int:
     return 0        # continuation or invalid lead
 
 
-def bytes_slots(b: bytes, alphabet: CharAlphabet) -> list[int]:
-    """Slots of one token's bytes (see the module docstring)."""
-    out: list[int] = []
+def bytes_slots(b: bytes, alphabet: CharAlphabet) -> tuple[bytes, list[int], bytes]:
+    """``(head, classes, tail)`` of one token's bytes: leading UTF-8 continuation bytes, the classes
+    of its complete characters (runs shortened, see the module docstring), an unfinished character."""
     i, n = 0, len(b)
-    while i < n and 0x80 <= b[i] <= 0xBF:
-        out.append(BYTE0 + b[i])
+    while i < n and 0x80 <= b[i] <= 0xBF and i < 3:
         i += 1
+    head = b[:i]
+    out: list[int] = []
+    tail = b""
     while i < n:
         L = _char_len(b[i])
         if L == 0:
@@ -121,7 +121,10 @@ def bytes_slots(b: bytes, alphabet: CharAlphabet) -> list[int]:
             i += 1
             continue
         if i + L > n:                       # unfinished character: raw bytes for the next token
-            out.extend(BYTE0 + x for x in b[i:])
+            tail = b[i:]
+            if any(not 0x80 <= x <= 0xBF for x in tail[1:]):
+                out.append(OTHER_NONWORD)
+                tail = b""
             break
         try:
             ch = b[i:i + L].decode("utf-8")
@@ -131,23 +134,49 @@ def bytes_slots(b: bytes, alphabet: CharAlphabet) -> list[int]:
             continue
         out.extend(alphabet.classes(fold_char(ch)))
         i += L
-    # shorten runs that cannot change the automaton
     res: list[int] = []
     for c in out:
         if res and c == res[-1] and c in (SEP, OTHER_NONWORD):
             continue
-        if c < BYTE0 and alphabet.is_word[c] and len(res) >= 3 and res[-1] == res[-2] == res[-3] == c:
+        if alphabet.is_word[c] and len(res) >= 3 and res[-1] == res[-2] == res[-3] == c:
             continue
         res.append(c)
-    return res
+    return head, res, tail
 
 
-def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet) -> np.ndarray:
-    """``[vocab_size, max_len]`` int32 slot table (-1 = unused; at least one column)."""
-    rows = [bytes_slots(b, alphabet) for b in token_bytes(tokenizer, vocab_size)]
-    L = max([len(r) for r in rows] + [1])
-    table = np.full((int(vocab_size), L), -1, np.int32)
-    for i, r in enumerate(rows):
-        if r:
-            table[i, :len(r)] = r
-    return table
+def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet) -> dict[str, np.ndarray]:
+    """The per-token tables of the device text check.
+
+    Returns:
+        ``{"slots": [V + 1, max_len] int32 classes (``alphabet.num_classes`` = none; row ``V`` is
+        the empty row of out-of-range ids), "head_n", "head_bits": leading continuation bytes and
+        their 6-bit groups, "tail_n", "tail_bits", "tail_need": an unfinished character (its bits
+        and the continuation bytes it still needs), "body": 1 when the token has complete
+        characters or an unfinished one (it ends a pending character)}``, each ``[V + 1]`` int64.
+    """
+    V = int(vocab_size)
+    parts = [bytes_slots(b, alphabet) for b in token_bytes(tokenizer, V)]
+    L = max([len(p[1]) for p in parts] + [1])
+    none = alphabet.num_classes
+    slots = np.full((V + 1, L), none, np.int32)
+    f = {k: np.zeros(V + 1, np.int64) for k in ("head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body")}
+    for i, (head, body, tail) in enumerate(parts):
+        if body:
+            slots[i, :len(body)] = body
+        if head:
+            f["head_n"][i] = len(head)
+            bits = 0
+            for x in head:
+                bits = (bits << 6) | (x & 0x3F)
+            f["head_bits"][i] = bits
+        if tail:
+            lead = tail[0]
+            bits = lead & (0x1F if lead < 0xE0 else 0x0F if lead < 0xF0 else 0x07)
+            for x in tail[1:]:
+                bits = (bits << 6) | (x & 0x3F)
+            f["tail_n"][i] = len(tail)
+            f["tail_bits"][i] = bits
+            f["tail_need"][i] = _char_len(lead) - len(tail)
+        f["body"][i] = int(bool(body) or bool(tail))
+    f["slots"] = slots
+    return f
