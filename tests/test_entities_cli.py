@@ -89,3 +89,43 @@ def test_import_seed_list(tmp_path, capsys):
     assert rc == 0
     n = len(RiskEntityStore(db))
     assert n > 300 and f"{n} active" in out
+
+
+# --------------------------------------------------------------------------- issue 12
+def test_check_lists_entries_that_would_be_skipped(tmp_path, capsys):
+    from tests.tiny_lm import tiny_tokenizer
+    db = str(tmp_path / "r.db")
+    assert run(capsys, "entities", "--db", db, "add", "make a bomb")[0] == 0
+    rc, out, err = run(capsys, "entities", "--db", db, "check", "--vocab-size", "300")
+    assert rc == 0 and out == "" and "0 of 1" in err
+    assert run(capsys, "entities", "--db", db, "add", "99999 5", "--kind", "token_ids")[0] == 0   # valid ids
+    rc, out, err = run(capsys, "entities", "--db", db, "check", "--vocab-size", "300")
+    assert rc == 1 and out.strip().split("\t") == ["2", "token_ids", "99999 5",
+                                                   "token ids [99999] outside the vocabulary [0, 300)"]
+    assert "1 of 2" in err
+    folder = str(tmp_path / "tok")
+    tiny_tokenizer().save_pretrained(folder)
+    rc, out, err = run(capsys, "entities", "--db", db, "check", "--tokenizer", folder)
+    assert rc == 1 and "99999 5" in out and "outside the vocabulary" in out and "make a bomb" not in out
+    rc, _, err = run(capsys, "entities", "--db", db, "check", "--tokenizer", str(tmp_path / "nope"))
+    assert rc == 1 and "--tokenizer" in err
+
+
+def test_add_validates_and_init_flag(tmp_path, capsys):
+    import sqlite3
+    db = str(tmp_path / "r.db")
+    rc, _, err = run(capsys, "entities", "--db", db, "add", r"(a)\1", "--kind", "regex")
+    assert rc == 1 and "linear-time engine" in err
+    rc, _, err = run(capsys, "entities", "--db", db, "add", "x", "--severity", "500")
+    assert rc == 1 and "severity: expected an integer in [0, 100], got 500" in err
+    other = str(tmp_path / "other.db")
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE t(x)")
+    con.commit()
+    con.close()
+    for action in (["add", "bomb"], ["import", str(tmp_path / "l.txt")]):
+        (tmp_path / "l.txt").write_text("bomb\n", encoding="utf-8")
+        rc, _, err = run(capsys, "entities", "--db", other, *action)
+        assert rc == 1 and "another application" in err and "--init" in err
+    rc, out, _ = run(capsys, "entities", "--db", other, "import", str(tmp_path / "l.txt"), "--init")
+    assert rc == 0 and out.startswith("imported 1")

@@ -231,3 +231,139 @@ def test_two_processes_write_the_same_file(tmp_path):
     s = RiskEntityStore(path)
     assert len(s) == 80 and s.version() == 80
     s.close()
+
+
+# --------------------------------------------------------------------------- trust rules (issue 12)
+def test_validation_at_add_time(store):
+    for bad, kw, msg in [
+        ("ok", {"severity": 101}, r"severity: expected an integer in \[0, 100\], got 101"),
+        ("ok", {"severity": -1}, "severity"),
+        ("ok", {"severity": float("inf")}, "got inf"),
+        ("ok", {"severity": 10 ** 30}, "severity"),
+        ([2 ** 31], {"kind": "token_ids"}, "token ids <="),
+        ("1 -2", {"kind": "token_ids"}, "non-negative"),
+        ("bo\ud800mb", {}, "unpaired surrogates"),
+        ("two\nlines", {}, "line break"),
+        (r"(a)\1", {"kind": "regex"}, "linear-time engine"),
+        (r"(?<=a)b", {"kind": "regex"}, "linear-time engine"),
+        ("x{2000}", {"kind": "regex"}, "linear-time engine"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            store.add(bad, **kw)
+    assert store.add("(a+)+$", kind="regex") and store.add("ok", severity="2.6") and store.add("ok2", severity=0)
+    assert {e.phrase: e.severity for e in store.entities()}["ok"] == 3
+    with pytest.raises(ValueError, match=r"rows\[1\]: severity"):
+        store.add_many(["fine", {"phrase": "x", "severity": 1e400}])
+    assert len(store) == 3
+
+
+def test_check_lists_rows_that_a_matcher_would_skip(store, tmp_path):
+    store.add("fine")
+    store.add("99999 5", kind="token_ids")
+    store.add("3 4", kind="token_ids")
+    con = sqlite3.connect(store.path)                     # a row written by another tool, bypassing validation
+    con.execute("INSERT INTO entities(phrase, kind, category, severity, source, added_at, active, changed) "
+                "VALUES ('(a)\\1', 'regex', 'x', 1, 'sql', 0, 1, 99)")
+    con.commit()
+    con.close()
+    problems = {e.phrase: why for e, why in store.check(vocab_size=1000)}
+    assert set(problems) == {"99999 5", "(a)\\1"}
+    assert "outside the vocabulary [0, 1000)" in problems["99999 5"] and "linear-time" in problems["(a)\\1"]
+    assert {e.phrase for e, _ in store.check()} == {"(a)\\1"}
+
+
+def test_changes_since_and_purge(store):
+    a = store.add("alpha")
+    v1 = store.version()
+    store.add("beta")
+    store.remove("alpha")
+    v, rows = store.changes_since(v1)
+    assert v == store.version() and [(e.phrase, e.active) for e in rows] == [("alpha", False), ("beta", True)]
+    assert store.changes_since(v)[1] == []
+    assert rows[0].id == a
+    store.purge()
+    assert store.changes_since(v1) is None            # purged rows cannot be listed: read a snapshot
+    assert store.changes_since(store.version()) == (store.version(), [])
+
+
+def test_schema_1_store_is_migrated(tmp_path):
+    path = str(tmp_path / "old.db")
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE entities(id INTEGER PRIMARY KEY AUTOINCREMENT, phrase TEXT NOT NULL, kind TEXT NOT NULL,
+            category TEXT NOT NULL, severity INTEGER NOT NULL, source TEXT NOT NULL, added_at REAL NOT NULL,
+            active INTEGER NOT NULL DEFAULT 1, UNIQUE(kind, phrase));
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO meta VALUES ('version', 3), ('schema', 1);
+        INSERT INTO entities(phrase, kind, category, severity, source, added_at) VALUES
+            ('bomb', 'phrase', 'weapons', 3, 'manual', 0);""")
+    con.commit()
+    con.close()
+    s = RiskEntityStore(path)
+    assert s.schema == 2 and s.damaged is None and [e.phrase for e in s.entities()] == ["bomb"]
+    s.add("kill")
+    assert [e.phrase for e in s.changes_since(3)[1]] == ["kill"]
+    s.close()
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = 9 WHERE key = 'schema'")     # written by a newer fastsafe
+    con.commit()
+    con.close()
+    s = RiskEntityStore(path)
+    assert "newer fastsafe" in s.damaged and [e.phrase for e in s.entities()] == ["bomb", "kill"]
+    with pytest.raises(RiskStoreError, match="newer fastsafe"):
+        s.add("x")
+
+
+def test_an_empty_sqlite_file_is_initialised_but_a_foreign_one_is_not(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    s = RiskEntityStore(empty)
+    assert s.add("bomb") == 1
+    other = str(tmp_path / "other.db")
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE notes(t TEXT)")
+    con.commit()
+    con.close()
+    with pytest.raises(RiskStoreError, match="another application"):
+        RiskEntityStore(other)
+    s = RiskEntityStore(other, init=True)
+    assert s.add("bomb") == 1 and s.damaged is None
+    with pytest.raises(RiskStoreError, match="no fastsafe schema"):
+        RiskEntityStore(_foreign(tmp_path / "f2.db"), create=False)
+
+
+def _foreign(path):
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE t(x)")
+    con.commit()
+    con.close()
+    return path
+
+
+def test_import_is_all_or_nothing_under_kill_9(tmp_path):
+    """A writer killed (SIGKILL) in the middle of a large import leaves the store as it was."""
+    import signal
+    path = str(tmp_path / "k.db")
+    s = RiskEntityStore(path)
+    s.add("before")
+    s.close()
+    big = tmp_path / "big.txt"
+    big.write_text("\n".join(f"entity {i}" for i in range(20000)), encoding="utf-8")
+    code = ("import sys, time; sys.path.insert(0, {repo!r});"
+            "from fastsafe.safety.store import RiskEntityStore;"
+            "orig = RiskEntityStore._upsert\n"
+            "def slow(conn, row, now, version, new_source='manual', _n=[0]):\n"
+            "    _n[0] += 1\n"
+            "    if _n[0] == 5000:\n"
+            "        print('inside', flush=True); time.sleep(60)\n"
+            "    return orig(conn, row, now, version, new_source)\n"
+            "RiskEntityStore._upsert = staticmethod(slow);"
+            "RiskEntityStore({path!r}).import_file({big!r})").format(repo=REPO, path=path, big=str(big))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"inside", p.stderr.read().decode()
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    s = RiskEntityStore(path)
+    assert s.damaged is None and [e.phrase for e in s.entities()] == ["before"] and s.version() == 1
+    assert s.import_file(big) == 20000 and len(s) == 20001
+    s.close()
