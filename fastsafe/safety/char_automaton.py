@@ -20,8 +20,8 @@ device does):
   are nothing): ``"boom"`` is ``BND b o SQ2 m``, ``"booom"`` ``BND b o SQ2 SQ3 m``.
 
 Entities become symbol patterns the same way, plus a **spaced** pattern (each character a word of
-its own, ``"b o m b"`` = ``BND b SEP BND o SEP BND m SEP BND b``) for entities of 3 or more
-characters. The DFA is Aho-Corasick over the patterns (:mod:`fastsafe.safety.automaton`) with one
+its own, ``"b o m b"`` = ``BND b SEP BND o SEP BND m SEP BND b``) for single-word entities of 3 to
+24 characters. The DFA is Aho-Corasick over the patterns (:mod:`fastsafe.safety.automaton`) with one
 change: reading ``SQ2``/``SQ3`` where no pattern continues with a repeat keeps the state (the
 repeat is skipped), and after a repeat that a pattern does use, a character that no pattern
 continues with is read as if the repeat had been skipped. So an entity letter may be stretched
@@ -56,7 +56,8 @@ SEPARATORS = frozenset(" .-_*~|/\\+,\u00b7\u2022")
 OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3 = range(6)
 NUM_SPECIAL = 6
 CP_LIMIT = 0x30000            # codepoints folded through a table (above: OTHER_NONWORD)
-_SPACED_MIN = 3               # entities of at least this many characters also match spaced out
+_SPACED_MIN = 3               # single-word entities of 3 .. 24 characters also match spaced out
+_SPACED_MAX = 24
 
 
 @lru_cache(maxsize=1 << 16)
@@ -84,9 +85,17 @@ def fold_text(text: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _fold_table() -> list[str]:
-    """``fold_char(chr(cp))`` for every codepoint below :data:`CP_LIMIT` (surrogates: ``"\\ufffd"``)."""
-    return [fold_char(chr(cp)) if not 0xD800 <= cp < 0xE000 else "\ufffd" for cp in range(CP_LIMIT)]
+def _fold_table() -> tuple[np.ndarray, list[str]]:
+    """``(ids [CP_LIMIT], strings)``: ``strings[ids[cp]] == fold_char(chr(cp))`` (surrogates: ``"\\ufffd"``)."""
+    uniq: dict[str, int] = {}
+    ids = np.empty(CP_LIMIT, np.int64)
+    for cp in range(CP_LIMIT):
+        f = fold_char(chr(cp)) if not 0xD800 <= cp < 0xE000 else "\ufffd"
+        j = uniq.get(f)
+        if j is None:
+            j = uniq[f] = len(uniq)
+        ids[cp] = j
+    return ids, list(uniq)
 
 
 def _is_word(ch: str) -> bool:
@@ -125,17 +134,15 @@ class CharAlphabet:
 
     def codepoint_classes(self) -> np.ndarray:
         """``[CP_LIMIT, 2]`` int16: the classes of the first two folded characters of each codepoint (-1: none)."""
-        out = np.full((CP_LIMIT, 2), -1, np.int16)
-        cache: dict[str, tuple[int, int]] = {}
-        for cp, f in enumerate(_fold_table()):
-            if not f:
-                continue
-            r = cache.get(f)
-            if r is None:
+        ids, strings = _fold_table()
+        per = np.full((len(strings), 2), -1, np.int16)
+        for j, f in enumerate(strings):
+            if f:
                 cl = self.classes(f[:2])
-                r = cache[f] = (cl[0], cl[1] if len(cl) > 1 else -1)
-            out[cp] = r
-        return out
+                per[j, 0] = cl[0]
+                if len(cl) > 1:
+                    per[j, 1] = cl[1]
+        return per[ids]
 
 
 def char_action(prev: int, run: int, c: int, is_word: np.ndarray, word_boundaries: bool = True):
@@ -212,6 +219,7 @@ class CharAutomaton:
         out_now: ``[S]`` int32 entity of a pattern ending in a non-word character (matches at once), -1 none.
         alphabet: the classes.
         num_patterns: patterns in the trie (plain and spaced).
+        excluded: phrases left out because they fold to separators only.
     """
 
     delta: np.ndarray
@@ -219,6 +227,7 @@ class CharAutomaton:
     out_now: np.ndarray
     alphabet: CharAlphabet
     num_patterns: int
+    excluded: list
 
     @property
     def num_states(self) -> int:
@@ -243,41 +252,67 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         values: entity index of each phrase (reported on a match).
         priority: e.g. severity; where several entities end at one state the highest wins.
         word_boundaries: whole-word matching (``BND`` marks and the end check).
-        spaced: also match each entity of 3+ characters spelled with separators between its letters.
+        spaced: also match single-word entities of 3-24 characters spelled with separators between the letters.
+
+    Phrases that fold to separators only (``"-"``, ``"..."``) would match every space; they are
+    left out of the text check (their token variants are still banned) and listed in
+    :attr:`CharAutomaton.excluded`.
 
     Raises:
-        ValueError: a phrase that folds to nothing, or to separators only (it would match every space).
+        ValueError: a phrase that folds to nothing.
     """
     folded = []
-    for p in phrases:
+    keep = []
+    excluded = []
+    for p, v, pr in zip(phrases, values, priority):
         f = entity_text(p)
         if not f:
             raise ValueError(f"entity {p!r}: empty after normalisation (nothing to match)")
         if all(c in SEPARATORS or c.isspace() for c in f):
-            raise ValueError(f"entity {p!r}: only separators after normalisation (it would match every space)")
+            excluded.append(p)            # it would match every space: token bans only
+            continue
         folded.append(f)
+        keep.append((v, pr))
+    values = [v for v, _ in keep]
+    priority = [pr for _, pr in keep]
     alpha = CharAlphabet({c for f in folded for c in f})
     pats: list[list[int]] = []
     kinds: list[bool] = []
     pv: list[int] = []
     pp: list[float] = []
     seen: set = set()
+    word_cache: dict[str, tuple] = {}
+
+    def symbols(form: str) -> tuple[tuple, int]:
+        # a separator run resets the context, so the stream is the words' streams joined by SEP
+        out: list[int] = []
+        lead = form[:1] in SEPARATORS or form[:1].isspace()
+        words = "".join(" " if (c in SEPARATORS or c.isspace()) else c for c in form).split()
+        if lead:
+            out.append(SEP)
+        for i, w in enumerate(words):
+            if i:
+                out.append(SEP)
+            sw = word_cache.get(w)
+            if sw is None:
+                sw = word_cache[w] = tuple(stream_symbols(alpha.classes(w), alpha.is_word,
+                                                          word_boundaries=word_boundaries))
+            out.extend(sw)
+        return tuple(out), (alpha.cls(words[-1][-1]) if words else SEP)
+
     for f, v, pr in zip(folded, values, priority):
         forms = [f]
         elems = [c for c in f if c not in SEPARATORS and not c.isspace()]
-        if spaced and len(elems) >= _SPACED_MIN:
+        if spaced and _SPACED_MIN <= len(elems) == len(f) <= _SPACED_MAX:
             forms.append(" ".join(elems))
         for form in forms:
-            cl = alpha.classes(form)
-            while cl and cl[-1] == SEP:        # a trailing separator run: the boundary does the work
-                cl.pop()
-            sym = tuple(stream_symbols(cl, alpha.is_word, word_boundaries=word_boundaries))
+            sym, last = symbols(form)
             key = (sym, v)
             if key in seen:
                 continue
             seen.add(key)
             pats.append(list(sym))
-            kinds.append(word_boundaries and bool(alpha.is_word[cl[-1]]))
+            kinds.append(word_boundaries and bool(alpha.is_word[last]))
             pv.append(v)
             pp.append(pr)
     lens = np.asarray([len(p) for p in pats], np.int64)
@@ -312,7 +347,7 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         own[ends[first]] = np.asarray(pv, np.int64)[order[first]]
         pri[ends[first]] = np.asarray(pp)[order[first]]
         outs.append(propagate_best(trie, fail, own, pri).astype(np.int32))
-    return CharAutomaton(delta, outs[0], outs[1], alpha, len(pats))
+    return CharAutomaton(delta, outs[0], outs[1], alpha, len(pats), excluded)
 
 
 def token_classes(text: str, alphabet: CharAlphabet) -> list[int]:

@@ -109,6 +109,8 @@ class DeviceMatcher:
         version: the store version (None when built from plain lists).
         word_boundaries: text matches are whole words.
         max_token_chars: slots per token in the text table (``max_len``).
+        text_excluded: phrases left out of the text check because they fold to separators only
+            (``"-"``: they would match every space); their token variants are still banned.
     """
 
     def __init__(self, *, entities, vocab_size, device, tok, char, slots, cp_classes, word_boundaries, version,
@@ -164,10 +166,12 @@ class DeviceMatcher:
             self._cp1 = t(np.where(cp_classes[:, 1] < 0, C, cp_classes[:, 1]))
             self.num_char_states = char.num_states
             self.alphabet = char.alphabet
+            self.text_excluded = list(char.excluded)
             char_bytes = char.nbytes + sum(v.nbytes for v in slots.values()) + cp_classes.nbytes + \
                 sum(v.nbytes for v in act.values())
         else:
             self._classes = 1
+            self.text_excluded = []
             self.num_char_states = 1
             self.alphabet = None
             char_bytes = 0
@@ -194,7 +198,7 @@ class DeviceMatcher:
             entities: :class:`RiskEntity` rows (e.g. ``store.entities()``); inactive ones are skipped.
             eos_token_id: single-token sequences equal to these are never banned (default: the tokenizer's).
             word_boundaries: text matches must be whole words.
-            spaced: also match entities of 3+ characters spelled with separators between the letters.
+            spaced: also match single-word entities of 3-24 characters spelled with separators between the letters.
             version: stored on the matcher.
             regex_window: characters of recent text a regex sees (host path).
 
