@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -46,7 +47,7 @@ from triton.language.standard import _sum_combine as _ADD
 
 from fastsafe.ops.types import SafeTopKInputs
 
-__all__ = ["safe_topk_triton", "MAX_K", "plan_launch", "compile_for_gpu"]
+__all__ = ["safe_topk_triton", "safe_topk_triton_op", "MAX_K", "plan_launch", "compile_for_gpu"]
 
 #: Largest ``k`` this backend supports (``k`` is padded to a power of two at compile time).
 MAX_K = 1024
@@ -298,9 +299,27 @@ def safe_topk_triton(inp: SafeTopKInputs, *, block_v: int | None = None, n_split
         >>> vals.shape, ids.dtype, lse.shape
         (torch.Size([2, 5]), torch.int64, torch.Size([2]))
     """
-    logits = inp.logits
+    return safe_topk_triton_op(inp, block_v=block_v, n_splits=n_splits, block_c=block_c)
+
+
+def safe_topk_triton_op(inp: SafeTopKInputs, *, block_v: int | None = None, n_splits: int | None = None,
+                        block_c: int | None = None):
+    """Call the op ``fastsafe::safe_topk_triton`` on validated inputs (see :func:`safe_topk_triton`)."""
+    return _OP(inp.logits, inp.k, inp.bias_table, inp.positions, inp.bias_scale, inp.banned_bitmask,
+               inp.dense_reward, inp.reward_weight, inp.temperature, block_v, n_splits, block_c)
+
+
+def _launch(logits: torch.Tensor, k: int, bias_table: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+            bias_scale: float, banned_bitmask: Optional[torch.Tensor], dense_reward: Optional[torch.Tensor],
+            reward_weight: float, temperature: float, block_v: Optional[int] = None,
+            n_splits: Optional[int] = None, block_c: Optional[int] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Body of ``fastsafe::safe_topk_triton``: outputs, then both kernels through ``wrap_triton``.
+
+    Traced with fake tensors by ``torch.compile`` (the kernels then show up in the graph); run
+    with real tensors eagerly. The interpreter's kernels (TRITON_INTERPRET=1) cannot be traced.
+    """
     B, V = logits.shape
-    k = inp.k
     plan = plan_launch(B, V, k, logits.device, block_v=block_v, n_splits=n_splits)
     kp, block, ns, slice_len = plan["KP"], plan["BLOCK_V"], plan["n_splits"], plan["slice_len"]
     if block_c is None:
@@ -320,32 +339,32 @@ def safe_topk_triton(inp: SafeTopKInputs, *, block_v: int | None = None, n_split
     part_s = torch.empty(B, ns, dtype=torch.float32, device=dev)
     part_flag = torch.empty(B, ns, dtype=torch.int32, device=dev)
 
-    has_bias = inp.bias_table is not None
-    has_mask = inp.banned_bitmask is not None
-    has_reward = inp.dense_reward is not None
-    bias = inp.bias_table if has_bias else logits
-    pos = inp.positions if has_bias else logits
-    mask = inp.banned_bitmask if has_mask else logits
+    has_bias = bias_table is not None
+    has_mask = banned_bitmask is not None
+    has_reward = dense_reward is not None
+    bias = bias_table if has_bias else logits
+    pos = positions if has_bias else logits
+    mask = banned_bitmask if has_mask else logits
     stride_mask = (mask.shape[-1] if mask.dim() == 2 else 0) if has_mask else 0
-    reward = inp.dense_reward if has_reward else logits
+    reward = dense_reward if has_reward else logits
     stride_reward = reward.stride(0) if has_reward else 0
     warps = 4 if block <= 1024 else 8
     few = min(32, max(2, kp // 4))   # winners of a tile inserted one by one before sorting pays off
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         # enable_fp_fusion=False: no fused multiply-add, so scores round exactly like the torch reference
-        _safe_topk_partial_kernel[(B, ns)](
+        _wrap(_safe_topk_partial_kernel)[(B, ns)](
             logits, logits.stride(0),
-            bias, pos, float(inp.bias_scale),
+            bias, pos, float(bias_scale),
             mask, stride_mask,
-            reward, stride_reward, float(inp.reward_weight),
-            float(inp.temperature),
+            reward, stride_reward, float(reward_weight),
+            float(temperature),
             cand, part_m, part_s, part_flag,
             V, slice_len, ns,
             KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_V=block, LOG_BLOCK=block.bit_length() - 1,
             FEW=few, HAS_BIAS=has_bias, HAS_MASK=has_mask, HAS_REWARD=has_reward,
             num_warps=warps, enable_fp_fusion=False,
         )
-        _safe_topk_merge_kernel[(B,)](
+        _wrap(_safe_topk_merge_kernel)[(B,)](
             cand, part_m, part_s, part_flag,
             values, indices, lse,
             ns, k,
@@ -354,6 +373,44 @@ def safe_topk_triton(inp: SafeTopKInputs, *, block_v: int | None = None, n_split
             num_warps=4 if block_c <= 1024 else 8, enable_fp_fusion=False,
         )
     return values, indices, lse
+
+
+def _wrap(kernel):
+    """``wrap_triton(kernel)`` (what a triton_op must launch through); the kernel itself where the
+    interpreter runs it (it cannot be traced) or torch has no ``wrap_triton``."""
+    if _interpreted(kernel):
+        if _tracing():
+            raise NotImplementedError(
+                "fastsafe::safe_topk_triton: tracing (torch.compile, fake tensors) needs the compiled Triton "
+                "kernels; under TRITON_INTERPRET=1 the kernels only run eagerly on real tensors")
+        return kernel
+    return kernel if _wrap_triton is None else _wrap_triton(kernel)
+
+
+def _interpreted(kernel) -> bool:
+    return not isinstance(kernel, triton.runtime.jit.JITFunction)
+
+
+def _tracing() -> bool:
+    try:
+        from torch._library.triton import is_wrap_triton_enabled
+    except ImportError:       # pragma: no cover - older torch
+        return False
+    return is_wrap_triton_enabled()
+
+
+def _fake(logits, k, *args):
+    B = logits.shape[0]
+    return (logits.new_empty((B, k), dtype=torch.float32), logits.new_empty((B, k), dtype=torch.int64),
+            logits.new_empty((B,), dtype=torch.float32))
+
+
+_wrap_triton = getattr(torch.library, "wrap_triton", None)
+if hasattr(torch.library, "triton_op"):
+    _OP = torch.library.triton_op("fastsafe::safe_topk_triton", _launch, mutates_args=())
+else:                          # pragma: no cover - torch < 2.6: an opaque custom op
+    _OP = torch.library.custom_op("fastsafe::safe_topk_triton", _launch, mutates_args=())
+    _OP.register_fake(_fake)
 
 
 def compile_for_gpu(arch: int = 90, k: int = 50, logits_dtype: str = "bf16", all_inputs: bool = True) -> dict:

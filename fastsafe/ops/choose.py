@@ -4,39 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .choose_impl import NEG_INF, candidate_scores, min_p_filter, sampling_noise, top_p_filter  # noqa: F401
+from .custom_ops import choose_op
 from .types import SafeTopK
 from .validate import check_real, check_same_device, check_tensor, FLOAT_DTYPES
-
-NEG_INF = float("-inf")
-
-
-def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Hugging Face ``TopPLogitsWarper`` semantics over ``[B, k]`` scores (keeps at least one)."""
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=False, stable=True)
-    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cum <= (1.0 - top_p)
-    remove_sorted[..., -1:] = False
-    remove = remove_sorted.scatter(-1, order, remove_sorted)
-    return scores.masked_fill(remove, NEG_INF)
-
-
-def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Hugging Face ``MinPLogitsWarper`` semantics over ``[B, k]`` scores (keeps the best)."""
-    probs = scores.softmax(dim=-1)
-    threshold = min_p * probs.amax(dim=-1, keepdim=True)
-    return scores.masked_fill(probs < threshold, NEG_INF)
-
-
-def candidate_scores(out: SafeTopK, candidate_reward=None, reward_weight: float = 0.0,
-                     candidate_allowed=None) -> torch.Tensor:
-    """``[B, k]`` float32 ``s = (values - logsumexp) + reward_weight * candidate_reward``, ``-inf`` where disallowed."""
-    s = out.values - out.logsumexp.unsqueeze(-1)
-    s = s.masked_fill(torch.isneginf(out.values), NEG_INF)   # all-banned rows: -inf - -inf would be NaN
-    if candidate_reward is not None and reward_weight != 0.0:
-        s = s + reward_weight * candidate_reward.float()
-    if candidate_allowed is not None:
-        s = s.masked_fill(~candidate_allowed, NEG_INF)
-    return s
 
 
 def choose(out: SafeTopK, candidate_reward=None, reward_weight: float = 0.0, candidate_allowed=None,
@@ -62,6 +33,12 @@ def choose(out: SafeTopK, candidate_reward=None, reward_weight: float = 0.0, can
 
     Returns:
         ``[B]`` int64 token ids.
+
+    The pick runs as the op ``torch.ops.fastsafe.choose`` (see :mod:`fastsafe.ops.custom_ops`); the
+    sampling noise is drawn here from ``generator``, exactly as ``torch.multinomial`` would draw it,
+    so seeded results are those of ``torch.multinomial``. Under ``torch.compile`` pass
+    ``generator=None`` (dynamo cannot trace a ``torch.Generator``): the noise then comes from the
+    global RNG (Inductor's own unless ``torch._inductor.config.fallback_random = True``).
 
     Example:
         >>> out = safe_topk(torch.randn(2, 100), 5)
@@ -98,34 +75,8 @@ def choose(out: SafeTopK, candidate_reward=None, reward_weight: float = 0.0, can
         if isinstance(fallback_id, bool) or not isinstance(fallback_id, int) or fallback_id < 0:
             raise ValueError(f"fallback_id: expected a token id (an int >= 0) or None, got {fallback_id!r}")
 
-    nan_rows = torch.isnan(out.logsumexp)
-    if bool(nan_rows.any()):
-        rows = nan_rows.nonzero().flatten().tolist()
-        raise ValueError(f"out.logsumexp: NaN in rows {rows[:16]}: the logits of these rows contain NaN "
-                         f"at allowed tokens")
-
-    s = candidate_scores(out, candidate_reward, reward_weight, candidate_allowed)
-    if candidate_reward is not None and bool(torch.isnan(s).any()):
-        raise ValueError("candidate_reward: contains NaN at allowed candidates")
-    dead = torch.isneginf(s).all(dim=-1)
-    any_dead = bool(dead.any())
-    if any_dead and fallback_id is None:
-        rows = dead.nonzero().flatten().tolist()
-        raise ValueError(f"candidate_allowed: every candidate of rows {rows[:16]} is banned or disallowed; "
-                         f"pass fallback_id= (e.g. the EOS id) to emit it instead")
-    if any_dead:
-        s = s.masked_fill(dead.unsqueeze(-1), 0.0)   # keep the math finite; overwritten below
-
-    if not do_sample:
-        pick = s.argmax(dim=-1)
-    else:
-        if top_p < 1.0:
-            s = top_p_filter(s, top_p)
-        if min_p > 0.0:
-            s = min_p_filter(s, min_p)
-        probs = s.softmax(dim=-1)
-        pick = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    ids = out.indices.gather(1, pick.unsqueeze(-1)).squeeze(-1)
-    if any_dead:
-        ids = ids.masked_fill(dead, int(fallback_id))
-    return ids
+    noise = None
+    if do_sample:
+        noise = sampling_noise(values, out.logsumexp, candidate_reward, reward_weight, generator)
+    return choose_op(values, out.indices, out.logsumexp, candidate_reward, candidate_allowed, reward_weight,
+                     noise, top_p, min_p, None if fallback_id is None else int(fallback_id))

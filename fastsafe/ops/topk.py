@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .custom_ops import safe_topk_op_args
 from .dispatch import backend_for, implementation
 from .types import SafeTopK
 from .validate import validate_safe_topk
@@ -30,7 +31,9 @@ def safe_topk(logits: torch.Tensor, k: int, *, bias_table=None, positions=None, 
         reward_weight: multiplier of ``dense_reward``.
         temperature: ``> 0``; divides the logits before anything else.
         backend: ``"torch" | "cpp" | "triton" | "cuda"``; default: the fastest available for the
-            device (``FASTSAFE_BACKEND`` overrides).
+            device (``FASTSAFE_BACKEND`` overrides). Each backend is its own torch op
+            (``torch.ops.fastsafe.safe_topk_<backend>``, see :mod:`fastsafe.ops.custom_ops`); under
+            ``torch.compile`` the choice is made once, when the graph is traced.
 
     Returns:
         :class:`SafeTopK` with ``values [B, k]`` float32 (descending; ties by lower id),
@@ -56,6 +59,20 @@ def safe_topk(logits: torch.Tensor, k: int, *, bias_table=None, positions=None, 
         dev = inp.logits.device
         return SafeTopK(torch.empty(0, inp.k, device=dev), torch.empty(0, inp.k, dtype=torch.int64, device=dev),
                         torch.empty(0, device=dev), torch.empty(0, dtype=torch.bool, device=dev))
-    name = backend_for(inp.logits, backend)
-    values, indices, lse = implementation("safe_topk", name)(inp)
+    if torch.compiler.is_compiling():
+        # the backend is a trace-time constant; its op is called directly (no registry lookup in the graph)
+        name = _traced_backend(inp.logits.device.type, inp.logits.device.index, backend)
+        values, indices, lse = getattr(torch.ops.fastsafe, "safe_topk_" + name).default(*safe_topk_op_args(inp))
+    else:
+        name = backend_for(inp.logits, backend)
+        values, indices, lse = implementation("safe_topk", name)(inp)   # calls the op fastsafe::safe_topk_<name>
     return SafeTopK(values, indices, lse, torch.isneginf(lse))
+
+
+@torch.compiler.assume_constant_result
+def _traced_backend(device_type: str, index, backend) -> str:
+    # Runs eagerly while dynamo traces (probing backends imports modules, which dynamo cannot
+    # trace); the result is a constant of the graph. Importing the backend's module defines its op.
+    name = backend_for(torch.empty(0, device=torch.device(device_type, index)), backend)
+    implementation("safe_topk", name)
+    return name

@@ -1,0 +1,334 @@
+"""``token_logps`` as registered torch operators, and the tail of :func:`token_logps` that calls them.
+
+Ops (``torch.ops.fastsafe.*``), each with a fake (meta) implementation, autograd registered with
+``torch.library.register_autograd`` (the backward is an op too):
+
+* ``token_logps_torch`` / ``token_logps_torch_backward``: the chunked PyTorch path
+  (:class:`~fastsafe.training.token_logps.ChunkedTokenLogps`'s forward and backward, run as
+  the op bodies, so values and gradients are those of the autograd.Function).
+* ``token_logps_triton`` / ``token_logps_triton_backward``: the Triton path
+  (:class:`fastsafe.kernels.token_logps.TritonTokenLogps`), opaque custom ops (the kernels are
+  launched by the op body; ``torch.compile`` does not see inside them).
+* ``token_targets_valid``: ``targets != ignore_index`` that also refuses ids outside
+  ``[0, V)`` with :func:`token_logps`'s error (used in compiled graphs, where the Python check
+  cannot read the values).
+
+The forward ops return ``(lp, kl, entropy, lse, ref_lse, mean_z)``; the last three are what the
+backward needs. Unwanted outputs (``kl`` without a reference, the entropy without
+``want_entropy``) are empty.
+
+Under ``torch.compile`` :func:`run_token_logps` does not pack the active tokens (their number is
+data-dependent): every position goes through the op, inactive ones with zeroed hidden states,
+and their outputs and gradients are masked to 0. Values agree with the eager (packed) path to
+float rounding; the cost is that of all positions.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from ._checks import check_same_device, check_tensor
+from .token_logps import ChunkedTokenLogps, default_chunk_size, token_logps_backend
+
+__all__ = ["token_logps_op", "run_token_logps", "check_targets"]
+
+_LIB = torch.library.Library("fastsafe", "FRAGMENT")
+
+_TORCH_ARGS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? ref_hidden, "
+               "Tensor? ref_weight, Tensor? ref_bias, float temperature")
+_OUTS = "(Tensor lp, Tensor kl, Tensor entropy, Tensor lse, Tensor ref_lse, Tensor mean_z)"
+_BWD_ARGS = ("Tensor g_lp, Tensor g_kl, Tensor g_entropy, Tensor hidden, Tensor weight, Tensor? bias, "
+             "Tensor targets, Tensor? ref_hidden, Tensor? ref_weight, Tensor? ref_bias, Tensor lse, "
+             "Tensor ref_lse, Tensor mean_z, float temperature")
+_BWD_FLAGS = "bool want_kl, bool want_entropy, bool need_hidden, bool need_weight, bool need_bias"
+_GRADS = "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
+
+
+class _Ctx:
+    """Stands in for an autograd ctx, so an autograd.Function's forward / backward run as op bodies."""
+
+    def __init__(self, saved=(), needs_input_grad=(), **attrs):
+        self.saved_tensors = tuple(saved)
+        self.needs_input_grad = tuple(needs_input_grad)
+        self.__dict__.update(attrs)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+
+def _triton():
+    return importlib.import_module("fastsafe.kernels.token_logps").TritonTokenLogps
+
+
+def _acc(hidden: torch.Tensor, backend: str) -> torch.dtype:
+    return torch.float64 if (backend == "torch" and hidden.dtype == torch.float64) else torch.float32
+
+
+def _fresh(outs):
+    """Distinct tensors (an op's outputs may not alias each other); empties are re-made."""
+    seen, res = set(), []
+    for t in outs:
+        if id(t) in seen or t.numel() == 0:
+            t = t.new_empty(t.shape)
+        seen.add(id(t))
+        res.append(t)
+    return tuple(res)
+
+
+def _fwd_fake(backend):
+    def fake(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, *rest):
+        want_entropy = rest[-1]
+        M = hidden.shape[0]
+        dt = _acc(hidden, backend)
+        kl_n = M if ref_hidden is not None else 0
+        ent_n = M if want_entropy else 0
+        return tuple(hidden.new_empty((n,), dtype=dt) for n in (M, kl_n, ent_n, M, kl_n, ent_n))
+    return fake
+
+
+def _torch_fwd(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, chunk_size,
+               want_entropy):
+    ctx = _Ctx()
+    lp, kl, ent = ChunkedTokenLogps.forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                                     temperature, chunk_size, want_entropy)
+    return _fresh((lp, kl, ent) + tuple(ctx.saved_tensors[7:10]))
+
+
+def _triton_fwd(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, want_entropy):
+    ctx = _Ctx()
+    lp, kl, ent = _triton().forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                                    temperature, want_entropy)
+    return _fresh((lp, kl, ent) + tuple(ctx.saved_tensors[7:10]))
+
+
+def _grads(res, hidden):
+    empty = hidden.new_empty((0,))
+    return tuple(empty.clone() if g is None else g for g in res[:3])
+
+
+def _torch_bwd(g_lp, g_kl, g_ent, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse,
+               ref_lse, mean_z, temperature, chunk_size, want_kl, want_entropy, need_h, need_w, need_b):
+    ctx = _Ctx((hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z),
+               (need_h, need_w, need_b) + (False,) * 7, temperature=temperature, chunk_size=chunk_size,
+               want_kl=want_kl, want_entropy=want_entropy, group=None)   # no process group: one device
+    return _grads(ChunkedTokenLogps.backward(ctx, g_lp, g_kl, g_ent), hidden)
+
+
+def _triton_bwd(g_lp, g_kl, g_ent, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse,
+                ref_lse, mean_z, temperature, want_kl, want_entropy, need_h, need_w, need_b):
+    ctx = _Ctx((hidden, weight, bias, targets.contiguous(), ref_hidden, ref_weight, ref_bias, lse, ref_lse,
+                mean_z), (need_h, need_w, need_b) + (False,) * 6, temperature=temperature, want_kl=want_kl,
+               want_entropy=want_entropy, group=None)
+    return _grads(_triton().backward(ctx, g_lp, g_kl, g_ent), hidden)
+
+
+def _bwd_fake(g_lp, g_kl, g_ent, hidden, weight, bias, *rest):
+    need_h, need_w, need_b = rest[-3:]
+    gh = hidden.new_empty(hidden.shape) if need_h else hidden.new_empty((0,))
+    gw = torch.empty_like(weight) if need_w else hidden.new_empty((0,))
+    gb = bias.new_empty(bias.shape) if (need_b and bias is not None) else hidden.new_empty((0,))
+    return gh, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature = inputs[:8]
+    want_entropy = inputs[-1]
+    lp, kl, ent, lse, ref_lse, mean_z = output
+    ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z)
+    ctx.temperature = temperature
+    ctx.chunk_size = inputs[8] if len(inputs) == 10 else None
+    ctx.want_kl = ref_hidden is not None
+    ctx.want_entropy = bool(want_entropy)
+    ctx.mark_non_differentiable(lse, ref_lse, mean_z)
+    if not ctx.want_kl:
+        ctx.mark_non_differentiable(kl)
+    if not ctx.want_entropy:
+        ctx.mark_non_differentiable(ent)
+
+
+def _backward(backend):
+    def backward(ctx, g_lp, g_kl, g_ent, *unused):
+        hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = bool(need_b and bias is not None)
+        acc = _acc(hidden, backend)
+        M = hidden.shape[0]
+        # autograd materialises missing output gradients as zeros; do the same where one is None
+        g_lp = torch.zeros(M, dtype=acc, device=hidden.device) if g_lp is None else g_lp
+        g_kl = torch.zeros(M if ctx.want_kl else 0, dtype=acc, device=hidden.device) if g_kl is None else g_kl
+        g_ent = torch.zeros(M if ctx.want_entropy else 0, dtype=acc, device=hidden.device) if g_ent is None else g_ent
+        args = (g_lp, g_kl, g_ent, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse,
+                mean_z, ctx.temperature)
+        if backend == "torch":
+            args = args + (ctx.chunk_size,)
+        op = _OPS[backend][1]
+        gh, gw, gb = op(*args, ctx.want_kl, ctx.want_entropy, bool(need_h), bool(need_w), need_b)
+        return ((gh if need_h else None), (gw if need_w else None), (gb if need_b else None)) + \
+            (None,) * (len(ctx.needs_input_grad) - 3)
+    return backward
+
+
+_LIB.define(f"token_logps_torch({_TORCH_ARGS}, int chunk_size, bool want_entropy) -> {_OUTS}")
+_LIB.define(f"token_logps_torch_backward({_BWD_ARGS}, int chunk_size, {_BWD_FLAGS}) -> {_GRADS}")
+_LIB.define(f"token_logps_triton({_TORCH_ARGS}, bool want_entropy) -> {_OUTS}")
+_LIB.define(f"token_logps_triton_backward({_BWD_ARGS}, {_BWD_FLAGS}) -> {_GRADS}")
+for _name, _fn in (("token_logps_torch", _torch_fwd), ("token_logps_torch_backward", _torch_bwd)):
+    _LIB.impl(_name, _fn, "CPU")
+    _LIB.impl(_name, _fn, "CUDA")
+for _name, _fn in (("token_logps_triton", _triton_fwd), ("token_logps_triton_backward", _triton_bwd)):
+    _LIB.impl(_name, _fn, "CUDA")
+    _LIB.impl(_name, _fn, "CPU")          # the interpreter (TRITON_INTERPRET=1)
+for _backend in ("torch", "triton"):
+    torch.library.register_fake(f"fastsafe::token_logps_{_backend}", _fwd_fake(_backend), lib=_LIB)
+    torch.library.register_fake(f"fastsafe::token_logps_{_backend}_backward", _bwd_fake, lib=_LIB)
+    torch.library.register_autograd(f"fastsafe::token_logps_{_backend}", _backward(_backend),
+                                    setup_context=_setup_context, lib=_LIB)
+
+_OPS = {
+    "torch": (torch.ops.fastsafe.token_logps_torch.default, torch.ops.fastsafe.token_logps_torch_backward.default),
+    "triton": (torch.ops.fastsafe.token_logps_triton.default,
+               torch.ops.fastsafe.token_logps_triton_backward.default),
+}
+
+
+def token_logps_op(backend: str, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                   temperature: float, chunk_size: int, want_entropy: bool):
+    """``(lp, kl, entropy)`` of packed tokens through the op of ``backend`` (``"torch"`` or ``"triton"``).
+
+    Shapes as in :class:`~fastsafe.training.token_logps.ChunkedTokenLogps` (``hidden [M, H]``,
+    ``targets [M]`` int64 in ``[0, V)``); ``chunk_size`` is used by the torch path only.
+
+    Example:
+        >>> h, w = torch.randn(6, 16), torch.randn(50, 16, requires_grad=True)
+        >>> lp, kl, ent = token_logps_op("torch", h, w, None, torch.randint(0, 50, (6,)), None, None, None,
+        ...                              1.0, 4, False)
+        >>> lp.shape, kl.numel(), ent.numel()
+        (torch.Size([6]), 0, 0)
+    """
+    if backend == "triton":
+        outs = _OPS["triton"][0](hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature,
+                                 want_entropy)
+    else:
+        outs = _OPS["torch"][0](hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature,
+                                chunk_size, want_entropy)
+    return outs[0], outs[1], outs[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# target check (an op, so it also runs inside a compiled graph)
+# ----------------------------------------------------------------------------------------------
+
+def check_targets(flat_t: torch.Tensor, ignore_index: int, vocab_size: int) -> torch.Tensor:
+    """``[M]`` bool ``flat_t != ignore_index``; ValueError if another id is outside ``[0, vocab_size)``."""
+    valid = flat_t != ignore_index
+    bad = valid & ((flat_t < 0) | (flat_t >= vocab_size))
+    if bool(bad.any()):
+        vals = flat_t[bad]
+        raise ValueError(f"targets: expected ids in [0, V) = [0, {vocab_size}) or ignore_index = {ignore_index}, "
+                         f"got {vals.numel()} out of range (min {vals.min().item()}, max {vals.max().item()})")
+    return valid
+
+
+def _valid_impl(flat_t, ignore_index, vocab_size):
+    if flat_t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return flat_t != ignore_index            # no host read while a CUDA graph is captured
+    return check_targets(flat_t, ignore_index, vocab_size)
+
+
+_LIB.define("token_targets_valid(Tensor targets, int ignore_index, int vocab_size) -> Tensor")
+_LIB.impl("token_targets_valid", _valid_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("fastsafe::token_targets_valid",
+                            lambda t, i, v: torch.empty_like(t, dtype=torch.bool), lib=_LIB)
+_VALID = torch.ops.fastsafe.token_targets_valid.default
+
+
+# ----------------------------------------------------------------------------------------------
+# the tail of token_logps(): pack (eager) or mask (compiled), call the op, scatter back
+# ----------------------------------------------------------------------------------------------
+
+def _backend(hidden: torch.Tensor, backend: Optional[str]) -> str:
+    if torch.compiler.is_compiling():
+        return _traced_backend(hidden.device.type, hidden.device.index, backend)
+    return _backend_for(hidden, backend)
+
+
+def _backend_for(hidden, backend):
+    return token_logps_backend(hidden, backend)
+
+
+@torch.compiler.assume_constant_result
+def _traced_backend(device_type: str, index, backend) -> str:
+    # Probing backends imports modules (not traceable): run it once at trace time, as a constant.
+    return _backend_for(torch.empty(0, device=torch.device(device_type, index)), backend)
+
+
+def run_token_logps(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, *, ignore_index: int,
+                    temperature: float, active, return_kl: bool, return_entropy: bool,
+                    chunk_size: Optional[int], backend: Optional[str]):
+    """Everything of :func:`token_logps` after argument checking (validated, dtype-harmonised inputs).
+
+    Eager: packs the active, non-ignored tokens, runs the backend's op on them and scatters the
+    results back (zeros elsewhere). Under ``torch.compile``: no packing (see the module docstring).
+    """
+    out_shape = targets.shape
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    flat_t = targets.reshape(-1)
+    M_all = flat_t.numel()
+    h2 = hidden.reshape(M_all, H)
+    rh2 = None if ref_hidden is None else ref_hidden.reshape(M_all, H)
+    compiling = torch.compiler.is_compiling()
+    valid = _VALID(flat_t, ignore_index, V) if compiling else check_targets(flat_t, ignore_index, V)
+    if active is not None:
+        check_tensor("active", active)
+        if active.shape != targets.shape:
+            raise ValueError(f"active: expected targets' shape {list(targets.shape)}, got {list(active.shape)}")
+        check_same_device("active", active, hidden, "hidden")
+    chosen = _backend(hidden, backend)
+
+    if compiling:
+        if active is not None:
+            valid = valid & (active.reshape(-1) != 0)
+        keep = valid.unsqueeze(-1)
+        h_act = torch.where(keep, h2, 0)
+        t_act = torch.where(valid, flat_t, 0).long()
+        rh_act = None if rh2 is None else torch.where(keep, rh2, 0)
+        C = chunk_size if chunk_size is not None else default_chunk_size(max(M_all, 1), V)
+        lp, kl, ent = token_logps_op(chosen, h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
+                                     temperature, C, bool(return_entropy))
+
+        def scatter(x):
+            return torch.where(valid, x, 0).view(out_shape)
+    else:
+        if active is not None:
+            valid = valid & (active.reshape(-1) != 0)
+        if bool(valid.all()):
+            idx = None
+            h_act, t_act, rh_act = h2, flat_t.long(), rh2
+        else:
+            idx = valid.nonzero().squeeze(1)
+            h_act = h2.index_select(0, idx)
+            t_act = flat_t.index_select(0, idx).long()
+            rh_act = None if rh2 is None else rh2.index_select(0, idx)
+        M = h_act.shape[0]
+        h_act = h_act if h_act.stride(-1) == 1 else h_act.contiguous()
+        C = chunk_size if chunk_size is not None else default_chunk_size(max(M, 1), V)
+        lp, kl, ent = token_logps_op(chosen, h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
+                                     temperature, C, bool(return_entropy))
+
+        def scatter(x):
+            if idx is None:
+                return x.view(out_shape)
+            return x.new_zeros(M_all).index_copy(0, idx, x).view(out_shape)
+
+    outs = [scatter(lp)]
+    if return_kl:
+        outs.append(scatter(kl))
+    if return_entropy:
+        outs.append(scatter(ent))
+    return outs[0] if len(outs) == 1 else tuple(outs)
