@@ -156,9 +156,13 @@ class DeviceMatcher:
             self._out_now = t(char.out_now)
             act = action_tables(char.alphabet.is_word, word_boundaries)
             self._act_ctx = t(act["ctx"].reshape(-1))
-            self._act_sym = t(act["sym"].reshape(-1))
-            self._act_flags = t(act["flags"].reshape(-1))
-            self._slots = t(slots["slots"], torch.int32)
+            self._act_sym = t(np.maximum(act["sym"], 0).reshape(-1))
+            self._act_emit = t(act["sym"].reshape(-1) >= 0, torch.bool)
+            self._act_bnd = t((act["flags"].reshape(-1) & 1) > 0, torch.bool)
+            self._act_sq = t((act["flags"].reshape(-1) & 2) > 0, torch.bool)
+            self._act_conf = t((act["flags"].reshape(-1) & 4) > 0, torch.bool)
+            self._delta_bnd = t(char.delta[:, BND])
+            self._slots = t(slots["slots"])
             self.max_token_chars = int(slots["slots"].shape[1])
             for name in ("head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body"):
                 setattr(self, "_" + name, t(slots[name]))
@@ -420,23 +424,17 @@ class DeviceMatcher:
         """One folded character (class ``c``; ``C`` = none) through the character DFA."""
         C = self._classes
         i = ctx * (C + 1) + c
-        sym = self._act_sym[i]
-        flags = self._act_flags[i]
-        ctx2 = self._act_ctx[i]
-        emit = sym >= 0
-        if self.word_boundaries:
-            s1 = torch.where((flags & 1) > 0, self._delta[s * C + BND], s)
-        else:
-            s1 = s
-        s2 = torch.where(emit, self._delta[s1 * C + sym.clamp(min=0)], s)
+        emit = self._act_emit[i]
+        s1 = torch.where(self._act_bnd[i], self._delta_bnd[s], s) if self.word_boundaries else s
+        s2 = torch.where(emit, self._delta[s1 * C + self._act_sym[i]], s)
         if track:
             ow = self._out_word[s]
-            hit = torch.where(((flags & 4) > 0) & fresh & (ow >= 0), ow, hit)
-            changed = emit & ~(((flags & 2) > 0) & (s2 == s))     # a skipped repeat is not a new character
+            hit = torch.where(self._act_conf[i] & fresh & (ow >= 0), ow, hit)
+            changed = emit & ~(self._act_sq[i] & (s2 == s))     # a skipped repeat is not a new character
             nw = self._out_now[s2]
             hit = torch.where(changed & (nw >= 0), nw, hit)
             fresh = fresh | changed
-        return s2, ctx2, hit, fresh
+        return s2, self._act_ctx[i], hit, fresh
 
     def _text_run(self, st: list, ids: torch.Tensor, track: bool):
         """Feed tokens ``ids`` (any shape, broadcast with the state columns ``st``) through the DFA."""
@@ -462,7 +460,7 @@ class DeviceMatcher:
         s, ctx, hit, fresh = self._char_step(s, ctx, c1, hit, fresh, track)
         rows = self._slots[row]
         for j in range(self.max_token_chars):
-            s, ctx, hit, fresh = self._char_step(s, ctx, rows[..., j].to(torch.int64), hit, fresh, track)
+            s, ctx, hit, fresh = self._char_step(s, ctx, rows[..., j], hit, fresh, track)
         # an unfinished character at the token's end becomes the pending one
         body = self._body[row] > 0
         tn = self._tail_n[row]
