@@ -166,12 +166,11 @@ def test_decoding_step_compiles_fullgraph():
 
 def test_training_step_compiles_fullgraph():
     """token_logps forward + backward (ignored and inactive positions, KL and entropy) under fullgraph."""
-    from fastsafe.training.token_logps_op import run_token_logps
+    from fastsafe.training import token_logps
 
     def step(hidden, weight, bias, targets, active, ref_hidden, coef):
-        lp, kl, ent = run_token_logps(hidden, weight, bias, targets, ref_hidden, weight.detach(), bias.detach(),
-                                      ignore_index=-100, temperature=0.9, active=active, return_kl=True,
-                                      return_entropy=True, chunk_size=5, backend=None)
+        lp, kl, ent = token_logps(hidden, weight, targets, bias, temperature=0.9, active=active,
+                                  ref_hidden=ref_hidden, return_kl=True, return_entropy=True, chunk_size=5)
         return lp, kl, ent, (lp * coef).sum() + 0.1 * kl.sum() - 0.01 * ent.sum()
 
     g = torch.Generator().manual_seed(1)

@@ -394,6 +394,12 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             raise TypeError(f"ref_hidden: expected hidden's dtype {hidden.dtype}, got {ref_hidden.dtype}")
         ref_hidden = ref_hidden.detach()
 
+    if shard is None:   # one device: the registered ops (token_logps_op), traceable by torch.compile
+        from .token_logps_op import run_token_logps
+        return run_token_logps(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+                               ignore_index=ignore_index, temperature=temperature, active=active,
+                               return_kl=return_kl, return_entropy=return_entropy, chunk_size=chunk_size,
+                               backend=backend)
     out_shape = targets.shape
     flat_t = targets.reshape(-1)
     valid = flat_t != ignore_index
