@@ -195,46 +195,45 @@ def test_2_refresh_with_many_changes_and_purge(tok, tmp_path):
 
 
 # --------------------------------------------------------------------------- 3. regexes
-def _finishes(fn, timeout: float = 120.0):
-    """Run ``fn`` in a thread; the result, or a failure if it is still running after ``timeout`` s
-    (an obviously huge guard: the exponential-backtracking version never finishes)."""
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            out["error"] = exc
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"still running after {timeout} s (catastrophic backtracking?)"
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+_STALL_CHECK = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import fastsafe
+from fastsafe import SafetyConfig
+from fastsafe.safety import LiveMatcher, PhraseMatcher, RiskEntityStore
+from tests.tiny_lm import tiny_gpt2, tiny_tokenizer
+tok = tiny_tokenizer()
+enc = lambda t: tok.encode(t, add_special_tokens=False)
+res = fastsafe.generate(tiny_gpt2(seed=3), tok, [enc("a" * 60)], SafetyConfig(regexes=["(a+)+b"]), max_new_tokens=2)
+assert len(res.new_tokens[0]) == 2
+# correctness on long inputs: a 'b' after a long run of a's is a match, another letter is not
+m = PhraseMatcher.build(tok, regexes=["(a+)+b"])
+hist = [enc("a" * 5000)]
+allowed, events = m.check_candidates(hist, [[enc("b")[0], enc("c")[0]]])
+assert allowed.tolist() == [[False, True]] and [e.rule for e in events] == ["regex"], (allowed, events)
+# a hostile pattern from the store: accepted (RE2 runs it in linear time) and enforced
+store = RiskEntityStore(sys.argv[2])
+store.add("(a+)+$", kind="regex")
+allowed, _ = LiveMatcher(store, tok).current().check_candidates(hist, [[enc("a")[0], enc(" x")[0]]])
+assert allowed.tolist() == [[False, True]], allowed
+print("done")
+"""
 
 
 def test_3_no_regex_can_stall_a_step(tok, tmp_path):
-    model = tiny_gpt2(seed=3)
-    cfg = SafetyConfig(regexes=["(a+)+b"])
-    prompt = tok.encode("a" * 60, add_special_tokens=False)
-    res = _finishes(lambda: fastsafe.generate(model, tok, [prompt], cfg, max_new_tokens=2))
-    assert len(res.new_tokens[0]) == 2
-    # correctness on long inputs: a 'b' after a long run of a's is a match, another letter is not
-    m = PhraseMatcher.build(tok, regexes=["(a+)+b"])
-    b = tok.encode("b", add_special_tokens=False)[0]
-    c = tok.encode("c", add_special_tokens=False)[0]
-    hist = [tok.encode("a" * 5000, add_special_tokens=False)]
-    allowed, events = _finishes(lambda: m.check_candidates(hist, [[b, c]]))
-    assert allowed.tolist() == [[False, True]] and [e.rule for e in events] == ["regex"]
-    # a hostile pattern from the store: accepted (RE2 runs it in linear time) and enforced
-    store = RiskEntityStore(tmp_path / "r.db")
-    store.add("(a+)+$", kind="regex")
-    m2 = LiveMatcher(store, tok).current()
-    a = tok.encode("a", add_special_tokens=False)[0]
-    allowed, _ = _finishes(lambda: m2.check_candidates(hist, [[a, tok.encode(" x", add_special_tokens=False)[0]]]))
-    assert allowed.tolist() == [[False, True]]
+    """Run in a child process with an obviously huge timeout: a backtracking engine holds the GIL and
+    never finishes (9 s for 2 tokens at 22 ``a``; this prompt has 60), RE2 finishes at once."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run([sys.executable, "-c", _STALL_CHECK, repo, str(tmp_path / "r.db")],
+                             capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a regex entity stalled generation for more than 300 s (catastrophic backtracking)")
+    assert out.returncode == 0 and out.stdout.strip().endswith("done"), out.stderr[-3000:]
     # patterns that need backtracking are refused at add time, with the reason
+    store = RiskEntityStore(tmp_path / "r2.db")
     for pat in [r"(a)\1", r"(?=a)a", r"(?<!x)y"]:
         with pytest.raises(ValueError, match="linear-time engine"):
             store.add(pat, kind="regex")
