@@ -63,7 +63,8 @@ class SafetyConfig:
         context_tokens: tokens of recent context a reward model sees (plus the candidate).
         on_event: optional callback called with each :class:`fastsafe.safety.SafetyEvent`.
         fallback_token_id: emitted when every candidate of a row is banned; ``None`` = the
-            tokenizer's EOS. The emission is reported as an ``"all_banned_fallback"`` event.
+            tokenizer's EOS. Must lie in ``[0, V)`` of the model (checked before the model runs).
+            The emission is reported as an ``"all_banned_fallback"`` event.
         report_token_bans: report a ``"token_ban"`` event when a row's most likely token was
             banned by the token-level automaton (costs one argmax over ``[B, V]`` per step).
         poll_interval: seconds between risk-store version checks (default 0: before every step, one

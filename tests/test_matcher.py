@@ -518,3 +518,15 @@ def test_live_view_bans_exactly_what_a_fresh_build_bans(tmp_path):
             for t in set(fresh.banned_tokens(h)):
                 assert view.explain_token_ban(h, t) is not None
     live.merge_delay = 0.0
+
+
+def test_live_matcher_warns_once_when_the_store_cannot_be_read(tmp_path):
+    store = RiskEntityStore(tmp_path / "gone.db")
+    store.add("bomb")
+    live = LiveMatcher(store, tiny_tokenizer())
+    m = live.current()
+    store.close()
+    with pytest.warns(RuntimeWarning, match="cannot be read.*stays in force") as rec:
+        assert live.current() is m and live.current() is m
+    assert len([w for w in rec if "cannot be read" in str(w.message)]) == 1
+    assert isinstance(live.last_error, RuntimeError)

@@ -1290,7 +1290,12 @@ class LiveMatcher:
         self._last_poll = time.monotonic()
         try:
             v = self.store.version()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - keep the matcher in force, and say that updates stopped
+            if self.last_error is None:
+                warnings.warn(f"fastsafe: risk store {getattr(self.store, 'path', self.store)!r} cannot be read "
+                              f"({type(exc).__name__}: {exc}); the matcher of version {self._view.version} stays "
+                              f"in force and later changes are not seen until it can be read again",
+                              RuntimeWarning, stacklevel=3)
             self.last_error = exc
             return self._view
         if v != self._view.version:
