@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         compiled = None
         if not args.no_compile:
             torch._dynamo.reset()
-            compiled = torch.compile(step, fullgraph=True, dynamic=False)
+            compiled = torch.compile(step, fullgraph=True, dynamic=True)   # one compile for every batch size
         for B in args.batch:
             T = args.history
             starts = torch.randint(0, max(1, len(corpus) - T - args.k - 1), (B,), generator=g).tolist()

@@ -154,14 +154,18 @@ def test_benign_spellings_stay_allowed(written):
     assert blocked_at(dm, tok, "I will build a", written) is None, written
 
 
-def test_stretch_next_to_a_doubling_entity():
-    """Documented limit of the one-reading automaton: 'booomb' is caught next to 'boob', not next to 'boom'."""
+def test_stretched_letters_need_a_run_of_three():
+    """3+ repeats may stand for one entity letter; exactly two is a double (English spelling)."""
     tok = tiny_tokenizer()
-    dm = DeviceMatcher.build(tok, ["bomb", "boob"])
-    assert blocked_at(dm, tok, "a", " booomb") is not None and blocked_at(dm, tok, "a", " boob") is not None
+    dm = DeviceMatcher.build(tok, ["bomb", "boob", "tit", "ass"])
+    for written in [" booomb", " bommmb", " bombbbb", " boob", " booob", " tiiit", " asss"]:
+        assert blocked_at(dm, tok, "a", written) is not None, written
+    for written in [" boomb", " bommb", " tiit", " bom", " bob"]:
+        assert blocked_at(dm, tok, "a", written) is None, written
+    # both readings alive: the double is taken first and the single letter is retried only when the
+    # double's path dies at the very next character (documented limit: "booomb" next to "boom")
     dm = DeviceMatcher.build(tok, ["bomb", "boom"])
-    assert blocked_at(dm, tok, "a", " boooom") is not None and blocked_at(dm, tok, "a", " bom") is None
-    assert blocked_at(dm, tok, "a", " booomb") is None
+    assert blocked_at(dm, tok, "a", " boooom") is not None and blocked_at(dm, tok, "a", " booomb") is None
 
 
 def test_occurrence_already_in_the_history_is_not_new():
@@ -265,7 +269,7 @@ def test_bad_input_is_a_clear_error():
         dm.check_candidates(st, torch.tensor([[1]]))
     with pytest.raises(ValueError, match="cand_ids: expected a tensor on cpu"):
         dm.check_candidates(st, torch.zeros(2, 3, dtype=torch.int64, device="meta"))
-    with pytest.raises(ValueError, match=r"state: expected an int64 tensor \[B, 5\]"):
+    with pytest.raises(ValueError, match=r"state: expected an int64 tensor \[B, 6\]"):
         dm.banned_bitmask(st[:, :3])
     with pytest.raises(ValueError, match="token_ids: expected an int64"):
         dm.advance(st, torch.tensor([1.0, 2.0]))
@@ -310,7 +314,7 @@ def test_real_tokenizer_smollm2():
     ids = tok.encode(text, add_special_tokens=False)
     hist = [ids[:i] for i in range(0, len(ids), 2)]
     assert torch.equal(dm.banned_bitmask(dm.state_from_histories(hist)), pm.banned_bitmask(hist))
-    for written in [" B0MB", " b\u200bomb", " ｂｏｍｂ", " b.o.m.b", " bооmb", " ｂ ｏ ｍ ｂ", " nerve-agent"]:
+    for written in [" B0MB", " b\u200bomb", " ｂｏｍｂ", " b.o.m.b", " bоооmb", " ｂ ｏ ｍ ｂ", " nerve-agent"]:
         assert blocked_at(dm, tok, "Here is how to make a", written) is not None, written
     for written in [" tombstone", " nervous", " make a cake", " boomerang"]:
         assert blocked_at(dm, tok, "Here is how to", written) is None, written

@@ -22,15 +22,16 @@ device does):
 Entities become symbol patterns the same way, plus a **spaced** pattern (each character a word of
 its own, ``"b o m b"`` = ``BND b SEP BND o SEP BND m SEP BND b``) for single-word entities of 3 to
 24 characters. The DFA is Aho-Corasick over the patterns (:mod:`fastsafe.safety.automaton`) with one
-change: reading ``SQ2``/``SQ3`` where no pattern continues with a repeat keeps the state (the
-repeat is skipped), and after a repeat that a pattern does use, a character that no pattern
-continues with is read as if the repeat had been skipped. So an entity letter may be stretched
-(``"booomb"`` reads as ``"bomb"``), while a doubled entity letter still needs two (``"bom"`` never
-matches ``"boom"``). Every exact occurrence is still found (a repeat is only skipped where no
-exact match is in progress). Limitation: the automaton follows one reading, so a stretched
-letter is read as a double when another entity doubles it *and* continues the same way for
-more than one character (with both ``"boom"`` and ``"bomb"`` listed, ``"booomb"`` is read as
-``"boom"`` + ``"b"`` and not caught; with ``"boob"`` and ``"bomb"`` it is caught).
+change, made by the device step with one extra state column (the *shadow*: the state before the
+current run's first repeat): a run of **three or more** of one letter may stand for a single entity
+letter (``"booomb"`` reads as ``"bomb"``) or for a doubled one (``"booom"`` as ``"boom"``); a run of
+exactly two is always a double (``"boomb"`` does not match ``"bomb"``, and ``"bom"`` never matches
+``"boom"``), because English doubles letters all the time (``"assess"``, ``"flick"`` folded to
+``"fiick"``) and stretching is done with three or more. Every exact occurrence is still found (the
+other reading is only taken where no exact match is in progress). Limitation: where both
+readings are alive, the double wins (with ``"boom"`` and ``"bomb"`` listed, ``"booomb"`` is read as
+``"boom"`` then ``"b"``, but a single-letter reading is retried when the double's path dies at the
+next character).
 
 Whole words: an entity whose first character is a word character starts with ``BND``; one whose
 last character is a word character matches only when the next character is not a word character
@@ -214,7 +215,7 @@ class CharAutomaton:
     """The DFA of the text check (numpy; the device matcher moves it to torch).
 
     Attributes:
-        delta: ``[S, C]`` int32 transitions (``SQ2``/``SQ3`` skip where no pattern repeats).
+        delta: ``[S, C]`` int32 transitions (plain Aho-Corasick; the repeat readings are the device's).
         out_word: ``[S]`` int32 entity of a word-final pattern that ends here (needs a boundary next), -1 none.
         out_now: ``[S]`` int32 entity of a pattern ending in a non-word character (matches at once), -1 none.
         alphabet: the classes.
@@ -320,19 +321,6 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
     trie = build_trie(flat, lens, alpha.num_classes)
     fail = failure_links(trie)
     delta = dense_transitions(trie, fail)
-    # after a repeat that some pattern uses, a character no pattern continues with is read as if
-    # the repeat had been skipped (exact matches are unaffected: none is alive at that point)
-    sq_nodes = np.nonzero((trie.symbol == SQ2) | (trie.symbol == SQ3))[0]     # BFS order: parents first
-    other = np.ones(alpha.num_classes, bool)
-    other[[SQ2, SQ3]] = False
-    for v in sq_nodes:
-        row = delta[v]
-        dead = (row == 0) & other
-        row[dead] = delta[trie.parent[v]][dead]
-    states = np.arange(trie.num_nodes, dtype=np.int32)
-    for sq in (SQ2, SQ3):
-        col = delta[:, sq]
-        delta[:, sq] = np.where(col == 0, states, col)
     N = trie.num_nodes
     kinds_a = np.asarray(kinds, bool)
     outs = []

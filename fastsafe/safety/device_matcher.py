@@ -18,8 +18,9 @@ Two automata, both on the device:
   also letters split by separators (``b.o.m.b``, ``b o m b``, ``b-o-m-b``, ``b_o_m_b``), stretched
   letters (``booomb``) and Unicode look-alikes (UTS #39).
 
-The state is one ``[B, 5]`` int64 tensor: token state, character state, character context (previous
-class and its run length), and a partial UTF-8 character (codepoint bits, bytes still needed).
+The state is one ``[B, 6]`` int64 tensor: token state, character state, character context (previous
+class and its run length), a partial UTF-8 character (codepoint bits, bytes still needed), and the
+character state before the current run's first repeat (for stretched letters).
 :meth:`advance`, :meth:`banned_bitmask` and :meth:`check_candidates` read no tensor back to the host
 and have no data-dependent Python control flow, so a step compiles whole
 (``torch.compile(fullgraph=True)``) and can be captured in a CUDA graph. Regex entities are the one
@@ -33,7 +34,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .char_automaton import BND, CP_LIMIT, OTHER_NONWORD, action_tables, build_char_automaton
+from .char_automaton import BND, CP_LIMIT, OTHER_NONWORD, SQ2, SQ3, action_tables, build_char_automaton
 from .store import RiskEntity
 from .token_automaton import build_token_automaton
 from .token_chars import token_slots
@@ -42,9 +43,10 @@ from .token_sequences import banned_sequences
 __all__ = ["DeviceMatcher", "STATE_WIDTH"]
 
 #: Columns of the state tensor: token state, character state, character context
-#: (``previous class * 4 + run length``), partial UTF-8 character bits, its missing bytes.
-STATE_WIDTH = 5
-_TOK, _CHR, _CTX, _CP, _NEED = range(STATE_WIDTH)
+#: (``previous class * 4 + run length``), partial UTF-8 character bits, its missing bytes, and the
+#: character state before the current run's first repeat (-1: none).
+STATE_WIDTH = 6
+_TOK, _CHR, _CTX, _CP, _NEED, _SHADOW = range(STATE_WIDTH)
 
 
 def _entities(phrases, token_id_phrases, regexes, entities) -> list[RiskEntity]:
@@ -319,6 +321,7 @@ class DeviceMatcher:
             raise ValueError(f"batch_size: expected a non-negative int, got {batch_size!r}")
         s = torch.zeros(batch_size, STATE_WIDTH, dtype=torch.int64, device=self.device)
         s[:, _CTX] = OTHER_NONWORD * 4       # start of text: as after a non-word character
+        s[:, _SHADOW] = -1
         return s
 
     def state_from_histories(self, histories) -> torch.Tensor:
@@ -328,7 +331,7 @@ class DeviceMatcher:
             histories: ``[B, T]`` integer tensor or a list of ``B`` token-id lists (ragged is fine).
 
         Returns:
-            ``[B, 5]`` int64 on :attr:`device`, equal to advancing :meth:`initial_state` token by token.
+            ``[B, 6]`` int64 on :attr:`device`, equal to advancing :meth:`initial_state` token by token.
             Costs ``T`` masked steps (host-driven; not part of the per-step graph).
         """
         if isinstance(histories, torch.Tensor):
@@ -380,7 +383,7 @@ class DeviceMatcher:
         """Packed mask of the tokens allowed next.
 
         Args:
-            state: ``[B, 5]`` int64 from :meth:`initial_state` / :meth:`advance`.
+            state: ``[B, 6]`` int64 from :meth:`initial_state` / :meth:`advance`.
             vocab_size: optional check that the logits width equals the matcher's ``V``.
 
         Returns:
@@ -420,25 +423,42 @@ class DeviceMatcher:
         return out[:, :W]
 
     # ------------------------------------------------------------------ text level
-    def _char_step(self, s, ctx, c, hit, fresh, track: bool):
-        """One folded character (class ``c``; ``C`` = none) through the character DFA."""
+    def _char_step(self, s, ctx, shadow, c, hit, fresh, track: bool):
+        """One folded character (class ``c``; ``C`` = none) through the character DFA.
+
+        Repeats (``SQ2``/``SQ3``): a dead ``SQ2`` goes to the root and remembers the state before it
+        (``shadow``); a dead ``SQ3`` returns to the shadow (a run of 3+ read as one letter) or, after
+        a live ``SQ2``, stays (a stretched double); after a run of 3+, a character that is dead from
+        the double's state is read from the shadow instead.
+        """
         C = self._classes
         i = ctx * (C + 1) + c
         emit = self._act_emit[i]
+        sym = self._act_sym[i]
         s1 = torch.where(self._act_bnd[i], self._delta_bnd[s], s) if self.word_boundaries else s
-        s2 = torch.where(emit, self._delta[s1 * C + self._act_sym[i]], s)
+        raw = self._delta[s1 * C + sym]
+        dead = raw == 0
+        sq2 = sym == SQ2
+        sq3 = sym == SQ3
+        has_shadow = shadow >= 0
+        from_shadow = self._delta[shadow.clamp(min=0) * C + sym]
+        run3 = (ctx & 3) == 3
+        s_sq3 = torch.where(dead, torch.where(has_shadow & (s == 0), shadow, s), raw)
+        s_other = torch.where(dead & run3 & has_shadow, from_shadow, raw)
+        s2 = torch.where(emit, torch.where(sq3, s_sq3, torch.where(sq2, raw, s_other)), s)
+        shadow2 = torch.where(emit, torch.where(sq2, s, torch.where(sq3, shadow, -1)), shadow)
         if track:
             ow = self._out_word[s]
             hit = torch.where(self._act_conf[i] & fresh & (ow >= 0), ow, hit)
-            changed = emit & ~(self._act_sq[i] & (s2 == s))     # a skipped repeat is not a new character
+            changed = emit & ~(dead & (sq2 | sq3))       # a repeat no pattern uses is not a new character
             nw = self._out_now[s2]
             hit = torch.where(changed & (nw >= 0), nw, hit)
             fresh = fresh | changed
-        return s2, self._act_ctx[i], hit, fresh
+        return s2, self._act_ctx[i], shadow2, hit, fresh
 
     def _text_run(self, st: list, ids: torch.Tensor, track: bool):
         """Feed tokens ``ids`` (any shape, broadcast with the state columns ``st``) through the DFA."""
-        s, ctx, cp, need = st
+        s, ctx, cp, need, shadow = st
         C = self._classes
         hit = torch.full_like(s, -1) if track else None
         fresh = torch.zeros_like(s, dtype=torch.bool) if track else None
@@ -456,11 +476,11 @@ class DeviceMatcher:
         partial = (need > hn) & (hn > 0)           # still unfinished after this token's head
         cp = torch.where(partial, (cp << (6 * hn)) | hb, cp)
         need = torch.where(partial, need - hn, need)
-        s, ctx, hit, fresh = self._char_step(s, ctx, c0, hit, fresh, track)
-        s, ctx, hit, fresh = self._char_step(s, ctx, c1, hit, fresh, track)
+        s, ctx, shadow, hit, fresh = self._char_step(s, ctx, shadow, c0, hit, fresh, track)
+        s, ctx, shadow, hit, fresh = self._char_step(s, ctx, shadow, c1, hit, fresh, track)
         rows = self._slots[row]
         for j in range(self.max_token_chars):
-            s, ctx, hit, fresh = self._char_step(s, ctx, rows[..., j], hit, fresh, track)
+            s, ctx, shadow, hit, fresh = self._char_step(s, ctx, shadow, rows[..., j], hit, fresh, track)
         # an unfinished character at the token's end becomes the pending one
         body = self._body[row] > 0
         tn = self._tail_n[row]
@@ -469,30 +489,30 @@ class DeviceMatcher:
         if track:
             ow = self._out_word[s]
             hit = torch.where(fresh & (ow >= 0), ow, hit)
-        return [s, ctx, cp, need], hit
+        return [s, ctx, cp, need, shadow], hit
 
     # ------------------------------------------------------------------ the step
     def _advance(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         t = token_ids.to(torch.int64)
         cols = [self._token_step(state[:, _TOK], t)]
         if self._has_text:
-            st = [state[:, i] for i in (_CHR, _CTX, _CP, _NEED)]
+            st = [state[:, i] for i in (_CHR, _CTX, _CP, _NEED, _SHADOW)]
             st, _ = self._text_run(st, t, track=False)
             cols += st
         else:
-            cols += [state[:, i] for i in (_CHR, _CTX, _CP, _NEED)]
+            cols += [state[:, i] for i in (_CHR, _CTX, _CP, _NEED, _SHADOW)]
         return torch.stack(cols, dim=1)
 
     def advance(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """The state after each row appends one token.
 
         Args:
-            state: ``[B, 5]`` int64 on :attr:`device`.
+            state: ``[B, 6]`` int64 on :attr:`device`.
             token_ids: ``[B]`` int64 (or int32) on :attr:`device`; ids outside ``[0, V)`` reset the
                 token state and add no text.
 
         Returns:
-            The new ``[B, 5]`` state (the input is not modified).
+            The new ``[B, 6]`` state (the input is not modified).
         """
         self._check_state(state)
         self._check_ids("token_ids", token_ids, 1, state.shape[0])
@@ -502,7 +522,7 @@ class DeviceMatcher:
         """Text-level check of ``k`` candidate next tokens per row.
 
         Args:
-            state: ``[B, 5]`` int64 on :attr:`device`.
+            state: ``[B, 6]`` int64 on :attr:`device`.
             cand_ids: ``[B, k]`` int64 (or int32) on :attr:`device`; ids outside ``[0, V)`` (e.g. -1
                 padding) are not allowed and have entity -1.
 
@@ -518,7 +538,7 @@ class DeviceMatcher:
         if not self._has_text:
             return valid, torch.full(c.shape, -1, dtype=torch.int32, device=c.device)
         k = c.shape[1]
-        st = [state[:, i].unsqueeze(1).expand(-1, k) for i in (_CHR, _CTX, _CP, _NEED)]
+        st = [state[:, i].unsqueeze(1).expand(-1, k) for i in (_CHR, _CTX, _CP, _NEED, _SHADOW)]
         _, hit = self._text_run(st, c, track=True)
         return valid & (hit < 0), hit.to(torch.int32)
 
