@@ -74,11 +74,20 @@ def _torch_impl(*args):
 
 
 def _cpp_impl(*args):
-    return native_module().safe_topk_cpu(*args)
+    return _native().safe_topk_cpu(*args)
 
 
 def _cuda_impl(*args):
-    return native_module().safe_topk_cuda(*args)
+    return _native().safe_topk_cuda(*args)
+
+
+_NATIVE = []
+
+
+def _native():
+    if not _NATIVE:                       # imported on first use: the op exists even without the build
+        _NATIVE.append(native_module())
+    return _NATIVE[0]
 
 
 _LIB.define("safe_topk_torch" + SAFE_TOPK_SCHEMA)
@@ -112,7 +121,10 @@ def _choose_fake(values, indices, logsumexp, candidate_reward, candidate_allowed
     return indices.new_empty((values.shape[0],), dtype=torch.int64)
 
 
-_LIB.impl("choose", _choose_impl, "CompositeExplicitAutograd")
+# CPU / CUDA kernels (inner aten calls are cheaper there than under CompositeExplicitAutograd, which
+# serves the other devices)
+for _key in ("CPU", "CUDA", "CompositeExplicitAutograd"):
+    _LIB.impl("choose", _choose_impl, _key)
 torch.library.register_fake("fastsafe::choose", _choose_fake, lib=_LIB)
 
 

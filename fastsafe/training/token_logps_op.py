@@ -241,7 +241,8 @@ def _valid_impl(flat_t, ignore_index, vocab_size):
 
 
 _LIB.define("token_targets_valid(Tensor targets, int ignore_index, int vocab_size) -> Tensor")
-_LIB.impl("token_targets_valid", _valid_impl, "CompositeExplicitAutograd")
+for _key in ("CPU", "CUDA", "CompositeExplicitAutograd"):
+    _LIB.impl("token_targets_valid", _valid_impl, _key)
 torch.library.register_fake("fastsafe::token_targets_valid",
                             lambda t, i, v: torch.empty_like(t, dtype=torch.bool), lib=_LIB)
 _VALID = torch.ops.fastsafe.token_targets_valid.default
