@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import fastsafe.ops
 import fastsafe.ops.custom_ops  # noqa: F401  (registers the ops)
 from fastsafe.ops import choose, pack_bitmask, safe_topk
 from fastsafe.ops.choose_impl import candidate_scores
@@ -198,3 +199,28 @@ def test_training_step_compiles_fullgraph():
     args[3] = targets.masked_fill(torch.eye(N, T, dtype=torch.bool), V)
     with pytest.raises(ValueError, match=r"targets: expected ids in \[0, V\) = \[0, 33\)"):
         compiled(*args)
+
+
+def test_compiled_graph_calls_the_chosen_backend_op(monkeypatch):
+    """The backend is a trace-time constant: the graph holds the op of backend_for's choice (FASTSAFE_BACKEND too)."""
+    seen = []
+
+    def record(gm, example_inputs):
+        seen.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    def step(x):
+        return safe_topk(x, 3).indices
+
+    x = torch.randn(2, 50)
+    expected = "fastsafe.safe_topk_cpp.default" if fastsafe.ops.backends()["cpp"].available else \
+        "fastsafe.safe_topk_torch.default"
+    for env, op in ((None, expected), ("torch", "fastsafe.safe_topk_torch.default")):
+        if env is None:
+            monkeypatch.delenv("FASTSAFE_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("FASTSAFE_BACKEND", env)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(step, fullgraph=True, backend=record)(x), step(x))
+        assert op in seen[-1], seen[-1]
+    torch._dynamo.reset()
