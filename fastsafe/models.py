@@ -42,8 +42,14 @@ def cache_dir() -> str:
 
 
 def default_cache_path() -> str:
-    """Folder of the cached de-quantised default model."""
-    return os.path.join(cache_dir(), _CACHE_NAME)
+    """Folder of the cached de-quantised default model.
+
+    One folder per transformers major release: the tokenizer files a release writes need not
+    load in another (5.x names a tokenizer class 4.x does not have).
+    """
+    import transformers
+    major = transformers.__version__.split(".", 1)[0]
+    return os.path.join(cache_dir(), f"{_CACHE_NAME}-transformers{major}")
 
 
 def default_gguf_path() -> str:
@@ -114,8 +120,11 @@ def _fast_load(folder: str, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     try:
         from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        return None
+    except ImportError:  # transformers 4.x keeps it in modeling_utils
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return None
     try:
         cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
         with no_init_weights():

@@ -268,15 +268,17 @@ class SequenceClassifierReward:
         """Drop the cached prefix (it is rebuilt automatically when histories do not continue it)."""
         self._prefix.reset()
 
-    def _last_logits(self, ids, mask, *, past=None, prefix_mask=None, use_cache: bool = False):
+    def _last_logits(self, ids, mask, *, past=None, prefix_mask=None, use_cache: bool = False, **extra):
         """Causal path: the score head on the last position (exact under left padding).
 
-        ``prefix_mask`` is the attention mask of what ``past`` already holds.
+        ``prefix_mask`` is the attention mask of what ``past`` already holds; ``extra`` holds
+        further tokenizer outputs the base model takes (``token_type_ids``).
         """
         full_mask = mask if prefix_mask is None else torch.cat([prefix_mask, mask], dim=1)
         pos = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+        extra = {k: v for k, v in extra.items() if accepts(self._base, k)}
         out = self._base(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=use_cache,
-                         **cache_kwargs(self._base, past))
+                         **cache_kwargs(self._base, past), **extra)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.model.score(hidden[:, -1, :]), output_cache(self._base, out) if use_cache else None
 
@@ -339,7 +341,8 @@ class SequenceClassifierReward:
                 tok.truncation_side, tok.padding_side = side, pside
             enc = {k_: v.to(dev) for k_, v in enc.items()}
             if self._causal:
-                logits, _ = self._last_logits(enc["input_ids"], enc["attention_mask"])
+                rest = {k_: v for k_, v in enc.items() if k_ not in ("input_ids", "attention_mask")}
+                logits, _ = self._last_logits(enc["input_ids"], enc["attention_mask"], **rest)
             else:
                 logits = self.model(**enc).logits
         return self._to_reward(logits).reshape(B, k).to(out_device)
@@ -475,6 +478,8 @@ def load_reward(spec, *, context_tokens: int = 200, safe_label=None, dtype=torch
         raise FileNotFoundError(f"reward_model: no such file or directory: {path!r} (pass 'profanity' or a "
                                 f"local Hugging Face model folder)")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"reward_model: {path!r} is not a Hugging Face model folder (no config.json)")
     try:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:

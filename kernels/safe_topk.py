@@ -425,7 +425,7 @@ def compile_for_gpu(arch: int = 90, k: int = 50, logits_dtype: str = "bf16", all
         True
     """
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from .aot import compile_kernel
 
     plan = plan_launch(8, 151936, k, torch.device("cpu"), block_v=max(1024, triton.next_power_of_2(k)))
     kp, block = plan["KP"], plan["BLOCK_V"]
@@ -447,9 +447,7 @@ def compile_for_gpu(arch: int = 90, k: int = 50, logits_dtype: str = "bf16", all
     kernels = (("partial", _safe_topk_partial_kernel, sig1, const1, 4 if block <= 1024 else 8),
                ("merge", _safe_topk_merge_kernel, sig2, const2, 8))
     for name, fn, sig, const, warps in kernels:
-        sig = dict(sig, **{key: "constexpr" for key in const})
-        compiled = triton.compile(ASTSource(fn, sig, constexprs=const), target=target,
-                                  options=dict(num_warps=warps, enable_fp_fusion=False))
+        compiled = compile_kernel(fn, sig, const, target, num_warps=warps, enable_fp_fusion=False)
         meta = compiled.metadata
         out[name] = {"shared": getattr(meta, "shared", None), "cubin_bytes": len(compiled.asm.get("cubin", b""))}
     return out

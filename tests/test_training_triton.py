@@ -121,8 +121,8 @@ def test_triton_rejects_float64():
 _COMPILE_CHECK = r"""
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from fastsafe.kernels import token_logps as K
+from fastsafe.kernels.aot import compile_kernel
 
 for dtype in ("bf16", "fp32"):
     cfg = K.launch_config(torch.bfloat16 if dtype == "bf16" else torch.float32, torch.device("cuda"))
@@ -137,7 +137,7 @@ for dtype in ("bf16", "fp32"):
         sig = {}
         for name in fn.arg_names:
             if name in const:
-                sig[name] = "constexpr"
+                continue
             elif name in ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr"):
                 sig[name] = "*" + dtype
             elif name == "t_ptr":
@@ -147,8 +147,8 @@ for dtype in ("bf16", "fp32"):
             else:
                 sig[name] = "fp32" if name == "inv_temp" else "i32"
         try:
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+            k = compile_kernel(fn, sig, const, GPUTarget("cuda", 90, 32), num_warps=cfg["num_warps"],
+                               num_stages=cfg["num_stages"])
         except Exception as exc:
             if "ptxas" in str(exc).lower():
                 print("NO-PTXAS", exc)
