@@ -289,7 +289,11 @@ class RiskEntityStore:
             if read_only:
                 raise FileNotFoundError(f"path: risk-entity database {self.path!r} does not exist "
                                         f"(read_only=True cannot create it)")
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            folder = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(folder, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise RiskStoreError(f"risk-entity database {self.path!r} cannot be created: the folder "
+                                     f"{folder!r} is not writable")
             self.read_only = False
         else:
             self._check_header()
