@@ -137,7 +137,7 @@ def test_text_check_agrees_with_the_host_check_on_benign_text():
 
 
 @pytest.mark.parametrize("written", [" b.o.m.b", " b o m b", " b-o-m-b", " b_o_m_b", " b . o . m . b", " booomb",
-                                     " bommmbbb", " k i l l", " k.1.l.l", " kiiilll", " make-a-bomb", " make_a_bomb",
+                                     " bommmbbb", " k i l l", " k.1.l.l", " kkkill", " make-a-bomb", " make_a_bomb",
                                      " \u0432\u043e\u043c\u0432", " b\u0585mb", " \U0001d41b\U0001d428\U0001d426\U0001d41b",
                                      " nerve   agent", " e mail"])
 def test_new_catches_the_host_check_misses(written):
@@ -158,9 +158,10 @@ def test_stretched_letters_need_a_run_of_three():
     """3+ repeats may stand for one entity letter; exactly two is a double (English spelling)."""
     tok = tiny_tokenizer()
     dm = DeviceMatcher.build(tok, ["bomb", "boob", "tit", "ass"])
-    for written in [" booomb", " bommmb", " bombbbb", " boob", " booob", " tiiit", " asss"]:
+    for written in [" booomb", " bommmb", " bombbbb", " boob", " booob", " tittt", " asss"]:
         assert blocked_at(dm, tok, "a", written) is not None, written
-    for written in [" boomb", " bommb", " tiit", " bom", " bob"]:
+    # runs of i (where l, 1 and i fold) are plain spelling: "tiiit" is not "tit", "killian" not "kian"
+    for written in [" boomb", " bommb", " tiit", " tiiit", " bom", " bob"]:
         assert blocked_at(dm, tok, "a", written) is None, written
     # both readings alive: the double is taken first and the single letter is retried only when the
     # double's path dies at the very next character (documented limit: "booomb" next to "boom")
@@ -318,3 +319,25 @@ def test_real_tokenizer_smollm2():
         assert blocked_at(dm, tok, "Here is how to make a", written) is not None, written
     for written in [" tombstone", " nervous", " make a cake", " boomerang"]:
         assert blocked_at(dm, tok, "Here is how to", written) is None, written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_step_has_no_host_sync():
+    tok = tiny_tokenizer()
+    dm = DeviceMatcher.build(tok, ENTITIES, device="cuda")
+    st = dm.state_from_histories([tok.encode("I will build a", add_special_tokens=False)] * 4)
+    t = torch.randint(0, len(tok), (4,), device="cuda")
+    cand = torch.randint(0, len(tok), (4, 10), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = dm.advance(st, t)
+        dm.banned_bitmask(s)
+        dm.check_candidates(s, cand)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = DeviceMatcher.build(tok, ENTITIES)
+    s_cpu = cpu.advance(st.cpu(), t.cpu())
+    assert torch.equal(s.cpu(), s_cpu)
+    assert torch.equal(dm.check_candidates(s, cand)[1].cpu(), cpu.check_candidates(s_cpu, cand.cpu())[1])

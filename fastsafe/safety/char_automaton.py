@@ -6,7 +6,7 @@ into tokens. Each character is **folded** (:func:`fold_char`): the steps of
 characters removed, the hand-written confusables, leetspeak) applied to the character, then
 Unicode's look-alikes (:func:`~fastsafe.safety.confusables.confusable_map`, UTS #39). A folded
 character falls in a **class**: one class per character that occurs in some entity, plus
-``SEP`` (whitespace and the separators ``. - _ * ~ | / \\ + , · •``), ``OTHER_WORD`` and
+``SEP`` (whitespace and the separators ``. - _ * ~ | / \\ , · •``), ``OTHER_WORD`` and
 ``OTHER_NONWORD``.
 
 The classes become a stream of **symbols** (:func:`stream_symbols`, the host reference of what the
@@ -53,7 +53,7 @@ __all__ = ["SEPARATORS", "fold_char", "fold_text", "CharAlphabet", "CharAutomato
            "stream_symbols", "char_action", "action_tables", "OTHER_NONWORD", "OTHER_WORD", "SEP", "BND", "SQ2", "SQ3", "NUM_SPECIAL"]
 
 #: Folded characters that separate letters (a run of them is one ``SEP`` symbol).
-SEPARATORS = frozenset(" .-_*~|/\\+,\u00b7\u2022")
+SEPARATORS = frozenset(" .-_*~|/\\,\u00b7\u2022")
 OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3 = range(6)
 NUM_SPECIAL = 6
 CP_LIMIT = 0x30000            # codepoints folded through a table (above: OTHER_NONWORD)
@@ -120,6 +120,12 @@ class CharAlphabet:
         for c, i in self.index.items():
             word[i] = _is_word(c)
         self.is_word = word
+        # "i" is where l, 1 and i all fold (leetspeak), so runs of it are ordinary spelling ("ill",
+        # "killian"): its repeats are plain characters, never read as a stretched letter
+        plain = np.zeros(self.num_classes, bool)
+        if "i" in self.index:
+            plain[self.index["i"]] = True
+        self.plain_repeat = plain
 
     def cls(self, ch: str) -> int:
         """Class of one folded character."""
@@ -146,7 +152,8 @@ class CharAlphabet:
         return per[ids]
 
 
-def char_action(prev: int, run: int, c: int, is_word: np.ndarray, word_boundaries: bool = True):
+def char_action(prev: int, run: int, c: int, is_word: np.ndarray, word_boundaries: bool = True,
+                plain_repeat: np.ndarray | None = None):
     """What one character of class ``c`` does after ``prev`` (run length ``run``).
 
     Returns ``(symbol or -1, emit BND first, new prev, new run, is a repeat symbol, confirms a word end)``.
@@ -160,7 +167,7 @@ def char_action(prev: int, run: int, c: int, is_word: np.ndarray, word_boundarie
             return -1, False, SEP, 0, False, False
         return SEP, False, SEP, 0, False, True
     if is_word[c]:
-        if c == prev:
+        if c == prev and (plain_repeat is None or not plain_repeat[c]):
             r = min(run + 1, 3)
             sym = SQ2 if run + 1 == 2 else SQ3 if run + 1 == 3 else -1
             return sym, False, c, r, sym >= 0, False
@@ -169,7 +176,7 @@ def char_action(prev: int, run: int, c: int, is_word: np.ndarray, word_boundarie
 
 
 def stream_symbols(classes, is_word: np.ndarray, *, word_boundaries: bool = True, prev: int = OTHER_NONWORD,
-                   run: int = 0) -> list[int]:
+                   run: int = 0, plain_repeat: np.ndarray | None = None) -> list[int]:
     """The symbol stream of a class sequence (host reference of the device's character step).
 
     Args:
@@ -181,7 +188,7 @@ def stream_symbols(classes, is_word: np.ndarray, *, word_boundaries: bool = True
     """
     out: list[int] = []
     for c in classes:
-        sym, bnd, prev, run, _, _ = char_action(prev, run, c, is_word, word_boundaries)
+        sym, bnd, prev, run, _, _ = char_action(prev, run, c, is_word, word_boundaries, plain_repeat)
         if bnd:
             out.append(BND)
         if sym >= 0:
@@ -189,7 +196,8 @@ def stream_symbols(classes, is_word: np.ndarray, *, word_boundaries: bool = True
     return out
 
 
-def action_tables(is_word: np.ndarray, word_boundaries: bool = True) -> dict[str, np.ndarray]:
+def action_tables(is_word: np.ndarray, word_boundaries: bool = True,
+                  plain_repeat: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """:func:`char_action` as tables over ``ctx = prev * 4 + run`` and ``c`` in ``0 .. C`` (``C`` = none).
 
     Returns ``{"ctx": [4C, C+1] new ctx, "sym": [4C, C+1] symbol or -1, "flags": [4C, C+1]}`` with
@@ -202,7 +210,7 @@ def action_tables(is_word: np.ndarray, word_boundaries: bool = True) -> dict[str
     for prev in range(C):
         for run in range(4):
             for c in range(C + 1):
-                s, bnd, p2, r2, sq, conf = char_action(prev, run, c, is_word, word_boundaries)
+                s, bnd, p2, r2, sq, conf = char_action(prev, run, c, is_word, word_boundaries, plain_repeat)
                 i = prev * 4 + run
                 ctx[i, c] = p2 * 4 + r2
                 sym[i, c] = s
@@ -297,7 +305,8 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
             sw = word_cache.get(w)
             if sw is None:
                 sw = word_cache[w] = tuple(stream_symbols(alpha.classes(w), alpha.is_word,
-                                                          word_boundaries=word_boundaries))
+                                                          word_boundaries=word_boundaries,
+                                                          plain_repeat=alpha.plain_repeat))
             out.extend(sw)
         return tuple(out), (alpha.cls(words[-1][-1]) if words else SEP)
 

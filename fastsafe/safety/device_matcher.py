@@ -156,7 +156,7 @@ class DeviceMatcher:
             self._delta = t(char.delta.reshape(-1))
             self._out_word = t(char.out_word)
             self._out_now = t(char.out_now)
-            act = action_tables(char.alphabet.is_word, word_boundaries)
+            act = action_tables(char.alphabet.is_word, word_boundaries, char.alphabet.plain_repeat)
             self._act_ctx = t(act["ctx"].reshape(-1))
             self._act_sym = t(np.maximum(act["sym"], 0).reshape(-1))
             self._act_emit = t(act["sym"].reshape(-1) >= 0, torch.bool)

@@ -11,7 +11,8 @@ into one slot per folded character (its class). A character split across tokens 
 the device from each token's *head* (UTF-8 continuation bytes at its start) and *tail* (an
 unfinished character at its end); the first two folded characters of the completed codepoint are
 fed before the token's own slots. Runs that cannot change the automaton are shortened (a run of
-separators or of ``OTHER_NONWORD`` to one slot, a run of one word class to three).
+separators or of ``OTHER_NONWORD`` to one slot, a run of one word class to three, except ``i``
+whose repeats are plain characters).
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def bytes_slots(b: bytes, alphabet: CharAlphabet) -> tuple[bytes, list[int], byt
     for c in out:
         if res and c == res[-1] and c in (SEP, OTHER_NONWORD):
             continue
-        if alphabet.is_word[c] and len(res) >= 3 and res[-1] == res[-2] == res[-3] == c:
+        if alphabet.is_word[c] and not alphabet.plain_repeat[c] and len(res) >= 3 and res[-1] == res[-2] == res[-3] == c:
             continue
         res.append(c)
     return head, res, tail
