@@ -75,34 +75,41 @@ def choose_ids(values, indices, logsumexp, candidate_reward, candidate_allowed, 
     """``[B]`` int64 ids picked from the ``[B, k]`` candidates; ``noise=None`` is greedy.
 
     ``check``: refuse NaN rows, NaN rewards, rows with nothing allowed when ``fallback_id`` is None,
-    and an invalid sampling distribution, with the errors of :func:`fastsafe.ops.choose` (these read
-    values on the host; the op turns them off while a CUDA graph is captured).
+    and an invalid sampling distribution, with the errors of :func:`fastsafe.ops.choose` (in that
+    order of precedence). The flags are read on the host once, at the end; the op turns the
+    checks off while a CUDA graph is captured.
     """
+    checks = []                        # (0-d bool flag, error to raise), in order of precedence
     if check:
         nan_rows = torch.isnan(logsumexp)
-        if bool(nan_rows.any()):
-            raise ValueError(f"out.logsumexp: NaN in rows {_rows(nan_rows)}: the logits of these rows contain NaN "
-                             f"at allowed tokens")
+        checks.append((nan_rows.any(), lambda: ValueError(
+            f"out.logsumexp: NaN in rows {_rows(nan_rows)}: the logits of these rows contain NaN at allowed tokens")))
     s = _scores(values, logsumexp, candidate_reward, reward_weight, candidate_allowed)
-    if check and candidate_reward is not None and bool(torch.isnan(s).any()):
-        raise ValueError("candidate_reward: contains NaN at allowed candidates")
+    if check and candidate_reward is not None:
+        checks.append((torch.isnan(s).any(), lambda: ValueError("candidate_reward: contains NaN at allowed candidates")))
     dead = torch.isneginf(s).all(dim=-1)
-    if check and fallback_id is None and bool(dead.any()):
-        raise ValueError(f"candidate_allowed: every candidate of rows {_rows(dead)} is banned or disallowed; "
-                         f"pass fallback_id= (e.g. the EOS id) to emit it instead")
-    s = s.masked_fill(dead.unsqueeze(-1), 0.0)   # keep the math finite; overwritten below
-
+    if check and fallback_id is None:
+        checks.append((dead.any(), lambda: ValueError(
+            f"candidate_allowed: every candidate of rows {_rows(dead)} is banned or disallowed; "
+            f"pass fallback_id= (e.g. the EOS id) to emit it instead")))
     if noise is None:
-        pick = s.argmax(dim=-1)
+        pick = s.argmax(dim=-1)                  # a dead row picks 0; overwritten below
     else:
+        s = s.masked_fill(dead.unsqueeze(-1), 0.0)   # keep the math finite; overwritten below
         if top_p < 1.0:
             s = top_p_filter(s, top_p)
         if min_p > 0.0:
             s = min_p_filter(s, min_p)
         probs = s.softmax(dim=-1)
-        if check and probs.numel() and not bool(((probs.max() < float("inf")) & (probs.min() >= 0)).item()):
-            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        if check and probs.numel():       # torch.multinomial's own check of its input
+            checks.append((~((probs.max() < float("inf")) & (probs.min() >= 0)), lambda: RuntimeError(
+                "probability tensor contains either `inf`, `nan` or element < 0")))
         pick = (probs / noise).argmax(dim=-1)
+    if checks:                           # one host read for every flag
+        hits = [checks[0][0].item()] if len(checks) == 1 else torch.stack([f for f, _ in checks]).tolist()
+        for hit, (_, error) in zip(hits, checks):
+            if hit:
+                raise error()
     ids = indices.gather(1, pick.unsqueeze(-1)).squeeze(-1)
     if fallback_id is not None:
         ids = ids.masked_fill(dead, int(fallback_id))
