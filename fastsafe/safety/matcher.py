@@ -21,7 +21,13 @@ reordering and finished rows need no bookkeeping):
   that the token table cannot list. Occurrences are whole words (entity edges that are letters or
   digits must sit at word boundaries; the end of the text counts as a boundary, since the word
   may stop there) unless ``word_boundaries=False``. Regex entities are searched in the
-  lightly normalised text (:func:`~fastsafe.safety.normalize.light_normalize`).
+  lightly normalised text (:func:`~fastsafe.safety.normalize.light_normalize`) with RE2
+  (:mod:`fastsafe.safety.regex`: linear time in the text, whatever the pattern).
+
+Store entities that cannot be compiled for the tokenizer / vocabulary are skipped one by one
+(``skip_invalid``; :class:`SkippedEntity`), never the whole matcher. :class:`LiveMatcher` keeps a
+matcher in step with a store: a change committed before a call of ``current()`` is in force in
+what that call returns (a small delta matcher beside the base, merged in the background).
 """
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 import sqlite3
 import threading
@@ -180,12 +181,15 @@ def _check_severity(severity) -> int:
                 severity = float(s)
             except ValueError:
                 raise ValueError(f"severity: expected {want}, got {given!r}") from None
+    if isinstance(severity, numbers.Real) and not isinstance(severity, numbers.Integral):
+        severity = float(severity)
     if isinstance(severity, float):
         if not math.isfinite(severity) or not lo - 0.5 <= severity <= hi + 0.5:
             raise ValueError(f"severity: expected {want}, got {given!r}")
         severity = int(round(severity))
-    if isinstance(severity, bool) or not isinstance(severity, int):
+    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral):
         raise TypeError(f"severity: expected an int, got {type(severity).__name__}")
+    severity = int(severity)
     if not lo <= severity <= hi:
         raise ValueError(f"severity: expected {want}, got {given!r}")
     return severity
