@@ -139,4 +139,65 @@ def train_step(rank, world_size, engine: str, losses):
             g = p.grad
             grads[n] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
         results[loss] = dict(loss=total / world_size, grads=grads)
+    if engine == "fsdp2":
+        # Outside the forward the lm_head weight is this rank's shard (a DTensor): refused, clearly.
+        try:
+            token_logps(torch.randn(3, H, dtype=torch.float64), inner.lm_head.weight, torch.zeros(3, dtype=torch.long))
+            results["outside_forward"] = None
+        except TypeError as exc:
+            results["outside_forward"] = str(exc)
     return results
+
+
+def zero3_step(rank, world_size, dtype: str = "float32", modes=("lm_head",)):
+    """ZeRO-3 (DeepSpeed, CPU accelerator, gloo): the token_logps loss run inside the lm_head's
+    forward (mode ``lm_head``); the full gradient of every parameter from safe_get_full_grad.
+    Other modes, to show what goes wrong without it: ``root`` (the loss inside the root's forward
+    only) and ``gathered`` (``GatheredParameters`` around the loss inside the root's forward);
+    their result is the error text, if any."""
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.utils import safe_get_full_grad
+    # DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce (minutes); gloo's will do.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    dt = getattr(torch, dtype)
+    results = {}
+    for mode in modes:
+        model = TinyLM().to(dt)
+        config = {"train_micro_batch_size_per_gpu": GLOBAL_SEQS // world_size, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True,
+                  "steps_per_print": 10 ** 9}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        batch = part(make_batch(), rank, world_size)
+        batch = {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
+        try:
+            if mode == "lm_head":
+                value = loss_lm_head_only(engine, engine.module, batch, world_size)
+            else:
+                inner = engine.module
+
+                def fn(ids, targets, weights):
+                    hidden = inner.hidden(ids)
+                    if mode == "gathered":
+                        with deepspeed.zero.GatheredParameters([inner.lm_head.weight]):
+                            lp = token_logps(hidden, inner.lm_head.weight, targets, active=weights)
+                    else:
+                        lp = token_logps(hidden, inner.lm_head.weight, targets, active=weights)
+                    return (lp * weights).sum() * (world_size / batch["num_tokens"])
+                value = run_in_forward(engine, fn, batch["ids"], batch["targets"], batch["weights"])
+            engine.backward(value)
+            total = value.detach().clone().double()
+            dist.all_reduce(total)
+            grads = {n: safe_get_full_grad(p).detach().clone().double() for n, p in engine.module.named_parameters()}
+            results[mode] = dict(loss=total / world_size, grads=grads)
+        except Exception as exc:  # noqa: BLE001 - the failure is the result of the other modes
+            results[mode] = f"{type(exc).__name__}: {exc}"
+            if mode == "lm_head":
+                raise
+    return results
+
+
+def all_engines(rank, world_size, plan):
+    """``train_step`` for each ``engine: losses`` of ``plan`` in one process group (one launch)."""
+    return {engine: train_step(rank, world_size, engine, losses) for engine, losses in plan.items()}

@@ -1,11 +1,12 @@
 """token_logps and the masked DPO loss under DDP and FSDP2 (fully_shard), 2 gloo ranks on the CPU.
 
-Each engine runs in one launch of two processes (tests.distributed_launch, 127.0.0.1 only, bounded
-time) that computes every loss of tests.distributed_training_worker.LOSSES through
+One launch of two processes (tests.distributed_launch, 127.0.0.1 only, bounded time) runs every
+engine and every loss of tests.distributed_training_worker.LOSSES through
 fastsafe.training.run_in_forward, each rank on half of a fixed global batch. The all-reduced loss
 and every parameter's full gradient must equal one process on the global batch (float64 model;
 tolerance 1e-10 relative: the sums are only reordered). To cover another loss (masked GRPO),
-add it to LOSSES in the worker.
+add it to LOSSES in the worker. DeepSpeed ZeRO-3 runs where deepspeed is installed (it is not a test
+dependency): a second launch, float32, 1e-5.
 """
 import pytest
 import torch
@@ -21,23 +22,53 @@ def reference():
     return {loss: single_process(loss) for loss in LOSSES}
 
 
+@pytest.fixture(scope="module")
+def engines():
+    (rank0, rank1) = launch("tests.distributed_training_worker:all_engines", world_size=2, timeout=240,
+                            plan=ENGINES)
+    return rank0, rank1
+
+
+def _compare(engine, loss, got, ref_loss, ref_grads, r, rel):
+    torch.testing.assert_close(got["loss"], ref_loss, rtol=rel, atol=rel * 1e-2,
+                               msg=lambda m: f"{engine} {loss} rank {r} loss: {m}")
+    assert set(got["grads"]) == set(ref_grads)
+    for name, g in got["grads"].items():
+        ref = ref_grads[name]
+        assert g.shape == ref.shape, (engine, loss, name)
+        assert ref.abs().max() > 0, (loss, name)     # every parameter gets a gradient
+        err = (g - ref).abs().max().item() / ref.abs().max().item()
+        assert err < rel, (engine, loss, r, name, err)
+
+
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_two_ranks_equal_one_process_on_the_global_batch(engine, reference):
-    ranks = launch("tests.distributed_training_worker:train_step", world_size=2, timeout=180,
-                   engine=engine, losses=ENGINES[engine])
+def test_two_ranks_equal_one_process_on_the_global_batch(engine, engines, reference):
     for loss in ENGINES[engine]:
-        ref_loss, ref_grads = reference[loss]
-        for r, res in enumerate(ranks):
-            got = res[loss]
-            torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m: f"{engine} {loss} rank {r} loss: {m}")
-            assert set(got["grads"]) == set(ref_grads)
-            for name, g in got["grads"].items():
-                ref = ref_grads[name]
-                assert g.shape == ref.shape, (engine, loss, name)
-                err = (g - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-                assert err < 1e-10, (engine, loss, r, name, err)
-                assert ref.abs().max() > 0, (loss, name)     # every parameter gets a gradient
+        for r, res in enumerate(engines):
+            _compare(engine, loss, res[engine][loss], *reference[loss], r, rel=1e-10)
+
+
+def test_sharded_weight_outside_the_forward_is_refused(engines):
+    for res in engines:
+        msg = res["fsdp2"]["outside_forward"]
+        assert msg is not None and msg.startswith("weight: got a DTensor") and "run_in_forward" in msg, msg
+
+
+def test_zero3_placeholder_weight_is_refused():
+    from fastsafe.training import token_logps
+    w = torch.nn.Parameter(torch.empty(0))
+    w.ds_status, w.ds_shape = "NOT_AVAILABLE", (10, 4)
+    with pytest.raises(TypeError, match=r"weight: got a DeepSpeed ZeRO-3 partitioned parameter.*\[10, 4\]"):
+        token_logps(torch.randn(2, 4), w, torch.zeros(2, dtype=torch.long))
+
+
+def test_zero3_lm_head_forward_equals_one_process(reference):
+    """DeepSpeed ZeRO-3 (CPU accelerator, gloo): the loss inside the lm_head module's forward.
+    float32 model against the float64 one-process reference: 1e-5 relative."""
+    pytest.importorskip("deepspeed")
+    ranks = launch("tests.distributed_training_worker:zero3_step", world_size=2, timeout=240)
+    for r, res in enumerate(ranks):
+        _compare("zero3", "token_logps", res["lm_head"], *reference["token_logps"], r, rel=1e-5)
 
 
 def test_run_in_forward_restores_forward_and_runs_hooks():

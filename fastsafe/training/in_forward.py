@@ -18,19 +18,31 @@ Which module to pass:
   block's hooks fire in order too.
 - DDP: the ``DistributedDataParallel`` wrapper (its ``.module``'s forward is redirected), so the
   loss is the output DDP sees (``find_unused_parameters``, static graph, buffer broadcast).
-- DeepSpeed ZeRO-3: the ``lm_head`` module itself (``engine.module.lm_head``, or the ``nn.Linear``
-  that holds the weight): ZeRO-3 gathers a submodule's own parameters in that submodule's
-  pre-forward hook, releases them after, and regathers them for the backward through the hook it
-  puts on the outputs, so the fused backward reads the full weight and ZeRO reduce-scatters its
-  gradient. The hidden states come from a normal ``engine(...)`` / ``engine.module.model(...)``
-  call. For a computation without gradient (reference or old-policy log-probs) gathering by hand
-  is enough::
+- DeepSpeed ZeRO-3: the ``lm_head`` module itself (``engine.module.lm_head``, the ``nn.Linear``
+  that holds the weight), called inside ``run_in_forward(engine, ...)`` for the rest of the loss:
+  ZeRO-3 gathers a submodule's own parameters in that submodule's pre-forward hook, releases them
+  after, and regathers them for the backward through the hook it puts on the outputs, so the fused
+  backward reads the full weight and ZeRO reduce-scatters its gradient (tested with DeepSpeed's
+  CPU accelerator and gloo)::
+
+      def head_loss(hidden, labels):
+          return token_logps(hidden, model.lm_head.weight, labels).sum()
+
+      def loss_fn(input_ids, labels):
+          hidden = model.model(input_ids=input_ids).last_hidden_state
+          return run_in_forward(model.lm_head, head_loss, hidden, labels)
+
+      loss = run_in_forward(engine, loss_fn, input_ids, labels)    # model = engine.module
+      engine.backward(loss)
+
+  For a computation without gradient (reference or old-policy log-probs) gathering by hand is
+  enough::
 
       with torch.no_grad(), deepspeed.zero.GatheredParameters([ref_model.lm_head.weight]):
           ref_logps = token_logps(ref_hidden, ref_model.lm_head.weight, targets)
 
-  Do not wrap a loss that needs gradients in ``GatheredParameters`` alone: the weight is
-  re-partitioned when the ``with`` block ends, before ``backward`` needs it.
+A weight still sharded when it reaches ``token_logps`` (an FSDP2 ``DTensor``, a ZeRO-3 empty
+placeholder) is refused with a TypeError that says so.
 """
 from __future__ import annotations
 

@@ -249,7 +249,24 @@ def backward_tile(num_tokens: int, vocab_size: int, chunk_size: int):
 # public API
 # ----------------------------------------------------------------------------------------------
 
+def _check_not_sharded(name, t):
+    """Refuse an lm_head weight that a sharding engine holds outside its module's forward."""
+    if t is None:
+        return
+    if type(t).__name__ == "DTensor":
+        raise TypeError(f"{name}: got a DTensor (placements {getattr(t, 'placements', '?')}), e.g. an FSDP2 "
+                        f"(fully_shard) parameter read outside its module's forward; compute the loss inside the "
+                        f"forward with fastsafe.training.run_in_forward(model, loss_fn, ...) so the engine gathers "
+                        f"it, or pass a plain tensor (vocabulary shards: process_group=)")
+    if hasattr(t, "ds_status") and t.numel() == 0:
+        raise TypeError(f"{name}: got a DeepSpeed ZeRO-3 partitioned parameter (an empty placeholder of shape "
+                        f"{list(getattr(t, 'ds_shape', t.shape))}); run the loss inside the lm_head's forward with "
+                        f"fastsafe.training.run_in_forward(model.lm_head, loss_fn, ...), or gather it with "
+                        f"deepspeed.zero.GatheredParameters for a computation without gradient")
+
+
 def _check_lm_head(name_w, weight, name_b, bias, hidden, name_h):
+    _check_not_sharded(name_w, weight)
     check_float(name_w, weight, ndims=(2,))
     check_same_device(name_w, weight, hidden, name_h)
     H = hidden.shape[-1]
@@ -349,6 +366,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         raise ValueError(f"vocab_size: expected an int >= 1 or None, got {vocab_size!r}")
     shard = None
     if process_group is not None:
+        _check_not_sharded("weight", weight)
         check_float("weight", weight, ndims=(2,))
         # Before any check that compares weight with hidden: a bad shard must fail on every rank.
         shard = vocab_shard(process_group, weight, hidden, targets, bias, ref_hidden, ref_weight, ref_bias,
