@@ -350,8 +350,12 @@ def _launch(logits: torch.Tensor, k: int, bias_table: Optional[torch.Tensor], po
     stride_reward = reward.stride(0) if has_reward else 0
     warps = 4 if block <= 1024 else 8
     few = min(32, max(2, kp // 4))   # winners of a tile inserted one by one before sorting pays off
+    # enable_fp_fusion=False: no fused multiply-add, so scores round exactly like the torch reference.
+    # It is a Triton launch option, not a kernel argument: traced (torch.compile), Inductor compiles
+    # the kernels with its own options, so the option is left out there (scores may then differ from
+    # eager in the last bit: untested on a GPU).
+    fusion = {} if _tracing() else {"enable_fp_fusion": False}
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        # enable_fp_fusion=False: no fused multiply-add, so scores round exactly like the torch reference
         _wrap(_safe_topk_partial_kernel)[(B, ns)](
             logits, logits.stride(0),
             bias, pos, float(bias_scale),
@@ -362,7 +366,7 @@ def _launch(logits: torch.Tensor, k: int, bias_table: Optional[torch.Tensor], po
             V, slice_len, ns,
             KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_V=block, LOG_BLOCK=block.bit_length() - 1,
             FEW=few, HAS_BIAS=has_bias, HAS_MASK=has_mask, HAS_REWARD=has_reward,
-            num_warps=warps, enable_fp_fusion=False,
+            num_warps=warps, **fusion,
         )
         _wrap(_safe_topk_merge_kernel)[(B,)](
             cand, part_m, part_s, part_flag,
@@ -370,7 +374,7 @@ def _launch(logits: torch.Tensor, k: int, bias_table: Optional[torch.Tensor], po
             ns, k,
             KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_C=block_c, LOG_C=block_c.bit_length() - 1,
             FEW=few, SPLITS_P=max(2, triton.next_power_of_2(ns)),
-            num_warps=4 if block_c <= 1024 else 8, enable_fp_fusion=False,
+            num_warps=4 if block_c <= 1024 else 8, **fusion,
         )
     return values, indices, lse
 
