@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fastsafe
 from fastsafe import SafeLogitsProcessor, SafetyConfig, TSDIBias
@@ -487,9 +488,6 @@ def test_6_tsdi_metadata_meta_tensors_inf_scores_and_prompt_ids(tok, tmp_path):
 
 
 # --------------------------------------------------------------------------- fuzz
-hyp = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
 _FASTSAFE_ERRORS = (ValueError, TypeError, RiskStoreError, FileNotFoundError)
 _ids = st.lists(st.integers(min_value=-3, max_value=600), min_size=0, max_size=4)
 _regex = st.one_of(st.sampled_from(["(a+)+$", r"(a)\1", r"\d{3}-\d{4}", "a*", "(", "b[", r"(?=x)y", "[[:alpha:]]+z",
