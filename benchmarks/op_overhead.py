@@ -2,8 +2,8 @@
 beside the direct calls the ops wrap (what the functions did before they were ops), in one run.
 
 ``direct``: validation, backend choice and the kernel called as a plain function (the C++
-extension's pybind function, the torch reference, or choose's tensor program with the sampling
-noise); ``op``: the public function, which calls the op through the dispatcher. Both run the same
+extension's pybind function, the torch reference, or ``choose`` with the op's body called
+directly); ``op``: the public function, which calls the op through the dispatcher. Both run the same
 kernels, so the difference is the dispatcher + op wrapper cost. Reports medians and minima of
 interleaved rounds, each round ``--calls`` calls of each.
 
@@ -12,17 +12,21 @@ interleaved rounds, each round ``--calls`` calls of each.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 
 import torch
 
 from benchmarks.common import format_table, time_cpu_interleaved
 from fastsafe.ops import choose, safe_topk
-from fastsafe.ops.choose_impl import choose_ids, sampling_noise
+from fastsafe.ops.choose_impl import choose_ids
 from fastsafe.ops.dispatch import backend_for, native_module
 from fastsafe.ops.reference import safe_topk_reference
 from fastsafe.ops.types import SafeTopK
 from fastsafe.ops.validate import validate_safe_topk
+
+choose_module = importlib.import_module("fastsafe.ops.choose")   # the attribute fastsafe.ops.choose is the function
+_CHOOSE_OP = choose_module.choose_op
 
 
 def _direct_topk(logits, k, backend=None):
@@ -37,9 +41,17 @@ def _direct_topk(logits, k, backend=None):
     return SafeTopK(v, i, lse, torch.isneginf(lse))
 
 
+def _choose_ids(*args):
+    return choose_ids(*args)
+
+
 def _direct_choose(out, do_sample=False, top_p=1.0):
-    noise = sampling_noise(out.values, out.logsumexp) if do_sample else None
-    return choose_ids(out.values, out.indices, out.logsumexp, None, None, 0.0, noise, top_p, 0.0, None)
+    """``choose`` with its op call replaced by a plain call of the op's body."""
+    choose_module.choose_op = _choose_ids
+    try:
+        return choose(out, do_sample=do_sample, top_p=top_p)
+    finally:
+        choose_module.choose_op = _CHOOSE_OP
 
 
 def main(argv=None) -> None:
