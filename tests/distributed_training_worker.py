@@ -9,8 +9,9 @@ LOSSES maps a name to ``loss(wrapped, model, batch, world_size) -> 0-d tensor`` 
 part of the batch (``wrapped`` is what the engine returned, ``model`` the TinyLM inside it), scaled so that the engine's gradient *average* over ranks equals the gradient of the
 loss on the global batch in one process (token sums are divided by the global token count, so
 uneven token counts per rank do not change the normaliser; pair means are over equal halves).
-To add a loss (e.g. masked GRPO once ``fastsafe.training`` has it): write such a function, add it
-to LOSSES and to ``make_batch``'s fields if it needs new ones; the test picks it up.
+Masked GRPO is there in two normalisations (grpo, dapo with the global ``num_items``). To add a
+loss: write such a function, add it to LOSSES (and to ``make_batch``'s fields if it needs new
+ones); the test picks it up.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastsafe.training import FusedLinearMaskedDPOLoss, run_in_forward, token_logps
+from fastsafe.training import FusedLinearMaskedDPOLoss, FusedLinearMaskedGRPOLoss, run_in_forward, token_logps
 
 V, H, T = 48, 12, 7
 GLOBAL_SEQS = 8           # token_logps: 8 sequences; masked DPO: 4 pairs (8 rows)
@@ -47,9 +48,10 @@ def make_batch(seed: int = 1):
     weights = torch.randint(-1, 2, (GLOBAL_SEQS, T), generator=g).double()   # signed token masks
     weights[torch.rand(GLOBAL_SEQS, T, generator=g) < 0.2] = 0
     ref_logps = -torch.rand(GLOBAL_SEQS, T, generator=g, dtype=torch.float64) * 4
+    advantages = torch.randn(GLOBAL_SEQS, generator=g, dtype=torch.float64)
     targets = ids[:, 1:].clone()
     targets[weights == 0] = -100
-    return dict(ids=ids[:, :-1], targets=targets, weights=weights, ref_logps=ref_logps,
+    return dict(ids=ids[:, :-1], targets=targets, weights=weights, ref_logps=ref_logps, advantages=advantages,
                 num_tokens=int((weights != 0).sum()))
 
 
@@ -78,7 +80,27 @@ def loss_masked_dpo(wrapped, model, batch, world_size):
     return run_in_forward(wrapped, fn, batch["ids"], batch["targets"], batch["weights"], batch["ref_logps"])
 
 
-LOSSES = {"token_logps": loss_token_logps, "masked_dpo": loss_masked_dpo}
+def loss_masked_grpo(wrapped, model, batch, world_size, loss_type="grpo"):
+    """Masked GRPO (signed token mask), on-policy, with a KL term to fixed reference log-probs.
+    ``grpo``: per-sequence means (equal sequences per rank); ``dapo``: the token sum over the
+    global completion-token count (``num_items``), scaled by the world size like the token sums."""
+    loss_fn = FusedLinearMaskedGRPOLoss(loss_type=loss_type, beta=0.04)
+
+    def fn(ids, targets, weights, advantages, ref_logps):
+        kw = dict(num_items=batch["num_tokens"]) if loss_type == "dapo" else {}
+        loss, _ = loss_fn(model.hidden(ids), model.lm_head.weight, targets, advantages, weights,
+                          ref_logps=ref_logps, **kw)
+        return loss * (world_size if loss_type == "dapo" else 1)
+    return run_in_forward(wrapped, fn, batch["ids"], batch["targets"], batch["weights"], batch["advantages"],
+                          batch["ref_logps"])
+
+
+def loss_masked_grpo_dapo(wrapped, model, batch, world_size):
+    return loss_masked_grpo(wrapped, model, batch, world_size, loss_type="dapo")
+
+
+LOSSES = {"token_logps": loss_token_logps, "masked_dpo": loss_masked_dpo, "masked_grpo": loss_masked_grpo,
+          "masked_grpo_dapo": loss_masked_grpo_dapo}
 
 
 def single_process(loss: str):

@@ -1,11 +1,11 @@
-"""token_logps and the masked DPO loss under DDP and FSDP2 (fully_shard), 2 gloo ranks on the CPU.
+"""token_logps, masked DPO and masked GRPO under DDP and FSDP2 (fully_shard), 2 gloo ranks on the CPU.
 
 One launch of two processes (tests.distributed_launch, 127.0.0.1 only, bounded time) runs every
 engine and every loss of tests.distributed_training_worker.LOSSES through
 fastsafe.training.run_in_forward, each rank on half of a fixed global batch. The all-reduced loss
 and every parameter's full gradient must equal one process on the global batch (float64 model;
-tolerance 1e-10 relative: the sums are only reordered). To cover another loss (masked GRPO),
-add it to LOSSES in the worker. DeepSpeed ZeRO-3 runs where deepspeed is installed (it is not a test
+tolerance 1e-10 relative: the sums are only reordered). To cover another loss, add it to LOSSES
+in the worker. DeepSpeed ZeRO-3 runs where deepspeed is installed (it is not a test
 dependency): a second launch, float32, 1e-5.
 """
 import pytest
