@@ -319,6 +319,10 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
                         bias_scale=config.tsdi_scale, banned_bitmask=bitmask, dense_reward=dense,
                         reward_weight=config.reward_weight if dense is not None else 0.0,
                         temperature=sample_temp, backend=backend)
+        if do_sample and bool(torch.isposinf(res.values).any()):
+            bad = torch.isposinf(res.values).any(dim=-1).nonzero().flatten().tolist()
+            raise ValueError(f"logits: the model gave +inf scores in rows {[active[i] for i in bad][:16]} at step "
+                             f"{step}; sampling needs finite scores (a +inf makes the softmax NaN)")
         allowed = None
         if matcher is not None and matcher.has_text_rules:
             allowed, evs = matcher.check_candidates(hist, res.indices)

@@ -485,6 +485,14 @@ def test_6_tsdi_metadata_meta_tensors_inf_scores_and_prompt_ids(tok, tmp_path):
     with pytest.raises(ValueError, match=r"scores: \+inf"):
         model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=2, do_sample=True,
                        logits_processor=[plus_inf, SafeLogitsProcessor(tok, SafetyConfig(banned_phrases=["b"]))])
+    # and in fastsafe.generate: a model whose logits hold +inf, sampled
+    hot = tiny_gpt2(seed=6)
+    hot.get_output_embeddings().register_forward_hook(
+        lambda mod, args, out: out.index_fill(-1, torch.tensor([17]), float("inf")))
+    with pytest.raises(ValueError, match=r"logits: the model gave \+inf scores in rows \[0, 1\] at step 0"):
+        fastsafe.generate(hot, tok, ["Hello", "the quick"], max_new_tokens=2, do_sample=True, seed=0)
+    greedy = fastsafe.generate(hot, tok, ["Hello"], max_new_tokens=2)        # greedy: the +inf token wins
+    assert greedy.new_tokens[0] == [17, 17]
 
 
 # --------------------------------------------------------------------------- fuzz
