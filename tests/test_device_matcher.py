@@ -183,6 +183,16 @@ def test_stream_reference():
     assert stream_symbols(cl, a.is_word) == [BND, a.cls("b"), a.cls("o"), SQ2, SQ3, a.cls("m"), a.cls("b")]
 
 
+def test_token_slots_shorten_runs_that_change_nothing():
+    from fastsafe.safety.token_chars import bytes_slots
+    a = CharAlphabet(set("b#o"), ["b##o"])
+    assert len(bytes_slots(b"#" * 80, a)[1]) == 3            # longest entity run of '#' is 2, +1
+    assert len(bytes_slots(b"  ..--  ", a)[1]) == 1          # one separator run
+    assert len(bytes_slots(b"booooooo", a)[1]) == 4          # b + three o (2nd, 3rd repeat; more add nothing)
+    head, body, tail = bytes_slots("\u0431x\u0431".encode()[1:-1], a)
+    assert (head, tail) == (b"\xb1", b"\xd0") and body == [a.cls("x")]
+
+
 # --------------------------------------------------------------------------- state, compile, regex, store
 def test_state_from_histories_equals_advancing_token_by_token():
     tok = tiny_tokenizer()

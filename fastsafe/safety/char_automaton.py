@@ -110,7 +110,7 @@ class CharAlphabet:
         chars: the folded characters that occur in entities (separators are ignored).
     """
 
-    def __init__(self, chars):
+    def __init__(self, chars, texts=()):
         chars = sorted({c for c in chars if c not in SEPARATORS})
         self.chars = chars
         self.index = {c: NUM_SPECIAL + i for i, c in enumerate(chars)}
@@ -126,6 +126,18 @@ class CharAlphabet:
         if "i" in self.index:
             plain[self.index["i"]] = True
         self.plain_repeat = plain
+        # runs of a non-word entity character beyond its longest run in any entity (+1) change nothing
+        longest = np.zeros(self.num_classes, np.int64)
+        for t in texts:
+            prev, n = None, 0
+            for ch in t:
+                n = n + 1 if ch == prev else 1
+                prev = ch
+                i = self.index.get(ch)
+                if i is not None and not word[i]:
+                    longest[i] = max(longest[i], n)
+        #: ``[C]`` slots a run of the class may keep in the token table (0: no cap here)
+        self.run_cap = np.where(longest > 0, longest + 1, 0)
 
     def cls(self, ch: str) -> int:
         """Class of one folded character."""
@@ -284,7 +296,7 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         keep.append((v, pr))
     values = [v for v, _ in keep]
     priority = [pr for _, pr in keep]
-    alpha = CharAlphabet({c for f in folded for c in f})
+    alpha = CharAlphabet({c for f in folded for c in f}, folded)
     pats: list[list[int]] = []
     kinds: list[bool] = []
     pv: list[int] = []

@@ -12,7 +12,8 @@ the device from each token's *head* (UTF-8 continuation bytes at its start) and 
 unfinished character at its end); the first two folded characters of the completed codepoint are
 fed before the token's own slots. Runs that cannot change the automaton are shortened (a run of
 separators or of ``OTHER_NONWORD`` to one slot, a run of one word class to three, except ``i``
-whose repeats are plain characters).
+whose repeats are plain characters, and a run of another non-word class to one more than its
+longest run in any entity: ``"#" * 80`` is two slots unless an entity has ``"##"``).
 """
 from __future__ import annotations
 
@@ -136,9 +137,13 @@ def bytes_slots(b: bytes, alphabet: CharAlphabet) -> tuple[bytes, list[int], byt
         out.extend(alphabet.classes(fold_char(ch)))
         i += L
     res: list[int] = []
+    cap = alphabet.run_cap
     for c in out:
         if res and c == res[-1] and c in (SEP, OTHER_NONWORD):
             continue
+        n = cap[c]
+        if n and len(res) >= n and all(x == c for x in res[-n:]):
+            continue                        # longer than any entity's run of c (+1): the state is stable
         if alphabet.is_word[c] and not alphabet.plain_repeat[c] and len(res) >= 3 and res[-1] == res[-2] == res[-3] == c:
             continue
         res.append(c)
