@@ -436,7 +436,7 @@ class DeviceMatcher:
         emit = self._act_emit[i]
         sym = self._act_sym[i]
         s1 = torch.where(self._act_bnd[i], self._delta_bnd[s], s) if self.word_boundaries else s
-        raw = self._delta[s1 * C + sym]
+        raw = self._delta[torch.where(emit, s1 * C + sym, sym)]      # no emission: read row 0 (cached)
         dead = raw == 0
         sq2 = sym == SQ2
         sq3 = sym == SQ3
