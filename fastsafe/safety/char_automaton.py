@@ -320,6 +320,9 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
                                                           word_boundaries=word_boundaries,
                                                           plain_repeat=alpha.plain_repeat))
             out.extend(sw)
+        if words and (form[-1:] in SEPARATORS or form[-1:].isspace()):
+            out.append(SEP)              # "countries/": the match ends on the separator (a new one)
+            return tuple(out), SEP
         return tuple(out), (alpha.cls(words[-1][-1]) if words else SEP)
 
     for f, v, pr in zip(folded, values, priority):

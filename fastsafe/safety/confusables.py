@@ -2,8 +2,9 @@
 
 The data is the ``confusables.json`` that the ``confusable-homoglyphs`` package ships (generated
 from Unicode's ``confusables.txt``): for each character, the characters that look like it. Only
-single non-ASCII characters that look like one ASCII letter or digit are folded (``"о"`` ->
-``"o"``, ``"ѕ"`` -> ``"s"``, ``"𝐛"`` -> ``"b"``); ASCII is never changed, so English text
+single non-ASCII letters and digits that look like one ASCII letter or digit are folded (``"о"``
+-> ``"o"``, ``"ѕ"`` -> ``"s"``, ``"𝐛"`` -> ``"b"``; symbols such as ``"×"`` are not, so word
+boundaries never move); ASCII is never changed, so English text
 folds exactly as :func:`~fastsafe.safety.normalize.normalize_text` folds it. Where a character
 looks like several letters, the first lower-case letter in ``a..z`` wins, then digits.
 """
@@ -41,6 +42,8 @@ def confusable_map() -> dict[str, str]:
     for target in order:
         for entry in data.get(target, ()):
             c = entry.get("c", "").replace("\u200e", "").replace("\u200f", "")
-            if len(c) == 1 and ord(c) >= 0x80 and c not in out:
+            # letters and digits only: a symbol that looks like a letter ("×", "∨") stays a non-word
+            # character, so folding never moves a word boundary
+            if len(c) == 1 and ord(c) >= 0x80 and c.isalnum() and c not in out:
                 out[c] = target.lower()
     return out
