@@ -120,6 +120,22 @@ def test_text_check_catches_everything_the_host_check_catches(word_boundaries):
         assert dm.entity(int(ent[b, j])).phrase in ENTITIES
 
 
+def test_cases_found_by_the_subset_check_on_100k_entities():
+    """A symbol that looks like a letter ('×') keeps its word boundary; a trailing separator ends the match."""
+    tok = tiny_tokenizer()
+    ents = ["l", "countries/", "x-"]
+    dm, pm = DeviceMatcher.build(tok, ents), PhraseMatcher.build(tok, ents)
+    hists, cands = [], []
+    for text in ["the 4\u00d7l", "no countries/", "an x-", "in x-ray"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        for i in range(len(ids)):
+            hists.append(ids[:i])
+            cands.append([ids[i]])
+    ok_host, _ = pm.check_candidates(hists, cands)
+    ok_dev, _ = dm.check_candidates(dm.state_from_histories(hists), torch.tensor(cands))
+    assert (~ok_host).sum() >= 3 and not (ok_dev & ~ok_host).any()
+
+
 def test_text_check_agrees_with_the_host_check_on_benign_text():
     """Plain text without separated, stretched or look-alike letters: the same verdict as PhraseMatcher."""
     tok = tiny_tokenizer()
