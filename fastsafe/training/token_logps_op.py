@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_same_device, check_tensor
+from ._checks import acc_dtype, check_same_device, check_tensor
 from .token_logps import ChunkedTokenLogps, default_chunk_size, token_logps_backend
 
 __all__ = ["token_logps_op", "run_token_logps", "check_targets"]
@@ -66,7 +66,8 @@ def _triton():
 
 
 def _acc(hidden: torch.Tensor, backend: str) -> torch.dtype:
-    return torch.float64 if (backend == "torch" and hidden.dtype == torch.float64) else torch.float32
+    """The accumulation dtype of ``backend``: the training code's for torch, float32 in the kernels."""
+    return acc_dtype(hidden) if backend == "torch" else torch.float32
 
 
 def _fresh(outs):
