@@ -61,7 +61,7 @@ ROWS = [
 def config(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
                 report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3, beta=0.1,
-                disable_tqdm=True)
+                disable_tqdm=True, bf16=False)     # TRL defaults to bf16 autocast; the equalities are fp32
     base.update(kw)
     return DPOConfig(**base)
 
