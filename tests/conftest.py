@@ -33,3 +33,39 @@ def require_backend(name: str):
 @pytest.fixture
 def backend_required():
     return require_backend
+
+
+# Declared test dependencies (pyproject's `test` extra) must not be skipped away: with
+# FASTSAFE_REQUIRE_TEST_DEPS=1 (set by .ci/run) a `pytest.importorskip` of one of them that
+# fails is a failure, so a broken install (e.g. datasets not importing) cannot pass CI as skips.
+_OPTIONAL_TEST_DEPS = {"deepspeed", "liger_kernel"}      # heavy extras the suite uses where present
+
+
+def _missing_required_module(longrepr) -> str | None:
+    if os.environ.get("FASTSAFE_REQUIRE_TEST_DEPS") != "1":
+        return None
+    message = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    if "could not import '" not in message:
+        return None
+    name = message.split("could not import '", 1)[1].split("'", 1)[0]
+    return None if name.split(".")[0] in _OPTIONAL_TEST_DEPS else message
+
+
+def _fail_required_skip(report) -> None:
+    if report.skipped:
+        message = _missing_required_module(report.longrepr)
+        if message is not None:
+            report.outcome = "failed"
+            report.longrepr = f"a declared test dependency is missing (FASTSAFE_REQUIRE_TEST_DEPS=1): {message}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_required_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_required_skip(outcome.get_result())
