@@ -36,7 +36,7 @@ def _is_token_id_list(item) -> bool:
             and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in item))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SafetyConfig:
     """Configuration of safe decoding (risk filtering, TSDI debiasing, safety reward).
 
@@ -88,7 +88,6 @@ class SafetyConfig:
     report_token_bans: bool = True
     poll_interval: float = 0.0
     matcher_options: dict = field(default_factory=dict)
-    _matchers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.banned_phrases, (str, bytes)):
@@ -108,23 +107,24 @@ class SafetyConfig:
             else:
                 raise TypeError(f"banned_phrases[{i}]: expected a str or a non-empty list of int token ids, "
                                 f"got {type(item).__name__} ({item!r})")
-        self._phrases, self._token_id_phrases = phrases, id_lists
+        _set(self, "_phrases", phrases)
+        _set(self, "_token_id_phrases", id_lists)
         if isinstance(self.regexes, (str, bytes)):
             raise TypeError("regexes: expected a list of patterns, got a single string (wrap it in a list)")
-        self.regexes = list(self.regexes or ())
+        _set(self, "regexes", list(self.regexes or ()))
 
         if self.store is not None and not isinstance(self.store, (str, os.PathLike)):
             if not (hasattr(self.store, "version") and hasattr(self.store, "snapshot")):
                 raise TypeError(f"store: expected a RiskEntityStore or a path, got {type(self.store).__name__}")
         if isinstance(self.tsdi, (str, os.PathLike)):
             from .tsdi import TSDIBias
-            self.tsdi = TSDIBias.load(self.tsdi)
+            _set(self, "tsdi", TSDIBias.load(self.tsdi))
         if self.tsdi is not None and not hasattr(self.tsdi, "bias_table"):
             raise TypeError(f"tsdi: expected a TSDIBias (or a bias file path), got {type(self.tsdi).__name__}")
-        self.tsdi_scale = check_real("tsdi_scale", self.tsdi_scale)
+        _set(self, "tsdi_scale", check_real("tsdi_scale", self.tsdi_scale))
         if self.tsdi_beyond not in TSDI_BEYOND:
             raise ValueError(f"tsdi_beyond: expected one of {TSDI_BEYOND}, got {self.tsdi_beyond!r}")
-        self.reward_weight = check_real("reward_weight", self.reward_weight)
+        _set(self, "reward_weight", check_real("reward_weight", self.reward_weight))
         if self.reward_model is not None and not isinstance(self.reward_model, str):
             form = getattr(self.reward_model, "form", None)
             if form not in ("candidate", "dense"):
@@ -135,17 +135,18 @@ class SafetyConfig:
                              f"{self.reward_model!r} (load a model with fastsafe.reward.load_reward(path))")
         if self.reward_weight != 0.0 and self.reward_model is None:
             raise ValueError(f"reward_weight: {self.reward_weight} needs a reward_model (got None)")
-        self.top_k = check_int("top_k", self.top_k, 1)
-        self.context_tokens = check_int("context_tokens", self.context_tokens, 1)
+        _set(self, "top_k", check_int("top_k", self.top_k, 1))
+        _set(self, "context_tokens", check_int("context_tokens", self.context_tokens, 1))
         if self.on_event is not None and not callable(self.on_event):
             raise TypeError(f"on_event: expected a callable, got {type(self.on_event).__name__}")
         if self.fallback_token_id is not None:
-            self.fallback_token_id = check_int("fallback_token_id", self.fallback_token_id, 0)
-        self.poll_interval = check_real("poll_interval", self.poll_interval)
+            _set(self, "fallback_token_id", check_int("fallback_token_id", self.fallback_token_id, 0))
+        _set(self, "poll_interval", check_real("poll_interval", self.poll_interval))
         if self.poll_interval < 0:
             raise ValueError(f"poll_interval: expected >= 0, got {self.poll_interval}")
         if not isinstance(self.matcher_options, dict):
             raise TypeError(f"matcher_options: expected a dict, got {type(self.matcher_options).__name__}")
+        _set(self, "matcher_options", dict(self.matcher_options))      # the caller's dict stays theirs
 
     # ------------------------------------------------------------------ views
     @property
@@ -179,54 +180,22 @@ class SafetyConfig:
 
         With a store it is a :class:`fastsafe.safety.LiveMatcher` (follows new versions);
         otherwise a fixed :class:`fastsafe.safety.PhraseMatcher` behind the same interface.
-        Built once per (tokenizer, vocab_size, eos) and cached on the config, so repeated
-        ``fastsafe.generate`` calls with one config do not re-tokenise the entity list.
+        Built by :func:`fastsafe.safety_builder.build_matcher`, which caches it by content (the
+        entities, the store's file, the options, the tokenizer's vocabulary, ``V``, EOS), so
+        repeated ``fastsafe.generate`` calls do not re-tokenise the entity list.
         """
-        if not self.has_filter:
-            return None
-        eos_key = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
-        key = (id(tokenizer), vocab_size, eos_key)
-        hit = self._matchers.get(key)
-        if hit is not None and hit[0] is tokenizer:
-            return hit[1]
-        source = self._build_matcher(tokenizer, vocab_size=vocab_size, eos_token_id=eos_token_id)
-        self._matchers[key] = (tokenizer, source)
-        return source
-
-    def _build_matcher(self, tokenizer, *, vocab_size=None, eos_token_id=None):
-        from .safety.matcher import LiveMatcher, PhraseMatcher
-        opts = dict(self.matcher_options)
-        if vocab_size is not None:
-            opts["vocab_size"] = int(vocab_size)
-        if eos_token_id is not None:
-            opts.setdefault("eos_token_id", eos_token_id)
-        if self.store is not None:
-            store = self.store
-            if isinstance(store, (str, os.PathLike)):
-                from .safety.store import RiskEntityStore
-                store = RiskEntityStore(store, create=False)
-            return LiveMatcher(store, tokenizer, extra_phrases=self._phrases,
-                               extra_token_id_phrases=self._token_id_phrases, extra_regexes=self.regexes,
-                               poll_interval=self.poll_interval, **opts)
-        return _StaticMatcher(PhraseMatcher.build(tokenizer, self._phrases, token_id_phrases=self._token_id_phrases,
-                                                  regexes=self.regexes, **opts))
+        from .safety_builder import build_matcher
+        return build_matcher(self, tokenizer, vocab_size=vocab_size, eos_token_id=eos_token_id)
 
     def resolve_reward(self):
-        """The reward object (``"profanity"`` becomes :class:`fastsafe.reward.ProfanityReward`), or None."""
-        if not self.uses_reward:
-            return None
-        if isinstance(self.reward_model, str):
-            from .reward import ProfanityReward
-            self.reward_model = ProfanityReward(context_tokens=self.context_tokens)
-        return self.reward_model
+        """The reward object (``"profanity"`` becomes a :class:`fastsafe.reward.ProfanityReward`), or None.
+
+        The config is not changed (it is frozen); the builder keeps the resolved object.
+        """
+        from .safety_builder import resolve_reward
+        return resolve_reward(self)
 
 
-class _StaticMatcher:
-    """A fixed ``PhraseMatcher`` with the ``LiveMatcher`` interface."""
-
-    def __init__(self, matcher):
-        self._matcher = matcher
-        self.version = getattr(matcher, "version", None)
-
-    def current(self):
-        return self._matcher
+def _set(config, name: str, value) -> None:
+    """Normalise a field while the frozen config is being built (``__post_init__`` only)."""
+    object.__setattr__(config, name, value)

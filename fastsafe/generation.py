@@ -33,7 +33,8 @@ from .config import SafetyConfig
 from .models import check_vocab, context_length
 from .models_cache import accepts, cache_kwargs, output_cache
 from .ops import choose, safe_topk
-from .processor import _fit_bitmask
+from .ops.bitmask import fit_bitmask
+from .safety_builder import bias_table_on
 
 __all__ = ["generate", "GenerationResult"]
 
@@ -279,7 +280,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
         matcher_source = config.build_matcher(tokenizer, vocab_size=Vl, eos_token_id=eos or None)
     if tsdi is not None:
         tsdi.check_vocab(Vl)
-        table = tsdi.bias_table.to(device)
+        table = bias_table_on(tsdi, device)
     k = min(int(top_k) if top_k is not None else config.top_k, Vl)
     eos_set = set(eos)
     max_stop = max((len(s) for s in stop_strings), default=0)
@@ -310,7 +311,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
         matcher = matcher_source.current() if matcher_source is not None else None
         bitmask = None
         if matcher is not None:
-            bitmask = _fit_bitmask(matcher.banned_bitmask(hist, device=device), Vl)
+            bitmask = fit_bitmask(matcher.banned_bitmask(hist, device=device), Vl)
         use_table = table if table is not None and not (config.tsdi_beyond == "none" and step >= tsdi.length) else None
         dense = None
         if reward is not None and reward.form == "dense":

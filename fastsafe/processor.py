@@ -42,23 +42,12 @@ from __future__ import annotations
 import torch
 
 from .config import SafetyConfig
-from .ops.bitmask import bitmask_words, unpack_bitmask
+from .ops.bitmask import fit_bitmask, unpack_bitmask
+from .safety_builder import bias_table_on
 
 __all__ = ["SafeLogitsProcessor"]
 
 NEG_INF = float("-inf")
-
-
-def _fit_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Pad a matcher bitmask built for fewer tokens to ``vocab_size`` (extra tokens allowed)."""
-    W = bitmask_words(vocab_size)
-    if mask.shape[-1] == W:
-        return mask
-    if mask.shape[-1] > W:
-        raise ValueError(f"banned_bitmask: the matcher covers {mask.shape[-1] * 32} tokens but the logits have "
-                         f"V = {vocab_size}; tokenizer/model vocabulary mismatch")
-    extra = torch.full((*mask.shape[:-1], W - mask.shape[-1]), -1, dtype=torch.int32, device=mask.device)
-    return torch.cat([mask, extra], dim=-1)
 
 
 class SafeLogitsProcessor:
@@ -172,9 +161,7 @@ class SafeLogitsProcessor:
 
         if cfg.tsdi is not None and not (cfg.tsdi_beyond == "none" and position >= cfg.tsdi.length):
             cfg.tsdi.check_vocab(V, what="the scores")
-            table = cfg.tsdi.bias_table
-            if table.device != scores.device:
-                cfg.tsdi.bias_table = table = table.to(scores.device)
+            table = bias_table_on(cfg.tsdi, scores.device)          # the user's TSDIBias is not touched
             row = table[min(position, cfg.tsdi.length - 1)]
             out = (out.float() - cfg.tsdi_scale * row).to(dtype)
 
@@ -182,7 +169,7 @@ class SafeLogitsProcessor:
         histories = None
         if matcher is not None:
             histories = self._histories(input_ids)
-            mask = _fit_bitmask(matcher.banned_bitmask(histories, device=scores.device), V)
+            mask = fit_bitmask(matcher.banned_bitmask(histories, device=scores.device), V)
             allowed = unpack_bitmask(mask, V)
             if cfg.report_token_bans and not bool(allowed.all()):
                 best = out.argmax(dim=-1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_bitmask", "unpack_bitmask", "bitmask_words", "full_bitmask", "ban_tokens_"]
+__all__ = ["pack_bitmask", "unpack_bitmask", "bitmask_words", "full_bitmask", "ban_tokens_", "fit_bitmask"]
 
 _SHIFTS_CACHE: dict = {}
 
@@ -110,3 +110,23 @@ def ban_tokens_(words: torch.Tensor, token_ids, row: int | None = None) -> torch
     clear = torch.where(clear >= 2**31, clear - 2**32, clear).to(torch.int32)
     target.bitwise_and_(~clear)
     return words
+
+
+def fit_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Widen a ``[..., W']`` bitmask built for fewer tokens to ``[..., ceil(vocab_size/32)]``.
+
+    The tokens beyond the matcher's vocabulary (padding rows of a model's embedding) are allowed.
+    A mask wider than ``vocab_size`` is a tokenizer/model mismatch and raises ``ValueError``.
+
+    Example:
+        >>> fit_bitmask(torch.zeros(2, 1, dtype=torch.int32), 64).shape
+        torch.Size([2, 2])
+    """
+    W = bitmask_words(vocab_size)
+    if mask.shape[-1] == W:
+        return mask
+    if mask.shape[-1] > W:
+        raise ValueError(f"banned_bitmask: the matcher covers {mask.shape[-1] * 32} tokens but the logits have "
+                         f"V = {vocab_size}; tokenizer/model vocabulary mismatch")
+    extra = torch.full((*mask.shape[:-1], W - mask.shape[-1]), -1, dtype=torch.int32, device=mask.device)
+    return torch.cat([mask, extra], dim=-1)

@@ -1,0 +1,203 @@
+"""The one builder of what a :class:`fastsafe.SafetyConfig` needs at decoding time.
+
+A ``SafetyConfig`` is plain, frozen settings. Turning it into working parts — the phrase matcher
+(tokenising every entity for one tokenizer and vocabulary), the TSDI bias table on the logits'
+device, the resolved reward object — happens here, and so does the caching of those parts, keyed
+by what they depend on (the entity lists, the store's file, the matcher options, the tokenizer's
+vocabulary, ``V``, the EOS ids, the device), never by object identity. Two configs with the same
+entities share one matcher; a tokenizer whose vocabulary changed gets a new one.
+
+Example:
+    >>> from fastsafe.safety_builder import build_matcher, resolve_reward, bias_table_on
+    >>> source = build_matcher(cfg, tok, vocab_size=V)          # .current() -> PhraseMatcher
+    >>> table = bias_table_on(cfg.tsdi, logits.device)           # [L, V] float32, the user's TSDIBias untouched
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["build_matcher", "resolve_reward", "bias_table_on", "tokenizer_fingerprint", "clear_cache",
+           "CACHE_SIZE"]
+
+#: Built parts kept (least recently used ones are dropped beyond this).
+CACHE_SIZE = 16
+
+_lock = threading.Lock()
+_cache: "OrderedDict[tuple, object]" = OrderedDict()
+_fingerprints: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_device_tables = WeakIdKeyDictionary()        # tensor -> its device copies (tensors compare elementwise)
+
+
+def clear_cache() -> None:
+    """Forget every built matcher, reward and device table (they are rebuilt on next use)."""
+    with _lock:
+        _cache.clear()
+        _device_tables.clear()
+
+
+def _cached(key: tuple, build):
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    value = build()                 # outside the lock: building 100k entities takes seconds
+    with _lock:
+        value = _cache.setdefault(key, value)
+        _cache.move_to_end(key)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return value
+
+
+def _freeze(value):
+    """A hashable form of a settings value (dicts and lists by content, other objects by hash or id)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(map(repr, value)))
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return ("object", id(value))
+
+
+def tokenizer_fingerprint(tokenizer) -> tuple:
+    """What a matcher depends on in ``tokenizer``: its class, size and a hash of its vocabulary.
+
+    Computed once per tokenizer object and size (about 10-30 ms for 150k tokens), so a tokenizer
+    with tokens added afterwards gets a new fingerprint.
+
+    Example:
+        >>> tokenizer_fingerprint(tok) == tokenizer_fingerprint(copy.deepcopy(tok))
+        True
+    """
+    if tokenizer is None:
+        return ("none",)
+    size = len(tokenizer)
+    try:
+        memo = _fingerprints.get(tokenizer)
+    except TypeError:               # not weak-referenceable
+        memo = None
+    if memo is not None and memo[0] == size:
+        return memo[1]
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    digest = hashlib.blake2b(digest_size=16)
+    for token, index in sorted(vocab.items(), key=lambda item: item[1]):
+        digest.update(f"{index}\x00{token}\x01".encode("utf-8", "surrogatepass"))
+    specials = getattr(tokenizer, "all_special_tokens", None) or ()
+    fingerprint = (type(tokenizer).__name__, size, digest.hexdigest(), tuple(specials))
+    try:
+        _fingerprints[tokenizer] = (size, fingerprint)
+    except TypeError:
+        pass
+    return fingerprint
+
+
+def _store_key(store):
+    if store is None:
+        return None
+    path = store if isinstance(store, (str, os.PathLike)) else getattr(store, "path", None)
+    if path is None:
+        return ("object", id(store))
+    return ("store", os.path.realpath(os.fspath(path)))
+
+
+def build_matcher(config, tokenizer, *, vocab_size: int | None = None, eos_token_id=None):
+    """The matcher source of ``config`` (``.current() -> PhraseMatcher``), or ``None`` without filters.
+
+    With a store it is a :class:`fastsafe.safety.LiveMatcher` (follows new versions of the store);
+    otherwise a fixed :class:`fastsafe.safety.PhraseMatcher` behind the same interface. Built once
+    per content key (see the module docstring) and shared.
+
+    Args:
+        config: a :class:`fastsafe.SafetyConfig`.
+        tokenizer: the model's tokenizer.
+        vocab_size: the logits width ``V`` (default: the tokenizer's size).
+        eos_token_id: int or list of ints; never banned.
+    """
+    if not config.has_filter:
+        return None
+    eos_key = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+    key = ("matcher", _freeze(config.phrases), _freeze(config.token_id_phrases), _freeze(list(config.regexes)),
+           _store_key(config.store), float(config.poll_interval), _freeze(config.matcher_options),
+           tokenizer_fingerprint(tokenizer), vocab_size, eos_key)
+    return _cached(key, lambda: _build_matcher(config, tokenizer, vocab_size, eos_token_id))
+
+
+def _build_matcher(config, tokenizer, vocab_size, eos_token_id):
+    from .safety.matcher import LiveMatcher, PhraseMatcher
+    opts = dict(config.matcher_options)
+    if vocab_size is not None:
+        opts["vocab_size"] = int(vocab_size)
+    if eos_token_id is not None:
+        opts.setdefault("eos_token_id", eos_token_id)
+    if config.store is not None:
+        store = config.store
+        if isinstance(store, (str, os.PathLike)):
+            from .safety.store import RiskEntityStore
+            store = RiskEntityStore(store, create=False)
+        return LiveMatcher(store, tokenizer, extra_phrases=config.phrases,
+                           extra_token_id_phrases=config.token_id_phrases, extra_regexes=list(config.regexes),
+                           poll_interval=config.poll_interval, **opts)
+    return StaticMatcher(PhraseMatcher.build(tokenizer, config.phrases, token_id_phrases=config.token_id_phrases,
+                                             regexes=list(config.regexes), **opts))
+
+
+class StaticMatcher:
+    """A fixed ``PhraseMatcher`` with the ``LiveMatcher`` interface (``current()``, ``version``)."""
+
+    def __init__(self, matcher):
+        self._matcher = matcher
+        self.version = getattr(matcher, "version", None)
+
+    def current(self):
+        return self._matcher
+
+
+def resolve_reward(config):
+    """The reward object of ``config``, or ``None`` when no reward takes part.
+
+    ``reward_model="profanity"`` becomes one shared :class:`fastsafe.reward.ProfanityReward` per
+    ``context_tokens`` (the config itself is not changed).
+    """
+    if not config.uses_reward:
+        return None
+    if isinstance(config.reward_model, str):
+        from .reward import ProfanityReward
+        context = config.context_tokens
+        return _cached(("reward", config.reward_model, context), lambda: ProfanityReward(context_tokens=context))
+    return config.reward_model
+
+
+def bias_table_on(tsdi, device):
+    """``tsdi.bias_table`` on ``device`` (``[L, V]``), copied once per table, version and device.
+
+    The user's :class:`fastsafe.TSDIBias` is never modified; ``None`` for ``tsdi=None``. The copy
+    lives as long as the table it was made from.
+    """
+    if tsdi is None:
+        return None
+    table = tsdi.bias_table
+    device = torch.device(device)
+    if table.device == device:
+        return table
+    with _lock:
+        copies = _device_tables.setdefault(table, {})
+        key = (str(device), table._version)
+        hit = copies.get(key)
+    if hit is None:
+        hit = table.to(device)
+        with _lock:
+            copies.clear()              # an older version or another device: drop it
+            copies[key] = hit
+    return hit
