@@ -28,13 +28,13 @@ host part: :meth:`host_regex_check`.
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import numpy as np
 import torch
 
 from .char_automaton import BND, CP_LIMIT, OTHER_NONWORD, SQ2, SQ3, action_tables, build_char_automaton
+from .entity_list import active_entities, config_entities, eos_id_set
 from .store import RiskEntity
 from .token_automaton import build_token_automaton
 from .token_chars import token_slots
@@ -51,51 +51,11 @@ _TOK, _CHR, _CTX, _CP, _NEED, _SHADOW = range(STATE_WIDTH)
 
 def _entities(phrases, token_id_phrases, regexes, entities) -> list[RiskEntity]:
     """One entity list in PhraseMatcher's order: phrases, token-id phrases, regexes, store entities."""
-    ents: list[RiskEntity] = []
-    if isinstance(phrases, str):
-        raise TypeError("phrases: expected a list of str, got a single str (wrap it in a list)")
-    for p in phrases:
-        if isinstance(p, RiskEntity):
-            ents.append(p)
-        elif isinstance(p, str):
-            ents.append(RiskEntity(0, p, "phrase", source="config"))
-        else:
-            raise TypeError(f"phrases: expected str items, got {type(p).__name__} ({p!r})")
-    for seq in token_id_phrases:
-        if isinstance(seq, torch.Tensor):
-            seq = seq.tolist()
-        if not isinstance(seq, (list, tuple)) or not seq or any(isinstance(t, bool) or not isinstance(t, int) for t in seq):
-            raise ValueError(f"token_id_phrases: expected non-empty lists of ints, got {seq!r}")
-        ents.append(RiskEntity(0, " ".join(str(int(t)) for t in seq), "token_ids", source="config"))
-    if isinstance(regexes, (str, re.Pattern)):
-        regexes = [regexes]
-    for r in regexes:
-        pat = r.pattern if isinstance(r, re.Pattern) else r
-        if not isinstance(pat, str):
-            raise TypeError(f"regexes: expected str or compiled patterns, got {type(r).__name__}")
-        ents.append(RiskEntity(0, pat, "regex", source="config"))
-    if entities is not None:
-        for e in entities:
-            if not isinstance(e, RiskEntity):
-                raise TypeError(f"entities: expected RiskEntity items, got {type(e).__name__}")
-            if e.active:
-                ents.append(e)
+    ents = config_entities(phrases, token_id_phrases, regexes) + active_entities(entities)
     for e in ents:
         if e.kind not in ("phrase", "token_ids", "regex"):
             raise ValueError(f"entity {e.phrase!r}: unknown kind {e.kind!r}")
     return ents
-
-
-def _eos_ids(tokenizer, eos_token_id) -> set[int]:
-    if eos_token_id is None and tokenizer is not None:
-        eos_token_id = getattr(tokenizer, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, torch.Tensor):
-        return {int(x) for x in eos_token_id.reshape(-1).tolist()}
-    if isinstance(eos_token_id, int):
-        return {int(eos_token_id)}
-    return {int(x) for x in eos_token_id}
 
 
 class DeviceMatcher:
@@ -232,7 +192,7 @@ class DeviceMatcher:
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device: expected a torch device, got {device!r}") from exc
         ents = _entities(phrases, token_id_phrases, regexes, entities)
-        flat, lens, _ = banned_sequences(tokenizer, ents, vocab_size, _eos_ids(tokenizer, eos_token_id))
+        flat, lens, _ = banned_sequences(tokenizer, ents, vocab_size, eos_id_set(tokenizer, eos_token_id))
         tok = build_token_automaton(flat, lens, vocab_size)
         owner: dict[str, int] = {}
         for i, e in enumerate(ents):

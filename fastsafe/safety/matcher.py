@@ -48,6 +48,7 @@ import torch
 from fastsafe.ops.bitmask import ban_tokens_, full_bitmask
 from fastsafe.ops.validate import check_history_tensor, token_rows
 
+from .entity_list import active_entities, config_entities, eos_id_set
 from .events import SafetyEvent
 from .normalize import deleet_forms, entity_forms, is_word_char, light_normalize, normalize_text
 from .regex import compile_regex
@@ -458,50 +459,10 @@ class PhraseMatcher:
             vocab_size = len(tokenizer)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
-        if eos_token_id is None and tokenizer is not None:
-            eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_ids = set()
-        elif isinstance(eos_token_id, torch.Tensor):
-            eos_ids = set(int(x) for x in eos_token_id.reshape(-1).tolist())
-        elif isinstance(eos_token_id, int):
-            eos_ids = {int(eos_token_id)}
-        else:
-            eos_ids = set(int(x) for x in eos_token_id)
-
-        ents: list[RiskEntity] = []
-        if isinstance(phrases, str):
-            raise TypeError("phrases: expected a list of str, got a single str (wrap it in a list)")
-        for p in phrases:
-            if isinstance(p, RiskEntity):
-                ents.append(p)
-            elif isinstance(p, str):
-                ents.append(RiskEntity(0, p, "phrase", source="config"))
-            else:
-                raise TypeError(f"phrases: expected str items, got {type(p).__name__} ({p!r})")
-        for seq in token_id_phrases:
-            if isinstance(seq, torch.Tensor):
-                seq = seq.tolist()
-            if not isinstance(seq, (list, tuple)) or not seq or any(
-                    isinstance(t, bool) or not isinstance(t, int) for t in seq):
-                raise ValueError(f"token_id_phrases: expected non-empty lists of ints, got {seq!r}")
-            ents.append(RiskEntity(0, " ".join(str(int(t)) for t in seq), "token_ids", source="config"))
-        if isinstance(regexes, (str, re.Pattern)):
-            regexes = [regexes]
-        for r in regexes:
-            pat = r.pattern if isinstance(r, re.Pattern) else r
-            if not isinstance(pat, str):
-                raise TypeError(f"regexes: expected str or compiled patterns, got {type(r).__name__}")
-            if isinstance(r, re.Pattern) and r.flags & re.IGNORECASE:
-                pat = "(?i)" + pat
-            ents.append(RiskEntity(0, pat, "regex", source="config"))
+        eos_ids = eos_id_set(tokenizer, eos_token_id)
+        ents = config_entities(phrases, token_id_phrases, regexes)
         n_config = len(ents)                 # ents[:n_config] raise on errors; the rest may be skipped
-        if entities is not None:
-            for e in entities:
-                if not isinstance(e, RiskEntity):
-                    raise TypeError(f"entities: expected RiskEntity items, got {type(e).__name__}")
-                if e.active:
-                    ents.append(e)
+        ents += active_entities(entities)
         skipped: dict[int, str] = {}         # entity index -> reason
 
         def fail(i: int, reason: str) -> None:
