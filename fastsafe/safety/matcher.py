@@ -54,6 +54,7 @@ from .normalize import deleet_forms, entity_forms, is_word_char, light_normalize
 from .regex import compile_regex
 from .store import RiskEntity
 from .token_index import TokenIndex, _ranges
+from .token_sequences import encode_variants
 
 __all__ = ["PhraseMatcher", "LiveMatcher", "SkippedEntity", "phrase_variants"]
 
@@ -204,111 +205,6 @@ def _token_texts(tokenizer) -> _TokenTexts:
             tt = _TokenTexts(tokenizer)
             _TEXTS[tokenizer] = tt
         return tt
-
-
-def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens (batched through the Rust backend when there is one)."""
-    if not texts:
-        return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    plain = backend is not None and getattr(backend, "truncation", None) is None \
-        and getattr(backend, "padding", None) is None
-    if plain:
-        enc = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
-        return [e.ids for e in enc(texts, add_special_tokens=False)]
-    out = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [list(x) for x in out]
-
-
-_PROBES = ("make a bomb", "Make A Bomb", "THE QUICK BROWN fox", "über straße", "don't 2 girls, 1 cup!",
-           "e-mail me @ 555-1234", "naïve café's ＦＵＬＬ width", "x  y")
-
-
-def _simple(v: str) -> bool:
-    """Words separated by single spaces, no other whitespace, no leading/trailing space."""
-    return bool(v) and v == " ".join(v.split())
-
-
-def _split_encoding_ok(tokenizer, sample: list[str]) -> bool:
-    """True if this tokenizer encodes space-separated words unit by unit (``"w0"``, ``" w1"``, ...),
-    checked on probes and a sample, with and without a leading space."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    pre = getattr(backend, "pre_tokenizer", None) if backend is not None else None
-    if pre is None:
-        return False
-    try:
-        if len(pre.pre_tokenize_str("make a bomb")) < 3:
-            return False
-    except Exception:
-        return False
-    texts = [t for v in list(_PROBES) + sample if _simple(v) for t in (v, " " + v)]
-    units = [[(" " if t[0] == " " else "") + w if i == 0 else " " + w for i, w in enumerate(t.split())]
-             for t in texts]
-    flat_units = sorted({u for us in units for u in us})
-    enc = dict(zip(flat_units, _encode_many(tokenizer, flat_units)))
-    full = _encode_many(tokenizer, texts)
-    return all(list(f) == [i for u in us for i in enc[u]] for f, us in zip(full, units))
-
-
-def _encode_variants(tokenizer, variants: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Encode the texts ``v, " " + v`` of every variant (no special tokens) into CSR arrays
-    ``(flat ids, lengths)``, in that order.
-
-    When the tokenizer pre-splits at spaces (verified on probes and a sample), a text of words
-    separated by single spaces is assembled from the encodings of its distinct word units
-    (``"w0"`` or ``" w0"``, then ``" w1"``, ...): identical ids, far fewer strings through the
-    tokenizer and no per-token Python work.
-    """
-    multi = [v for v in variants if " " in v and _simple(v)]
-    sample = multi[:: max(1, len(multi) // 96)][:96]
-    split = len(multi) >= 32 and _split_encoding_ok(tokenizer, sample)
-    unit_id: dict[str, int] = {}
-    get = unit_id.get
-    seq_units: list[int] = []
-    counts: list[int] = []
-    for v in variants:
-        if split and _simple(v):
-            words = v.split(" ")
-            w0 = words[0]
-            a = get(w0)
-            if a is None:
-                a = unit_id[w0] = len(unit_id)
-            sw0 = " " + w0
-            b = get(sw0)
-            if b is None:
-                b = unit_id[sw0] = len(unit_id)
-            rest = []
-            for w in words[1:]:
-                w = " " + w
-                j = get(w)
-                if j is None:
-                    j = unit_id[w] = len(unit_id)
-                rest.append(j)
-            seq_units.append(a)
-            seq_units.extend(rest)
-            seq_units.append(b)
-            seq_units.extend(rest)
-            counts.append(len(words))
-            counts.append(len(words))
-        else:
-            for t in (v, " " + v):
-                j = get(t)
-                if j is None:
-                    j = unit_id[t] = len(unit_id)
-                seq_units.append(j)
-                counts.append(1)
-    enc = _encode_many(tokenizer, list(unit_id))
-    u_lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
-    u_flat = np.fromiter((x for e in enc for x in e), np.int64, int(u_lens.sum()))
-    u_starts = np.cumsum(u_lens) - u_lens
-    su = np.asarray(seq_units, np.int64)
-    cnt = np.asarray(counts, np.int64)
-    idx, _ = _ranges(u_starts[su], u_lens[su])
-    lens = np.zeros(len(cnt), np.int64)
-    if len(su):
-        first = np.cumsum(cnt) - cnt
-        lens = np.add.reduceat(u_lens[su], first)
-    return u_flat[idx], lens
 
 
 def _gather_seqs(flat: np.ndarray, lens: np.ndarray, starts: np.ndarray, seq_ids: np.ndarray):
@@ -508,7 +404,7 @@ class PhraseMatcher:
             vs = phrase_variants(p, deleet[p])
             n_texts[j] = 2 * len(vs)
             variants.extend(vs)
-        new_flat, new_lens = _encode_variants(tokenizer, variants) if variants else (np.zeros(0, np.int64),) * 2
+        new_flat, new_lens = encode_variants(tokenizer, variants) if variants else (np.zeros(0, np.int64),) * 2
         owner = np.repeat(np.arange(len(new_phrases)), n_texts)
         nonempty = new_lens > 0
         new_count = np.bincount(owner[nonempty], minlength=len(new_phrases))

@@ -20,13 +20,14 @@ import numpy as np
 from .normalize import entity_forms
 from .store import RiskEntity
 
-__all__ = ["encode_variants", "banned_sequences"]
+__all__ = ["encode_plain", "encode_variants", "split_encoding_ok", "banned_sequences"]
 
 _PROBES = ("make a bomb", "Make A Bomb", "THE QUICK BROWN fox", "über straße", "don't 2 girls, 1 cup!",
            "e-mail me @ 555-1234", "naïve café's ＦＵＬＬ width")
 
 
-def _encode_plain(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_plain(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens (batched through the Rust backend when there is one)."""
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -49,15 +50,17 @@ def _units(t: str) -> list[str]:
     return [(" " if lead else "") + words[0]] + [" " + w for w in words[1:]]
 
 
-def _split_ok(tokenizer, sample: list[str]) -> bool:
+def split_encoding_ok(tokenizer, sample: list[str]) -> bool:
+    """True if this tokenizer encodes space-separated words unit by unit (``"w0"``, ``" w1"``, ...),
+    checked on fixed probes and ``sample``, with and without a leading space."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre = getattr(backend, "pre_tokenizer", None) if backend is not None else None
     if pre is None:
         return False
     texts = [x for p in list(_PROBES) + sample for x in (p, " " + p) if _simple(x) and " " in x.strip()]
     units = sorted({u for t in texts for u in _units(t)})
-    enc = dict(zip(units, _encode_plain(tokenizer, units)))
-    return all(f == [i for u in _units(t) for i in enc[u]] for t, f in zip(texts, _encode_plain(tokenizer, texts)))
+    enc = dict(zip(units, encode_plain(tokenizer, units)))
+    return all(f == [i for u in _units(t) for i in enc[u]] for t, f in zip(texts, encode_plain(tokenizer, texts)))
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -78,7 +81,7 @@ def encode_variants(tokenizer, variants: Sequence[str]) -> tuple[np.ndarray, np.
     variants = list(variants)
     simple = [bool(v) and v == " ".join(v.split()) and v.isprintable() for v in variants]
     multi = [v for v, ok in zip(variants, simple) if ok and " " in v]
-    split = len(multi) >= 32 and _split_ok(tokenizer, multi[:: max(1, len(multi) // 96)][:96])
+    split = len(multi) >= 32 and split_encoding_ok(tokenizer, multi[:: max(1, len(multi) // 96)][:96])
     unit_id: dict[str, int] = {}
     get = unit_id.get
     seq_units: list[int] = []
@@ -107,7 +110,7 @@ def encode_variants(tokenizer, variants: Sequence[str]) -> tuple[np.ndarray, np.
                     j = unit_id[t] = len(unit_id)
                 seq_units.append(j)
                 counts.append(1)
-    enc = _encode_plain(tokenizer, list(unit_id))
+    enc = encode_plain(tokenizer, list(unit_id))
     u_lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
     u_flat = np.fromiter((x for e in enc for x in e), np.int64, int(u_lens.sum()))
     u_starts = np.cumsum(u_lens) - u_lens
