@@ -33,8 +33,7 @@ from .config import SafetyConfig
 from .models import check_vocab, context_length
 from .models_cache import accepts, cache_kwargs, output_cache
 from .ops import choose, safe_topk
-from .ops.bitmask import fit_bitmask
-from .safety_builder import bias_table_on
+from .safety_step import SafetyStep
 
 __all__ = ["generate", "GenerationResult"]
 
@@ -190,7 +189,6 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
         ...                max_new_tokens=20, do_sample=True, top_p=0.9, seed=0)
         >>> print(res.texts[0]); [e.to_dict() for e in res.events]
     """
-    from .safety.events import SafetyEvent
     if config is None:
         config = SafetyConfig()
     if not isinstance(config, SafetyConfig):
@@ -262,10 +260,6 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
     has_pad = not bool(mask.all())
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
-    matcher_source = None
-    reward = config.resolve_reward()
-    tsdi = config.tsdi
-    table = None
     kw = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
 
     out = model(input_ids=ids, attention_mask=mask if has_pad else None, position_ids=pos, use_cache=True, **kw)
@@ -274,13 +268,8 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
     Vl = logits.shape[-1]
     if V is not None and V != Vl:
         V = Vl
-    if config.has_filter:
-        if tokenizer is not None and len(tokenizer) > Vl:
-            raise ValueError(f"tokenizer: vocabulary mismatch: {len(tokenizer)} tokens but the logits have V = {Vl}")
-        matcher_source = config.build_matcher(tokenizer, vocab_size=Vl, eos_token_id=eos or None)
-    if tsdi is not None:
-        tsdi.check_vocab(Vl)
-        table = bias_table_on(tsdi, device)
+    safety = SafetyStep(config, tokenizer, vocab_size=Vl, device=device, fallback_id=fallback_id,
+                        eos_token_id=eos or None, logits_name="model's logits")
     k = min(int(top_k) if top_k is not None else config.top_k, Vl)
     eos_set = set(eos)
     max_stop = max((len(s) for s in stop_strings), default=0)
@@ -288,34 +277,18 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
     histories = [list(r) for r in rows]
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     finish = [reason_limit] * B
-    events: list = []
     active = list(range(B))                                  # original row of each live batch row
     act_mask = mask
     last_pos = pos[:, -1]
     sample_temp = temperature if do_sample else 1.0
 
-    def emit(ev):
-        events.append(ev)
-        if config.on_event is not None:
-            config.on_event(ev)
-
-    def text_of(tok: int) -> str:
-        try:
-            return tokenizer.decode([tok], skip_special_tokens=False) if tokenizer is not None else ""
-        except Exception:  # noqa: BLE001 - audit text only
-            return ""
-
     steps = 0
     for step in range(max_new_tokens):
         hist = [histories[r] for r in active]
-        matcher = matcher_source.current() if matcher_source is not None else None
-        bitmask = None
-        if matcher is not None:
-            bitmask = fit_bitmask(matcher.banned_bitmask(hist, device=device), Vl)
-        use_table = table if table is not None and not (config.tsdi_beyond == "none" and step >= tsdi.length) else None
-        dense = None
-        if reward is not None and reward.form == "dense":
-            dense = reward.score_dense(hist, tokenizer).to(device)
+        matcher = safety.matcher()
+        bitmask = safety.banned_bitmask(matcher, hist, device)
+        use_table = safety.bias_table(step)
+        dense = safety.dense_reward(hist)
         res = safe_topk(logits, k, bias_table=use_table, positions=step if use_table is not None else None,
                         bias_scale=config.tsdi_scale, banned_bitmask=bitmask, dense_reward=dense,
                         reward_weight=config.reward_weight if dense is not None else 0.0,
@@ -324,53 +297,22 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             bad = torch.isposinf(res.values).any(dim=-1).nonzero().flatten().tolist()
             raise ValueError(f"logits: the model gave +inf scores in rows {[active[i] for i in bad][:16]} at step "
                              f"{step}; sampling needs finite scores (a +inf makes the softmax NaN)")
-        allowed = None
-        if matcher is not None and matcher.has_text_rules:
-            allowed, evs = matcher.check_candidates(hist, res.indices)
-            allowed = allowed.to(device)
-            for e in evs:
-                e.step, e.row = step, active[e.row]
-                emit(e)
-        cand_r = None
-        if reward is not None and reward.form == "candidate":
-            cand_r = reward.score_candidates(hist, res.indices, tokenizer)
-            if tuple(cand_r.shape) != tuple(res.indices.shape):
-                raise ValueError(f"reward_model: score_candidates returned shape {tuple(cand_r.shape)}, expected "
-                                 f"[B, k] = {list(res.indices.shape)}")
-            cand_r = cand_r.to(device)
-        ok = torch.isfinite(res.values)
-        if allowed is not None:
-            ok &= allowed
-        if cand_r is not None and config.reward_weight != 0.0:
-            ok &= ~torch.isneginf(cand_r * config.reward_weight)    # a -inf reward vetoes a candidate
+        allowed = safety.check_candidates(matcher, hist, res.indices, step, rows=active)
+        cand_r = safety.candidate_reward(hist, res.indices)
+        ok = safety.candidate_ok(res.values, allowed, cand_r)
         dead = ~ok.any(dim=-1)
-        if bool(dead.any()) and fallback_id is None:
-            raise ValueError(f"every candidate is banned in rows {[active[i] for i in dead.nonzero().flatten().tolist()]} "
-                             f"and there is no EOS token to fall back to; pass eos_token_id= or "
-                             f"SafetyConfig(fallback_token_id=...)")
+        safety.require_fallback(dead, rows=active)
         nxt = choose(res, candidate_reward=cand_r, reward_weight=config.reward_weight if cand_r is not None else 0.0,
                      candidate_allowed=allowed, do_sample=do_sample, top_p=top_p, min_p=min_p, generator=generator,
                      fallback_id=fallback_id)
 
         # audit trail (cheap [B, k] / [B] work, plus one argmax read of the logits for token bans)
-        if bitmask is not None and config.report_token_bans:
-            best = logits.argmax(dim=-1)
-            bit = (bitmask.gather(1, (best // 32).unsqueeze(1)).squeeze(1) >> (best % 32)) & 1
-            for i in (bit == 0).nonzero().flatten().tolist():
-                tok = int(best[i])
-                ent = matcher.explain_token_ban(hist[i], tok)
-                emit(SafetyEvent(step=step, row=active[i], token_id=tok, token_text=text_of(tok), rule="token_ban",
-                                 entity=getattr(ent, "phrase", ent), category=getattr(ent, "category", None),
-                                 severity=getattr(ent, "severity", None)))
+        safety.report_token_bans(matcher, step, hist, logits, bitmask, rows=active)
         if cand_r is not None and not do_sample:
             plain = ok.to(torch.int8).argmax(dim=-1)       # first allowed candidate = best by log p
             plain_ids = res.indices.gather(1, plain.unsqueeze(1)).squeeze(1)
-            for i in ((plain_ids != nxt) & ~dead).nonzero().flatten().tolist():
-                tok = int(plain_ids[i])
-                emit(SafetyEvent(step=step, row=active[i], token_id=tok, token_text=text_of(tok), rule="reward"))
-        for i in dead.nonzero().flatten().tolist():
-            emit(SafetyEvent(step=step, row=active[i], token_id=int(fallback_id), token_text=text_of(int(fallback_id)),
-                             rule="all_banned_fallback"))
+            safety.report_reward_overrides(step, plain_ids, nxt, ~dead, rows=active)
+        safety.report_fallbacks(step, dead, rows=active)
 
         nxt_list = nxt.tolist()
         keep = []
@@ -411,7 +353,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             gen[r, :len(new_tokens[r])] = torch.tensor(new_tokens[r], dtype=torch.long)
     sequences = torch.cat([ids.cpu(), gen], dim=1).to(device)
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else [""] * B
-    events.sort(key=lambda e: (e.step, e.row))
+    events = sorted(safety.events, key=lambda e: (e.step, e.row))
     return GenerationResult(sequences=sequences, texts=texts, events=events, prompt_length=T,
                             finish_reasons=finish, new_tokens=new_tokens)
 

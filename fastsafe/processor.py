@@ -42,8 +42,8 @@ from __future__ import annotations
 import torch
 
 from .config import SafetyConfig
-from .ops.bitmask import fit_bitmask, unpack_bitmask
-from .safety_builder import bias_table_on
+from .ops.bitmask import unpack_bitmask
+from .safety_step import SafetyStep
 
 __all__ = ["SafeLogitsProcessor"]
 
@@ -88,9 +88,7 @@ class SafeLogitsProcessor:
             eos_token_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
-        self.reward = config.resolve_reward()
-        self._matcher_source = None
-        self._matcher_vocab = None
+        self._step = None                     # the SafetyStep for the scores' V and device
         self._checked_vocab = None
         self.events: list = []
         self.reset()
@@ -111,17 +109,18 @@ class SafeLogitsProcessor:
         self._last_len = T
         return T - self._prompt_len
 
-    def _matcher(self, vocab_size: int):
-        if not self.config.has_filter:
-            return None
-        if self._matcher_source is None or self._matcher_vocab != vocab_size:
-            if self.tokenizer is not None and len(self.tokenizer) > vocab_size:
-                raise ValueError(f"tokenizer: vocabulary mismatch: the tokenizer has {len(self.tokenizer)} tokens "
-                                 f"but the scores have V = {vocab_size}; the tokenizer belongs to another model")
-            self._matcher_source = self.config.build_matcher(self.tokenizer, vocab_size=vocab_size,
-                                                             eos_token_id=self.eos_token_id)
-            self._matcher_vocab = vocab_size
-        return self._matcher_source.current()
+    def _safety_step(self, vocab_size: int, device) -> SafetyStep:
+        step = self._step
+        if step is None or step.vocab_size != vocab_size or step.device != device:
+            step = self._step = SafetyStep(self.config, self.tokenizer, vocab_size=vocab_size, device=device,
+                                           fallback_id=self.eos_token_id, eos_token_id=self.eos_token_id,
+                                           logits_name="scores", sink=self._emit)
+        return step
+
+    @property
+    def reward(self):
+        """The resolved safety reward of the config (or ``None``)."""
+        return self.config.resolve_reward()
 
     def _histories(self, input_ids: torch.Tensor) -> list[list[int]]:
         rows = input_ids.tolist()
@@ -144,7 +143,6 @@ class SafeLogitsProcessor:
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        from .safety.events import SafetyEvent
         if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
             raise ValueError(f"scores: expected a [B, V] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != scores.shape[0]:
@@ -156,87 +154,56 @@ class SafeLogitsProcessor:
             return scores
         B, V = scores.shape
         self._check_call(scores, V)
+        step = self._safety_step(V, scores.device)
         out = scores
         dtype = scores.dtype
 
-        if cfg.tsdi is not None and not (cfg.tsdi_beyond == "none" and position >= cfg.tsdi.length):
-            cfg.tsdi.check_vocab(V, what="the scores")
-            table = bias_table_on(cfg.tsdi, scores.device)          # the user's TSDIBias is not touched
-            row = table[min(position, cfg.tsdi.length - 1)]
+        row = step.bias_row(position)
+        if row is not None:
             out = (out.float() - cfg.tsdi_scale * row).to(dtype)
 
-        matcher = self._matcher(V)
-        histories = None
-        if matcher is not None:
-            histories = self._histories(input_ids)
-            mask = fit_bitmask(matcher.banned_bitmask(histories, device=scores.device), V)
-            allowed = unpack_bitmask(mask, V)
-            if cfg.report_token_bans and not bool(allowed.all()):
-                best = out.argmax(dim=-1)
-                hit = (~allowed.gather(1, best.unsqueeze(1))).squeeze(1)
-                for b in hit.nonzero().flatten().tolist():
-                    tok = int(best[b])
-                    ent = matcher.explain_token_ban(histories[b], tok)
-                    self._emit(SafetyEvent(step=position, row=b, token_id=tok, token_text=self._text(tok),
-                                           rule="token_ban", entity=getattr(ent, "phrase", ent),
-                                           category=getattr(ent, "category", None),
-                                           severity=getattr(ent, "severity", None)))
-            out = out.masked_fill(~allowed, NEG_INF)
+        matcher = step.matcher()
+        histories = self._histories(input_ids) if (matcher is not None or step.reward is not None) else None
+        mask = step.banned_bitmask(matcher, histories, scores.device)
+        if mask is not None:
+            step.report_token_bans(matcher, position, histories, out, mask)
+            out = out.masked_fill(~unpack_bitmask(mask, V), NEG_INF)
 
-        reward = self.reward
-        if reward is not None and reward.form == "dense":
-            if histories is None:
-                histories = self._histories(input_ids)
-            r = reward.score_dense(histories, self.tokenizer)
-            if r.shape != (B, V):
-                raise ValueError(f"reward_model: score_dense returned shape {tuple(r.shape)}, expected [B, V] = [{B}, {V}]")
-            out = (out.float() + cfg.reward_weight * r.to(out.device).float()).to(dtype)
+        dense = step.dense_reward(histories) if histories is not None else None
+        if dense is not None:
+            out = (out.float() + cfg.reward_weight * dense).to(dtype)
 
         text_rules = matcher is not None and matcher.has_text_rules
-        cand_reward = reward is not None and reward.form == "candidate"
+        cand_reward = step.reward is not None and step.reward.form == "candidate"
         if text_rules or cand_reward:
-            if histories is None:
-                histories = self._histories(input_ids)
             k = min(cfg.top_k, V)
             values, cands = torch.topk(out.float(), k, dim=-1)
-            ok = torch.isfinite(values)
-            if text_rules:
-                allowed_c, events = matcher.check_candidates(histories, cands)
-                for e in events:
-                    e.step = position
-                    self._emit(e)
-                ok &= allowed_c.to(ok.device)
-            if cand_reward:
+            allowed = step.check_candidates(matcher, histories, cands, position)
+            r = step.candidate_reward(histories, cands)
+            ok = step.candidate_ok(values, allowed, r)
+            if r is not None:
                 logp = values - torch.logsumexp(out.float(), dim=-1, keepdim=True)
-                r = reward.score_candidates(histories, cands, self.tokenizer)
-                if tuple(r.shape) != (B, k):
-                    raise ValueError(f"reward_model: score_candidates returned shape {tuple(r.shape)}, expected "
-                                     f"[B, k] = [{B}, {k}]")
-                s = (logp + cfg.reward_weight * r.to(logp.device).float()).masked_fill(~ok, NEG_INF)
-                self._reward_events(position, values, s, cands, ok)
+                s = (logp + cfg.reward_weight * r.float()).masked_fill(~ok, NEG_INF)
+                live = ok.any(dim=-1)
+                plain = cands.gather(1, values.masked_fill(~ok, NEG_INF).argmax(dim=-1, keepdim=True)).squeeze(1)
+                chosen = cands.gather(1, s.argmax(dim=-1, keepdim=True)).squeeze(1)
+                step.report_reward_overrides(position, plain, chosen, live)
                 out = torch.full_like(out, NEG_INF).scatter(1, cands, s.to(dtype))
-            else:
-                if not bool(ok.all()):
-                    kept = torch.where(ok, out.gather(1, cands), torch.full_like(values, NEG_INF).to(dtype))
-                    out = out.scatter(1, cands, kept)
+            elif not bool(ok.all()):
+                kept = torch.where(ok, out.gather(1, cands), torch.full_like(values, NEG_INF).to(dtype))
+                out = out.scatter(1, cands, kept)
             # a row whose checked candidates are all out falls back (nothing checked is left to pick)
             dead = ~ok.any(dim=-1)
         else:
             dead = torch.isneginf(out).all(dim=-1) if matcher is not None else None
 
         if dead is not None and bool(dead.any()):
-            if self.eos_token_id is None:
-                raise ValueError("every candidate is banned in rows "
-                                 f"{dead.nonzero().flatten().tolist()[:16]} and there is no EOS token to fall back "
-                                 f"to; pass eos_token_id= or SafetyConfig(fallback_token_id=...)")
-            fb = int(self.eos_token_id)
+            step.require_fallback(dead)
             rows = dead.nonzero().flatten()
             out = out.clone() if out is scores else out
             out[rows] = NEG_INF
-            out[rows, fb] = 0.0
-            for b in rows.tolist():
-                self._emit(SafetyEvent(step=position, row=b, token_id=fb, token_text=self._text(fb),
-                                       rule="all_banned_fallback"))
+            out[rows, step.fallback_id] = 0.0
+            step.report_fallbacks(position, dead)
         return out
 
     def _check_call(self, scores: torch.Tensor, V: int) -> None:
@@ -254,24 +221,3 @@ class SafeLogitsProcessor:
             rows = torch.isposinf(scores).any(dim=-1).nonzero().flatten().tolist()
             raise ValueError(f"scores: +inf in rows {rows[:16]}; expected finite scores or -inf (a +inf score "
                              f"makes the softmax NaN under sampling; did an earlier logits processor write +inf?)")
-
-    def _reward_events(self, position, values, s, cands, ok) -> None:
-        """Report rows where the reward overturned the best allowed candidate by log-probability."""
-        from .safety.events import SafetyEvent
-        plain = values.masked_fill(~ok, NEG_INF)
-        if not bool(ok.any()):
-            return
-        best_plain = plain.argmax(dim=-1)
-        best_mixed = s.argmax(dim=-1)
-        live = ok.any(dim=-1)
-        for b in ((best_plain != best_mixed) & live).nonzero().flatten().tolist():
-            tok = int(cands[b, best_plain[b]])
-            self._emit(SafetyEvent(step=position, row=b, token_id=tok, token_text=self._text(tok), rule="reward"))
-
-    def _text(self, token_id: int) -> str:
-        if self.tokenizer is None:
-            return ""
-        try:
-            return self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
-        except Exception:  # noqa: BLE001 - text is for the audit trail only
-            return ""

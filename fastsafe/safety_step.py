@@ -1,0 +1,192 @@
+"""``SafetyStep``: the per-step safety work, one object for every decoding path.
+
+Both callers — :class:`fastsafe.SafeLogitsProcessor` (Hugging Face ``generate``, which needs
+``[B, V]`` scores back) and :func:`fastsafe.generate` (fastsafe's own loop, top-k form) — run the
+same rules through it: the TSDI bias row of each response position (positions past ``L`` per
+``tsdi_beyond``), the token-level bans of the risk automaton, the text-level check of the top-k
+candidates, the safety reward (dense ``[B, V]`` or per candidate), the all-banned fallback, and the
+audit events with their callback. The parts come from :mod:`fastsafe.safety_builder` (cached by
+content); the step itself holds only the events of one generation.
+
+Example:
+    >>> step = SafetyStep(cfg, tok, vocab_size=V, device=logits.device, fallback_id=eos)
+    >>> matcher = step.matcher()
+    >>> mask = step.banned_bitmask(matcher, histories, logits.device)     # [B, ceil(V/32)] or None
+    >>> res = safe_topk(logits, k, bias_table=step.bias_table(position), positions=position, banned_bitmask=mask)
+    >>> allowed = step.check_candidates(matcher, histories, res.indices, position)
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops.bitmask import fit_bitmask
+from .safety.events import SafetyEvent
+from .safety_builder import bias_table_on, build_matcher, resolve_reward
+
+__all__ = ["SafetyStep"]
+
+
+class SafetyStep:
+    """The per-step safety work of one generation under a :class:`fastsafe.SafetyConfig`.
+
+    Args:
+        config: the settings.
+        tokenizer: the model's tokenizer (entity tokenisation, event texts, reward text).
+        vocab_size: ``V``, the logits width.
+        device: where the logits live (the bias table is placed there).
+        fallback_id: the token a row whose every candidate is banned emits (``None``: such a row
+            is an error).
+        eos_token_id: EOS id(s), never banned by the automaton.
+        logits_name: what error messages call the ``[B, V]`` input ("logits" or "scores").
+        sink: where events go (default: :attr:`events` and ``config.on_event``).
+
+    Raises:
+        ValueError: the tokenizer has more tokens than ``V``, the bias table is for another
+            vocabulary, ``fallback_id`` outside ``[0, V)``.
+
+    Attributes:
+        events: the :class:`fastsafe.safety.SafetyEvent` s recorded so far (``config.on_event``
+            is called with each as it is recorded).
+    """
+
+    def __init__(self, config, tokenizer, *, vocab_size: int, device, fallback_id=None, eos_token_id=None,
+                 logits_name: str = "logits", sink=None):
+        self.config = config
+        self._sink = sink
+        self.tokenizer = tokenizer
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device)
+        if fallback_id is not None and not 0 <= int(fallback_id) < self.vocab_size:
+            raise ValueError(f"fallback_token_id: expected a token id in [0, {self.vocab_size}), got {fallback_id}")
+        self.fallback_id = None if fallback_id is None else int(fallback_id)
+        self._source = None
+        if config.has_filter:
+            if tokenizer is not None and len(tokenizer) > self.vocab_size:
+                raise ValueError(f"tokenizer: vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens but the "
+                                 f"{logits_name} have V = {self.vocab_size}; the tokenizer belongs to another model")
+            self._source = build_matcher(config, tokenizer, vocab_size=self.vocab_size, eos_token_id=eos_token_id)
+        self._table = None
+        if config.tsdi is not None:
+            config.tsdi.check_vocab(self.vocab_size, what=f"the {logits_name}")
+            self._table = bias_table_on(config.tsdi, self.device)
+        self.reward = resolve_reward(config)
+        self.events: list = []
+
+    # ------------------------------------------------------------------ the parts of a step
+    def matcher(self):
+        """The matcher in force for this step (a store's newest version), or ``None`` without filters."""
+        return self._source.current() if self._source is not None else None
+
+    def bias_table(self, position: int):
+        """The ``[L, V]`` table to subtract at response ``position``, or ``None`` (no TSDI, or past
+        ``L`` with ``tsdi_beyond="none"``); the fused op clamps positions past ``L`` to the last row."""
+        if self._table is None or (self.config.tsdi_beyond == "none" and position >= self.config.tsdi.length):
+            return None
+        return self._table
+
+    def bias_row(self, position: int):
+        """The ``[V]`` bias row of response ``position`` (see :meth:`bias_table`), or ``None``."""
+        table = self.bias_table(position)
+        return None if table is None else table[min(position, self.config.tsdi.length - 1)]
+
+    def banned_bitmask(self, matcher, histories, device):
+        """``[B, ceil(V/32)]`` int32 token bans of the rows (bit 1 = allowed), or ``None``."""
+        if matcher is None:
+            return None
+        return fit_bitmask(matcher.banned_bitmask(histories, device=device), self.vocab_size)
+
+    def dense_reward(self, histories):
+        """The dense ``[B, V]`` float32 reward of the rows, or ``None`` (no dense reward)."""
+        if self.reward is None or self.reward.form != "dense":
+            return None
+        r = self.reward.score_dense(histories, self.tokenizer)
+        shape = (len(histories), self.vocab_size)
+        if tuple(r.shape) != shape:
+            raise ValueError(f"reward_model: score_dense returned shape {tuple(r.shape)}, expected [B, V] = {list(shape)}")
+        return r.to(self.device).float()
+
+    def check_candidates(self, matcher, histories, candidates, position: int, rows=None):
+        """Text-level check of the ``[B, k]`` candidates: ``[B, k]`` bool (True = allowed) on the
+        candidates' device, or ``None`` when there are no text rules. Records the matches."""
+        if matcher is None or not matcher.has_text_rules:
+            return None
+        allowed, events = matcher.check_candidates(histories, candidates)
+        for e in events:
+            e.step = position
+            e.row = rows[e.row] if rows is not None else e.row
+            self.emit(e)
+        return allowed.to(candidates.device)
+
+    def candidate_reward(self, histories, candidates):
+        """``[B, k]`` float32 rewards of the candidates, or ``None`` (no candidate reward)."""
+        if self.reward is None or self.reward.form != "candidate":
+            return None
+        r = self.reward.score_candidates(histories, candidates, self.tokenizer)
+        if tuple(r.shape) != tuple(candidates.shape):
+            raise ValueError(f"reward_model: score_candidates returned shape {tuple(r.shape)}, expected "
+                             f"[B, k] = {list(candidates.shape)}")
+        return r.to(candidates.device)
+
+    def candidate_ok(self, values, allowed, reward):
+        """``[B, k]`` bool: a finite score, allowed by the text check, not vetoed by a ``-inf`` reward."""
+        ok = torch.isfinite(values)
+        if allowed is not None:
+            ok &= allowed
+        if reward is not None and self.config.reward_weight != 0.0:
+            ok &= ~torch.isneginf(reward * self.config.reward_weight)
+        return ok
+
+    def require_fallback(self, dead, rows=None) -> None:
+        """Raise when a row has nothing left to emit (``dead`` ``[B]`` bool) and there is no fallback."""
+        if self.fallback_id is None and bool(dead.any()):
+            ids = dead.nonzero().flatten().tolist()
+            ids = [rows[i] for i in ids] if rows is not None else ids
+            raise ValueError(f"every candidate is banned in rows {ids[:16]} and there is no EOS token to fall back "
+                             f"to; pass eos_token_id= or SafetyConfig(fallback_token_id=...)")
+
+    # ------------------------------------------------------------------ events
+    def emit(self, event) -> None:
+        """Record ``event`` and pass it to ``config.on_event`` (or to the ``sink`` given)."""
+        if self._sink is not None:
+            self._sink(event)
+            return
+        self.events.append(event)
+        if self.config.on_event is not None:
+            self.config.on_event(event)
+
+    def report_token_bans(self, matcher, position: int, histories, scores, bitmask, rows=None) -> None:
+        """A ``token_ban`` event for each row whose best-scoring token (``scores`` ``[B, V]``) the
+        automaton banned (``bitmask``), naming the entity it completes."""
+        if bitmask is None or not self.config.report_token_bans:
+            return
+        best = scores.argmax(dim=-1)
+        bit = (bitmask.gather(1, (best // 32).unsqueeze(1)).squeeze(1) >> (best % 32)) & 1
+        for i in (bit == 0).nonzero().flatten().tolist():
+            tok = int(best[i])
+            ent = matcher.explain_token_ban(histories[i], tok)
+            self.emit(SafetyEvent(step=position, row=rows[i] if rows is not None else i, token_id=tok,
+                                  token_text=self.text(tok), rule="token_ban", entity=getattr(ent, "phrase", ent),
+                                  category=getattr(ent, "category", None), severity=getattr(ent, "severity", None)))
+
+    def report_reward_overrides(self, position: int, plain_ids, chosen_ids, live, rows=None) -> None:
+        """A ``reward`` event for each live row where the reward overturned the best allowed
+        candidate by log-probability (``plain_ids`` vs ``chosen_ids``, ``[B]``)."""
+        for i in ((plain_ids != chosen_ids) & live).nonzero().flatten().tolist():
+            tok = int(plain_ids[i])
+            self.emit(SafetyEvent(step=position, row=rows[i] if rows is not None else i, token_id=tok,
+                                  token_text=self.text(tok), rule="reward"))
+
+    def report_fallbacks(self, position: int, dead, rows=None) -> None:
+        """An ``all_banned_fallback`` event for each row of ``dead`` (``[B]`` bool)."""
+        for i in dead.nonzero().flatten().tolist():
+            self.emit(SafetyEvent(step=position, row=rows[i] if rows is not None else i, token_id=self.fallback_id,
+                                  token_text=self.text(self.fallback_id), rule="all_banned_fallback"))
+
+    def text(self, token_id) -> str:
+        """The text of one token for the audit trail ("" when it cannot be decoded)."""
+        if self.tokenizer is None or token_id is None:
+            return ""
+        try:
+            return self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
+        except Exception:  # noqa: BLE001 - text is for the audit trail only
+            return ""
