@@ -135,7 +135,8 @@ def build_matcher(config, tokenizer, *, vocab_size: int | None = None, eos_token
 
 
 def _build_matcher(config, tokenizer, vocab_size, eos_token_id):
-    from .safety.matcher import LiveMatcher, PhraseMatcher
+    from .safety.live_matcher import LiveMatcher
+    from .safety.matcher import PhraseMatcher
     opts = dict(config.matcher_options)
     if vocab_size is not None:
         opts["vocab_size"] = int(vocab_size)

@@ -12,7 +12,7 @@ import importlib
 _LAZY = {
     "SafetyEvent": "events", "EventCallback": "events", "RULES": "events",
     "RiskEntity": "store", "RiskEntityStore": "store", "RiskStoreError": "store", "KINDS": "store",
-    "PhraseMatcher": "matcher", "LiveMatcher": "matcher", "SkippedEntity": "matcher", "phrase_variants": "matcher",
+    "PhraseMatcher": "matcher", "LiveMatcher": "live_matcher", "MatcherView": "live_matcher", "SkippedEntity": "matcher", "phrase_variants": "matcher",
     "normalize_text": "normalize", "light_normalize": "normalize", "deleet_forms": "normalize",
     "TokenIndex": "token_index",
     "DeviceMatcher": "device_matcher",
