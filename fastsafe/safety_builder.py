@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["build_matcher", "resolve_reward", "bias_table_on", "tokenizer_fingerprint", "clear_cache",
+__all__ = ["build_matcher", "build_device_matcher", "resolve_reward", "bias_table_on", "tokenizer_fingerprint", "clear_cache",
            "CACHE_SIZE"]
 
 #: Built parts kept (least recently used ones are dropped beyond this).
@@ -132,6 +132,27 @@ def build_matcher(config, tokenizer, *, vocab_size: int | None = None, eos_token
            _store_key(config.store), float(config.poll_interval), _freeze(config.matcher_options),
            tokenizer_fingerprint(tokenizer), vocab_size, eos_key)
     return _cached(key, lambda: _build_matcher(config, tokenizer, vocab_size, eos_token_id))
+
+
+def build_device_matcher(config, tokenizer, *, vocab_size: int, device, eos_token_id=None):
+    """The :class:`fastsafe.safety.DeviceMatcher` of ``config``'s phrases, token-id lists and regexes
+    on ``device`` (``None`` without filters), cached by the same content key as :func:`build_matcher`
+    plus the device. ``matcher_options`` it understands: ``word_boundaries``, ``regex_window``."""
+    if not config.has_filter:
+        return None
+    device = torch.device(device)
+    eos_key = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+    opts = {k: v for k, v in config.matcher_options.items() if k in ("word_boundaries", "regex_window")}
+    key = ("device_matcher", _freeze(config.phrases), _freeze(config.token_id_phrases),
+           _freeze(list(config.regexes)), _freeze(opts), tokenizer_fingerprint(tokenizer), vocab_size, eos_key,
+           str(device))
+
+    def build():
+        from .safety.device_matcher import DeviceMatcher
+        return DeviceMatcher.build(tokenizer, config.phrases, vocab_size=int(vocab_size), device=device,
+                                   token_id_phrases=config.token_id_phrases, regexes=list(config.regexes),
+                                   eos_token_id=eos_token_id, **opts)
+    return _cached(key, build)
 
 
 def _build_matcher(config, tokenizer, vocab_size, eos_token_id):

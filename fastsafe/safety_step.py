@@ -21,7 +21,7 @@ import torch
 
 from .ops.bitmask import fit_bitmask
 from .safety.events import SafetyEvent
-from .safety_builder import bias_table_on, build_matcher, resolve_reward
+from .safety_builder import bias_table_on, build_device_matcher, build_matcher, resolve_reward
 
 __all__ = ["SafetyStep"]
 
@@ -60,11 +60,18 @@ class SafetyStep:
             raise ValueError(f"fallback_token_id: expected a token id in [0, {self.vocab_size}), got {fallback_id}")
         self.fallback_id = None if fallback_id is None else int(fallback_id)
         self._source = None
+        self._device_matcher = None
+        self.state = None                   # [B, 6] automaton states of the rows (device matcher only)
+        self._records: list = []            # device-side event records, turned into events by flush()
         if config.has_filter:
             if tokenizer is not None and len(tokenizer) > self.vocab_size:
                 raise ValueError(f"tokenizer: vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens but the "
                                  f"{logits_name} have V = {self.vocab_size}; the tokenizer belongs to another model")
-            self._source = build_matcher(config, tokenizer, vocab_size=self.vocab_size, eos_token_id=eos_token_id)
+            if config.matcher == "device":
+                self._device_matcher = build_device_matcher(config, tokenizer, vocab_size=self.vocab_size,
+                                                            device=self.device, eos_token_id=eos_token_id)
+            else:
+                self._source = build_matcher(config, tokenizer, vocab_size=self.vocab_size, eos_token_id=eos_token_id)
         self._table = None
         if config.tsdi is not None:
             config.tsdi.check_vocab(self.vocab_size, what=f"the {logits_name}")
@@ -74,8 +81,40 @@ class SafetyStep:
 
     # ------------------------------------------------------------------ the parts of a step
     def matcher(self):
-        """The matcher in force for this step (a store's newest version), or ``None`` without filters."""
+        """The matcher in force for this step (a store's newest version, or the device matcher), or
+        ``None`` without filters."""
+        if self._device_matcher is not None:
+            return self._device_matcher
         return self._source.current() if self._source is not None else None
+
+    @property
+    def on_device(self) -> bool:
+        """True when the token bans and the text check run as tensor programs on the device."""
+        return self._device_matcher is not None
+
+    # ------------------------------------------------------------------ row states (device matcher)
+    def start(self, histories) -> None:
+        """The rows' automaton states after their prompts (``histories``: token-id lists or ``[B, T]``)."""
+        if self._device_matcher is not None:
+            self.state = self._device_matcher.state_from_histories(histories)
+
+    def advance(self, token_ids) -> None:
+        """Every row appends its token (``token_ids`` ``[B]``): the states move on the device."""
+        if self._device_matcher is not None:
+            self.state = self._device_matcher.advance(self._live_state(len(token_ids)),
+                                                      token_ids.to(self._device_matcher.device, torch.int64))
+
+    def select_rows(self, index) -> None:
+        """Keep the rows ``index`` (``[B']`` int64), in that order (finished rows leave, beams reorder)."""
+        if self.state is not None:
+            self.state = self.state.index_select(0, index.to(self.state.device))
+
+    def _live_state(self, batch: int):
+        if self.state is None or self.state.shape[0] != batch:
+            got = None if self.state is None else self.state.shape[0]
+            raise ValueError(f"state: the device matcher holds states for {got} rows but the step has {batch}; "
+                             f"call start(histories) at prompt time and select_rows() when rows leave")
+        return self.state
 
     def bias_table(self, position: int):
         """The ``[L, V]`` table to subtract at response ``position``, or ``None`` (no TSDI, or past
@@ -93,6 +132,8 @@ class SafetyStep:
         """``[B, ceil(V/32)]`` int32 token bans of the rows (bit 1 = allowed), or ``None``."""
         if matcher is None:
             return None
+        if matcher is self._device_matcher:
+            return matcher.banned_bitmask(self._live_state(len(histories))).to(device)
         return fit_bitmask(matcher.banned_bitmask(histories, device=device), self.vocab_size)
 
     def dense_reward(self, histories):
@@ -108,7 +149,11 @@ class SafetyStep:
     def check_candidates(self, matcher, histories, candidates, position: int, rows=None):
         """Text-level check of the ``[B, k]`` candidates: ``[B, k]`` bool (True = allowed) on the
         candidates' device, or ``None`` when there are no text rules. Records the matches."""
-        if matcher is None or not matcher.has_text_rules:
+        if matcher is None:
+            return None
+        if matcher is self._device_matcher:
+            return self._device_check(matcher, histories, candidates, position, rows)
+        if not matcher.has_text_rules:
             return None
         allowed, events = matcher.check_candidates(histories, candidates)
         for e in events:
@@ -116,6 +161,24 @@ class SafetyStep:
             e.row = rows[e.row] if rows is not None else e.row
             self.emit(e)
         return allowed.to(candidates.device)
+
+    def _device_check(self, dm, histories, candidates, position, rows):
+        if not dm.has_text_rules:
+            return None
+        has_text = dm.alphabet is not None
+        allowed = torch.ones(candidates.shape, dtype=torch.bool, device=candidates.device)
+        if has_text:
+            ok, entity = dm.check_candidates(self._live_state(candidates.shape[0]), candidates.to(dm.device))
+            self._records.append(("text_match", position, None if rows is None else list(rows), candidates, entity))
+            allowed &= ok.to(candidates.device)
+        if dm.has_regexes:                   # the one host part: regex entities (RE2)
+            ok, events = dm.host_regex_check(histories, candidates)
+            for e in events:
+                e.step = position
+                e.row = rows[e.row] if rows is not None else e.row
+                self.emit(e)
+            allowed &= ok.to(candidates.device)
+        return allowed
 
     def candidate_reward(self, histories, candidates):
         """``[B, k]`` float32 rewards of the candidates, or ``None`` (no candidate reward)."""
@@ -161,6 +224,9 @@ class SafetyStep:
             return
         best = scores.argmax(dim=-1)
         bit = (bitmask.gather(1, (best // 32).unsqueeze(1)).squeeze(1) >> (best % 32)) & 1
+        if matcher is self._device_matcher:   # recorded on the device; events at flush()
+            self._records.append(("token_ban", position, None if rows is None else list(rows), best, bit == 0))
+            return
         for i in (bit == 0).nonzero().flatten().tolist():
             tok = int(best[i])
             ent = matcher.explain_token_ban(histories[i], tok)
@@ -181,6 +247,28 @@ class SafetyStep:
         for i in dead.nonzero().flatten().tolist():
             self.emit(SafetyEvent(step=position, row=rows[i] if rows is not None else i, token_id=self.fallback_id,
                                   token_text=self.text(self.fallback_id), rule="all_banned_fallback"))
+
+    def flush(self) -> None:
+        """Turn the device-side records into :class:`SafetyEvent` s (one host read per record), in
+        (step, row) order, and emit them. Called at the end of a generation (and between steps when
+        events must reach ``on_event`` sooner)."""
+        records, self._records = self._records, []
+        events = []
+        for rule, position, rows, tokens, hits in records:
+            tokens, hits = tokens.cpu(), hits.cpu()
+            if rule == "token_ban":
+                for i in hits.nonzero().flatten().tolist():
+                    tok = int(tokens[i])
+                    events.append(SafetyEvent(step=position, row=rows[i] if rows is not None else i, token_id=tok,
+                                              token_text=self.text(tok), rule="token_ban"))
+            else:
+                for i, j in (hits >= 0).nonzero().tolist():
+                    tok, ent = int(tokens[i, j]), self._device_matcher.entity(int(hits[i, j]))
+                    events.append(SafetyEvent(step=position, row=rows[i] if rows is not None else i, token_id=tok,
+                                              token_text=self.text(tok), rule="text_match", entity=ent.phrase,
+                                              category=ent.category, severity=ent.severity))
+        for e in sorted(events, key=lambda e: (e.step, e.row)):
+            self.emit(e)
 
     def text(self, token_id) -> str:
         """The text of one token for the audit trail ("" when it cannot be decoded)."""

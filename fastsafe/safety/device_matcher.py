@@ -240,6 +240,11 @@ class DeviceMatcher:
                 "total": int(self._tok_bytes + self._char_bytes)}
 
     @property
+    def has_text_rules(self) -> bool:
+        """True when candidates get a text-level check (phrase entities or regexes)."""
+        return self.alphabet is not None or self.has_regexes
+
+    @property
     def has_regexes(self) -> bool:
         return self._regex_matcher is not None
 
