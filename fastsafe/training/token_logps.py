@@ -462,10 +462,17 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         lp, kl, ent = ChunkedTokenLogps.apply(h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
                                               temperature, C, bool(return_entropy), group)
 
+    return unpack_outputs(lp, kl, ent, idx, M_all, out_shape, return_kl, return_entropy)
+
+
+def unpack_outputs(lp, kl, ent, idx, num_tokens: int, out_shape, return_kl: bool, return_entropy: bool):
+    """The public result of :func:`token_logps` from the per-active-token outputs: each scattered
+    back to every position (``idx``: the active ones, ``None`` = all; inactive positions get 0) and
+    shaped ``out_shape``; the log-probs alone, or a tuple with the KL and/or entropy asked for."""
     def scatter(x):
         if idx is None:
             return x.view(out_shape)
-        return x.new_zeros(M_all).index_copy(0, idx, x).view(out_shape)
+        return x.new_zeros(num_tokens).index_copy(0, idx, x).view(out_shape)
 
     outs = [scatter(lp)]
     if return_kl:

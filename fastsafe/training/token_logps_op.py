@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ._checks import acc_dtype, check_same_device, check_tensor
-from .token_logps import ChunkedTokenLogps, default_chunk_size, token_logps_backend
+from .token_logps import ChunkedTokenLogps, default_chunk_size, token_logps_backend, unpack_outputs
 
 __all__ = ["token_logps_op", "run_token_logps", "check_targets"]
 
@@ -303,9 +303,9 @@ def run_token_logps(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_b
         C = chunk_size if chunk_size is not None else default_chunk_size(max(M_all, 1), V)
         lp, kl, ent = token_logps_op(chosen, h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
                                      temperature, C, bool(return_entropy))
-
-        def scatter(x):
-            return torch.where(valid, x, 0).view(out_shape)
+        # every position ran: zero the inactive ones (outputs not asked for may be empty: left as they are)
+        lp, kl, ent = (torch.where(valid, x, 0) if x.shape == valid.shape else x for x in (lp, kl, ent))
+        idx = None
     else:
         if active is not None:
             valid = valid & (active.reshape(-1) != 0)
@@ -323,14 +323,4 @@ def run_token_logps(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_b
         lp, kl, ent = token_logps_op(chosen, h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
                                      temperature, C, bool(return_entropy))
 
-        def scatter(x):
-            if idx is None:
-                return x.view(out_shape)
-            return x.new_zeros(M_all).index_copy(0, idx, x).view(out_shape)
-
-    outs = [scatter(lp)]
-    if return_kl:
-        outs.append(scatter(kl))
-    if return_entropy:
-        outs.append(scatter(ent))
-    return outs[0] if len(outs) == 1 else tuple(outs)
+    return unpack_outputs(lp, kl, ent, idx, M_all, out_shape, return_kl, return_entropy)
