@@ -88,8 +88,7 @@ class SafeLogitsProcessor:
             eos_token_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
-        self._step = None                     # the SafetyStep for the scores' V and device
-        self._checked_vocab = None
+        self._step = None                     # the SafetyStep for the scores' V and device (checks the fallback id)
         self.events: list = []
         self.reset()
 
@@ -115,7 +114,7 @@ class SafeLogitsProcessor:
         if step is None or step.vocab_size != vocab_size or step.device != device:
             step = self._step = SafetyStep(self.config, self.tokenizer, vocab_size=vocab_size, device=device,
                                            fallback_id=self.eos_token_id, eos_token_id=self.eos_token_id,
-                                           logits_name="scores", sink=self._emit)
+                                           logits_name="scores", fallback_name="eos_token_id", sink=self._emit)
         return step
 
     @property
@@ -226,12 +225,6 @@ class SafeLogitsProcessor:
         if scores.device.type == "meta":
             raise ValueError("scores: expected a tensor with data, got a meta tensor (the model's weights are "
                              "meta tensors?)")
-        if self.eos_token_id is not None and self._checked_vocab != V:
-            fb = self.eos_token_id
-            if isinstance(fb, bool) or not isinstance(fb, int) or not 0 <= fb < V:
-                raise ValueError(f"eos_token_id: the fallback token must be a token id in [0, {V}) (the scores' "
-                                 f"V), got {fb!r} (from eos_token_id=, config.fallback_token_id or the tokenizer)")
-            self._checked_vocab = V
         if bool(torch.isposinf(scores).any()):
             rows = torch.isposinf(scores).any(dim=-1).nonzero().flatten().tolist()
             raise ValueError(f"scores: +inf in rows {rows[:16]}; expected finite scores or -inf (a +inf score "

@@ -38,6 +38,7 @@ class SafetyStep:
             is an error).
         eos_token_id: EOS id(s), never banned by the automaton.
         logits_name: what error messages call the ``[B, V]`` input ("logits" or "scores").
+        fallback_name: what error messages call the fallback token (the argument it came from).
         sink: where events go (default: :attr:`events` and ``config.on_event``).
 
     Raises:
@@ -50,14 +51,16 @@ class SafetyStep:
     """
 
     def __init__(self, config, tokenizer, *, vocab_size: int, device, fallback_id=None, eos_token_id=None,
-                 logits_name: str = "logits", sink=None):
+                 logits_name: str = "logits", fallback_name: str = "fallback_token_id", sink=None):
         self.config = config
         self._sink = sink
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
         self.device = torch.device(device)
-        if fallback_id is not None and not 0 <= int(fallback_id) < self.vocab_size:
-            raise ValueError(f"fallback_token_id: expected a token id in [0, {self.vocab_size}), got {fallback_id}")
+        if fallback_id is not None and (isinstance(fallback_id, bool) or not isinstance(fallback_id, int)
+                                        or not 0 <= fallback_id < self.vocab_size):
+            raise ValueError(f"{fallback_name}: expected a token id in [0, {self.vocab_size}), got {fallback_id!r} "
+                             f"(V of the {logits_name})")
         self.fallback_id = None if fallback_id is None else int(fallback_id)
         self._source = None
         self._device_matcher = None

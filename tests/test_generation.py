@@ -130,6 +130,11 @@ def _count(text: str) -> int:
                for e in ENTITIES)
 
 
+def _new_entities(prompts, texts) -> int:
+    """Entity occurrences the generated texts add to their prompts."""
+    return sum(_count(p + t) - _count(p) for p, t in zip(prompts, texts))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_never_emits_banned_entity_under_sampling(family, tok):
     model = entity_loving(MODELS[family](seed=9), tok, LOVED, follow=5.0, start=1.5)
@@ -141,9 +146,8 @@ def test_never_emits_banned_entity_under_sampling(family, tok):
         kw = dict(max_new_tokens=20, do_sample=True, seed=seed, top_k=40, temperature=1.3)
         r0 = fastsafe.generate(model, tok, prompts, **kw)
         r1 = fastsafe.generate(model, tok, prompts, cfg, **kw)
-        for p, a, b in zip(prompts, r0.texts, r1.texts):
-            base += _count(p + a) - _count(p)
-            hits += _count(p + b) - _count(p)
+        base += _new_entities(prompts, r0.texts)
+        hits += _new_entities(prompts, r1.texts)
         rules |= {e.rule for e in r1.events}
     assert base >= 10, "the unfiltered model should emit the entities (else the test proves nothing)"
     assert hits == 0

@@ -7,7 +7,7 @@ import torch
 
 import fastsafe
 from fastsafe import SafeLogitsProcessor, SafetyConfig
-from tests.test_generation import ENTITIES, LOVED, _count
+from tests.test_generation import ENTITIES, LOVED, _count, _new_entities
 from tests.tiny_lm import entity_loving, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
@@ -36,7 +36,6 @@ def test_token_id_bans_give_the_host_paths_tokens_and_events(family, tok):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_device_path_never_emits_a_banned_entity(family, tok):
     model = entity_loving(MODELS[family](seed=9), tok, LOVED, follow=5.0, start=1.5)
-    cfg = SafetyConfig(banned_phrases=ENTITIES, top_k=40, matcher="device")
     base = hits = 0
     rules = set()
     for seed in range(3):
@@ -46,16 +45,14 @@ def test_device_path_never_emits_a_banned_entity(family, tok):
         r1 = fastsafe.generate(model, tok, PROMPTS, SafetyConfig(banned_phrases=ENTITIES, top_k=40, matcher="device",
                                                                   on_event=seen.append), **kw)
         assert seen == r1.events                        # on_event gets the device records in step order
-        for p, a, b in zip(PROMPTS, r0.texts, r1.texts):
-            base += _count(p + a) - _count(p)
-            hits += _count(p + b) - _count(p)
+        base += _new_entities(PROMPTS, r0.texts)
+        hits += _new_entities(PROMPTS, r1.texts)
         rules |= {e.rule for e in r1.events}
     assert base >= 6, "the unfiltered model should emit the entities (else the test proves nothing)"
     assert hits == 0
     assert {"token_ban", "text_match"} <= rules
     texts = [e for e in r1.events if e.rule == "text_match"]
     assert all(e.entity in ENTITIES for e in texts)
-    del cfg
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
