@@ -87,10 +87,6 @@ def _pad(rows: list[list[int]], pad_id: int, device, side: str = "left") -> tupl
     return ids.to(device), mask.to(device)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pad(rows, pad_id, device, "left")
-
-
 def _device_of(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -126,7 +122,7 @@ class _PrefixCache:
             if any(i is None for i in pick):
                 pick = None
         if pick is None:
-            ids, mask = _left_pad(histories, self.pad_id, device)
+            ids, mask = _pad(histories, self.pad_id, device)
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             out, past = self.forward(ids, mask, pos, None)
             self.past, self.mask, self.last_pos = past, mask, pos[:, -1]
@@ -307,7 +303,7 @@ class SequenceClassifierReward:
                 else:
                     self._prefix.reset()
                     rows = [t if t else [self._pad_id()] for t in tails]
-                    ids, mask = _left_pad(rows, self._pad_id(), dev)
+                    ids, mask = _pad(rows, self._pad_id(), dev)
                     _, past = self._last_logits(ids, mask, use_cache=True)
                 past.batch_repeat_interleave(k)
                 cid = candidate_ids.reshape(B * k, 1).to(dev)
@@ -316,7 +312,7 @@ class SequenceClassifierReward:
             else:
                 seqs = [t + [c] for t, cs in zip(tails, cands) for c in cs]
                 if self._causal:
-                    ids, mask = _left_pad(seqs, self._pad_id(), dev)
+                    ids, mask = _pad(seqs, self._pad_id(), dev)
                     logits, _ = self._last_logits(ids, mask)
                 else:
                     # the model's own pooling: right padding keeps absolute positions (GPT-2, BERT)
@@ -403,7 +399,7 @@ class CausalLMDenseReward:
             self._prefix.reset()
             tails = token_rows("histories", rows, self.context_tokens)
             pad = getattr(self.model.config, "pad_token_id", None)
-            ids, mask = _left_pad(tails, pad if isinstance(pad, int) else 0, dev)
+            ids, mask = _pad(tails, pad if isinstance(pad, int) else 0, dev)
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             logits, _ = self._forward(ids, mask, pos, None)
         return torch.log_softmax(logits.float(), dim=-1)

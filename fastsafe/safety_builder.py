@@ -112,6 +112,13 @@ def _store_key(store):
     return ("store", os.path.realpath(os.fspath(path)))
 
 
+def _entities_key(config, tokenizer, vocab_size, eos_token_id) -> tuple:
+    """What any matcher of ``config`` depends on: its entity lists, the tokenizer's vocabulary, ``V``, EOS."""
+    eos_key = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+    return (_freeze(config.phrases), _freeze(config.token_id_phrases), _freeze(list(config.regexes)),
+            tokenizer_fingerprint(tokenizer), vocab_size, eos_key)
+
+
 def build_matcher(config, tokenizer, *, vocab_size: int | None = None, eos_token_id=None):
     """The matcher source of ``config`` (``.current() -> PhraseMatcher``), or ``None`` without filters.
 
@@ -127,10 +134,8 @@ def build_matcher(config, tokenizer, *, vocab_size: int | None = None, eos_token
     """
     if not config.has_filter:
         return None
-    eos_key = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
-    key = ("matcher", _freeze(config.phrases), _freeze(config.token_id_phrases), _freeze(list(config.regexes)),
-           _store_key(config.store), float(config.poll_interval), _freeze(config.matcher_options),
-           tokenizer_fingerprint(tokenizer), vocab_size, eos_key)
+    key = ("matcher", _entities_key(config, tokenizer, vocab_size, eos_token_id), _store_key(config.store),
+           float(config.poll_interval), _freeze(config.matcher_options))
     return _cached(key, lambda: _build_matcher(config, tokenizer, vocab_size, eos_token_id))
 
 
@@ -141,11 +146,8 @@ def build_device_matcher(config, tokenizer, *, vocab_size: int, device, eos_toke
     if not config.has_filter:
         return None
     device = torch.device(device)
-    eos_key = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
     opts = {k: v for k, v in config.matcher_options.items() if k in ("word_boundaries", "regex_window")}
-    key = ("device_matcher", _freeze(config.phrases), _freeze(config.token_id_phrases),
-           _freeze(list(config.regexes)), _freeze(opts), tokenizer_fingerprint(tokenizer), vocab_size, eos_key,
-           str(device))
+    key = ("device_matcher", _entities_key(config, tokenizer, vocab_size, eos_token_id), _freeze(opts), str(device))
 
     def build():
         from .safety.device_matcher import DeviceMatcher
