@@ -163,7 +163,9 @@ class SafeLogitsProcessor:
             out = (out.float() - cfg.tsdi_scale * row).to(dtype)
 
         matcher = step.matcher()
-        histories = self._histories(input_ids) if (matcher is not None or step.reward is not None) else None
+        # host token lists: for the host matcher, the reward, the regex host path (the device matcher needs none)
+        needs_lists = step.reward is not None or (matcher is not None and (not step.on_device or matcher.has_regexes))
+        histories = self._histories(input_ids) if needs_lists else None
         if step.on_device:
             self._follow(step, input_ids, histories)
         mask = step.banned_bitmask(matcher, histories, scores.device)
@@ -217,7 +219,7 @@ class SafeLogitsProcessor:
                 and input_ids.shape[1] == prev.shape[1] + 1 and torch.equal(input_ids[:, :-1], prev)):
             step.advance(input_ids[:, -1])
         else:
-            step.start(histories)
+            step.start(histories if histories is not None else self._histories(input_ids))
         self._prev_ids = input_ids
 
     def _check_call(self, scores: torch.Tensor, V: int) -> None:

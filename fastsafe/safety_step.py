@@ -112,8 +112,8 @@ class SafetyStep:
         if self.state is not None:
             self.state = self.state.index_select(0, index.to(self.state.device))
 
-    def _live_state(self, batch: int):
-        if self.state is None or self.state.shape[0] != batch:
+    def _live_state(self, batch: int | None):
+        if self.state is None or (batch is not None and self.state.shape[0] != batch):
             got = None if self.state is None else self.state.shape[0]
             raise ValueError(f"state: the device matcher holds states for {got} rows but the step has {batch}; "
                              f"call start(histories) at prompt time and select_rows() when rows leave")
@@ -136,7 +136,7 @@ class SafetyStep:
         if matcher is None:
             return None
         if matcher is self._device_matcher:
-            return matcher.banned_bitmask(self._live_state(len(histories))).to(device)
+            return matcher.banned_bitmask(self._live_state(None if histories is None else len(histories))).to(device)
         return fit_bitmask(matcher.banned_bitmask(histories, device=device), self.vocab_size)
 
     def dense_reward(self, histories):
