@@ -145,6 +145,7 @@ def _setup_context(ctx, inputs, output):
     ctx.chunk_size = inputs[8] if len(inputs) == 10 else None
     ctx.want_kl = ref_hidden is not None
     ctx.want_entropy = bool(want_entropy)
+    ctx.set_materialize_grads(False)       # an output nobody uses (often the entropy) costs no backward work
     ctx.mark_non_differentiable(lse, ref_lse, mean_z)
     if not ctx.want_kl:
         ctx.mark_non_differentiable(kl)
@@ -159,16 +160,18 @@ def _backward(backend):
         need_b = bool(need_b and bias is not None)
         acc = _acc(hidden, backend)
         M = hidden.shape[0]
-        # autograd materialises missing output gradients as zeros; do the same where one is None
+        # outputs without a gradient (not used by the loss) are left out of the backward pass
+        use_kl = ctx.want_kl and g_kl is not None
+        use_ent = ctx.want_entropy and g_ent is not None
         g_lp = torch.zeros(M, dtype=acc, device=hidden.device) if g_lp is None else g_lp
-        g_kl = torch.zeros(M if ctx.want_kl else 0, dtype=acc, device=hidden.device) if g_kl is None else g_kl
-        g_ent = torch.zeros(M if ctx.want_entropy else 0, dtype=acc, device=hidden.device) if g_ent is None else g_ent
+        g_kl = g_kl if use_kl else hidden.new_zeros(0, dtype=acc)
+        g_ent = g_ent if use_ent else hidden.new_zeros(0, dtype=acc)
         args = (g_lp, g_kl, g_ent, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse,
                 mean_z, ctx.temperature)
         if backend == "torch":
             args = args + (ctx.chunk_size,)
         op = _OPS[backend][1]
-        gh, gw, gb = op(*args, ctx.want_kl, ctx.want_entropy, bool(need_h), bool(need_w), need_b)
+        gh, gw, gb = op(*args, use_kl, use_ent, bool(need_h), bool(need_w), need_b)
         return ((gh if need_h else None), (gw if need_w else None), (gb if need_b else None)) + \
             (None,) * (len(ctx.needs_input_grad) - 3)
     return backward
