@@ -45,7 +45,14 @@ from triton.language.standard import _elementwise_max as _MAX
 from triton.language.standard import _elementwise_min as _MIN
 from triton.language.standard import _sum_combine as _ADD
 
+from fastsafe.ops.custom_ops import safe_topk_fake, safe_topk_op_args
 from fastsafe.ops.types import SafeTopKInputs
+
+try:
+    from torch._library.triton import is_wrap_triton_enabled as _tracing
+except ImportError:           # pragma: no cover - older torch: nothing traces the kernels
+    def _tracing() -> bool:
+        return False
 
 __all__ = ["safe_topk_triton", "safe_topk_triton_op", "MAX_K", "plan_launch", "compile_for_gpu"]
 
@@ -305,8 +312,7 @@ def safe_topk_triton(inp: SafeTopKInputs, *, block_v: int | None = None, n_split
 def safe_topk_triton_op(inp: SafeTopKInputs, *, block_v: int | None = None, n_splits: int | None = None,
                         block_c: int | None = None):
     """Call the op ``fastsafe::safe_topk_triton`` on validated inputs (see :func:`safe_topk_triton`)."""
-    return _OP(inp.logits, inp.k, inp.bias_table, inp.positions, inp.bias_scale, inp.banned_bitmask,
-               inp.dense_reward, inp.reward_weight, inp.temperature, block_v, n_splits, block_c)
+    return _OP(*safe_topk_op_args(inp), block_v, n_splits, block_c)
 
 
 def _launch(logits: torch.Tensor, k: int, bias_table: Optional[torch.Tensor], positions: Optional[torch.Tensor],
@@ -354,9 +360,10 @@ def _launch(logits: torch.Tensor, k: int, bias_table: Optional[torch.Tensor], po
     # It is a Triton launch option, not a kernel argument: traced (torch.compile), Inductor compiles
     # the kernels with its own options, so the option is left out there (scores may then differ from
     # eager in the last bit: untested on a GPU).
-    fusion = {} if _tracing() else {"enable_fp_fusion": False}
+    tracing = _tracing()
+    fusion = {} if tracing else {"enable_fp_fusion": False}
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _wrap(_safe_topk_partial_kernel)[(B, ns)](
+        _wrap(_safe_topk_partial_kernel, tracing)[(B, ns)](
             logits, logits.stride(0),
             bias, pos, float(bias_scale),
             mask, stride_mask,
@@ -368,7 +375,7 @@ def _launch(logits: torch.Tensor, k: int, bias_table: Optional[torch.Tensor], po
             FEW=few, HAS_BIAS=has_bias, HAS_MASK=has_mask, HAS_REWARD=has_reward,
             num_warps=warps, **fusion,
         )
-        _wrap(_safe_topk_merge_kernel)[(B,)](
+        _wrap(_safe_topk_merge_kernel, tracing)[(B,)](
             cand, part_m, part_s, part_flag,
             values, indices, lse,
             ns, k,
@@ -379,34 +386,21 @@ def _launch(logits: torch.Tensor, k: int, bias_table: Optional[torch.Tensor], po
     return values, indices, lse
 
 
-def _wrap(kernel):
-    """``wrap_triton(kernel)`` (what a triton_op must launch through); the kernel itself where the
-    interpreter runs it (it cannot be traced) or torch has no ``wrap_triton``."""
+def _wrap(kernel, tracing: bool):
+    """``wrap_triton(kernel)`` (what a triton_op must launch through) while tracing; the kernel
+    itself when running eagerly, where the interpreter runs it (it cannot be traced) or torch has no
+    ``wrap_triton``."""
     if _interpreted(kernel):
-        if _tracing():
+        if tracing:
             raise NotImplementedError(
                 "fastsafe::safe_topk_triton: tracing (torch.compile, fake tensors) needs the compiled Triton "
                 "kernels; under TRITON_INTERPRET=1 the kernels only run eagerly on real tensors")
         return kernel
-    return kernel if _wrap_triton is None else _wrap_triton(kernel)
+    return kernel if _wrap_triton is None or not tracing else _wrap_triton(kernel)
 
 
 def _interpreted(kernel) -> bool:
     return not isinstance(kernel, triton.runtime.jit.JITFunction)
-
-
-def _tracing() -> bool:
-    try:
-        from torch._library.triton import is_wrap_triton_enabled
-    except ImportError:       # pragma: no cover - older torch
-        return False
-    return is_wrap_triton_enabled()
-
-
-def _fake(logits, k, *args):
-    B = logits.shape[0]
-    return (logits.new_empty((B, k), dtype=torch.float32), logits.new_empty((B, k), dtype=torch.int64),
-            logits.new_empty((B,), dtype=torch.float32))
 
 
 _wrap_triton = getattr(torch.library, "wrap_triton", None)
@@ -414,7 +408,7 @@ if hasattr(torch.library, "triton_op"):
     _OP = torch.library.triton_op("fastsafe::safe_topk_triton", _launch, mutates_args=())
 else:                          # pragma: no cover - torch < 2.6: an opaque custom op
     _OP = torch.library.custom_op("fastsafe::safe_topk_triton", _launch, mutates_args=())
-    _OP.register_fake(_fake)
+    _OP.register_fake(safe_topk_fake)
 
 
 def compile_for_gpu(arch: int = 90, k: int = 50, logits_dtype: str = "bf16", all_inputs: bool = True) -> dict:
