@@ -371,10 +371,7 @@ class TritonTokenLogps(torch.autograd.Function):
                 )
                 if need_w:
                     gw[v_lo:v_hi].copy_(gw_acc[: v_hi - v_lo])
-        group = getattr(ctx, "group", None)
-        if gh is not None and group is not None:
-            # A column-parallel lm_head: every rank's hidden-state gradient is the sum over the shards.
-            import torch.distributed as dist
-            dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)
+        from fastsafe.training.token_logps_merge import reduce_hidden_grad
+        reduce_hidden_grad(gh, getattr(ctx, "group", None))
         return (None if gh is None else gh.to(hidden.dtype), gw,
                 None if gb is None else gb.to(bias.dtype), None, None, None, None, None, None, None)

@@ -128,5 +128,4 @@ def fit_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if mask.shape[-1] > W:
         raise ValueError(f"banned_bitmask: the matcher covers {mask.shape[-1] * 32} tokens but the logits have "
                          f"V = {vocab_size}; tokenizer/model vocabulary mismatch")
-    extra = torch.full((*mask.shape[:-1], W - mask.shape[-1]), -1, dtype=torch.int32, device=mask.device)
-    return torch.cat([mask, extra], dim=-1)
+    return torch.nn.functional.pad(mask, (0, W - mask.shape[-1]), value=-1)

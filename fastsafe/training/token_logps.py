@@ -23,7 +23,7 @@ import torch
 from fastsafe.ops.dispatch import OPS, backend_for
 
 from ._checks import acc_dtype, check_float, check_int_tensor, check_real, check_same_device, check_tensor
-from .token_logps_merge import merge_partials
+from .token_logps_merge import merge_partials, reduce_hidden_grad
 from .token_logps_vocab_parallel import vocab_shard
 
 __all__ = ["token_logps", "token_logps_backend", "default_chunk_size", "TOKEN_LOGPS_BACKENDS"]
@@ -228,11 +228,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
                     grad_w[v0:v1] = acc_w.to(weight.dtype)
                 if acc_b is not None:
                     grad_b[v0:v1] = acc_b
-        group = getattr(ctx, "group", None)
-        if grad_h is not None and group is not None:
-            # A column-parallel lm_head: every rank's hidden-state gradient is the sum over the shards.
-            import torch.distributed as dist
-            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=group)
+        reduce_hidden_grad(grad_h, getattr(ctx, "group", None))
         return (None if grad_h is None else grad_h.to(hidden.dtype), grad_w,
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None, None)
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["merge_partials"]
+__all__ = ["merge_partials", "reduce_hidden_grad"]
 
 
 def merge_partials(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, ez: Optional[torch.Tensor] = None,
@@ -90,3 +90,11 @@ def merge_partials(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, ez: Option
     else:
         ref_lse = kl = empty
     return lp, kl, ent, lse, ref_lse, mean_z
+
+
+def reduce_hidden_grad(grad_hidden: Optional[torch.Tensor], group) -> None:
+    """Sum the hidden-state gradient over the vocabulary shards in place (a column-parallel
+    ``lm_head``: every rank's hidden states feed every shard). A no-op without a group or gradient."""
+    if grad_hidden is not None and group is not None:
+        import torch.distributed as dist
+        dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
