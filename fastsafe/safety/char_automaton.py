@@ -39,7 +39,6 @@ or the text ends there (the device confirms it one character later).
 """
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -361,11 +360,3 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         outs.append(propagate_best(trie, fail, own, pri).astype(np.int32))
     return CharAutomaton(delta, outs[0], outs[1], alpha, len(pats), excluded)
 
-
-def token_classes(text: str, alphabet: CharAlphabet) -> list[int]:
-    """Classes of a piece of text (folded per character); for tests and the host reference."""
-    return alphabet.classes(fold_text(text))
-
-
-def is_combining(ch: str) -> bool:
-    return bool(unicodedata.combining(ch))

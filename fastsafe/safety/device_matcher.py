@@ -101,6 +101,7 @@ class DeviceMatcher:
         self._ban_word = t(np.concatenate([tok.ban_word, [W]]))            # one spare pair: window padding
         self._ban_mask = t(np.concatenate([tok.ban_mask, [-1]]).astype(np.int32), torch.int32)
         self._ban_width = int(tok.ban_width)
+        self._ban_arange = torch.arange(self._ban_width, device=dev)      # the window offsets of banned_bitmask
         self._ban_depth = int(tok.ban_depth)
         self._heavy_rows = t(tok.heavy_rows, torch.int32)
         self._has_heavy = tok.heavy_rows.shape[0] > 1
@@ -121,7 +122,6 @@ class DeviceMatcher:
             self._act_sym = t(np.maximum(act["sym"], 0).reshape(-1))
             self._act_emit = t(act["sym"].reshape(-1) >= 0, torch.bool)
             self._act_bnd = t((act["flags"].reshape(-1) & 1) > 0, torch.bool)
-            self._act_sq = t((act["flags"].reshape(-1) & 2) > 0, torch.bool)
             self._act_conf = t((act["flags"].reshape(-1) & 4) > 0, torch.bool)
             self._delta_bnd = t(char.delta[:, BND])
             self._slots = t(slots["slots"])
@@ -257,7 +257,7 @@ class DeviceMatcher:
         return self.entities[int(i)]
 
     # ------------------------------------------------------------------ validation (static facts only)
-    def _check_state(self, state, batch: int | None = None) -> None:
+    def _check_state(self, state) -> None:
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"state: expected a torch.Tensor from initial_state/advance, got {type(state).__name__}")
         if state.dim() != 2 or state.shape[1] != STATE_WIDTH or state.dtype != torch.int64:
@@ -265,8 +265,6 @@ class DeviceMatcher:
                              f"{list(state.shape)}")
         if state.device != self.device:
             raise ValueError(f"state: expected a tensor on {self.device} (the matcher's device), got {state.device}")
-        if batch is not None and state.shape[0] != batch:
-            raise ValueError(f"state: expected {batch} rows (one per row of the ids), got {state.shape[0]}")
 
     def _check_ids(self, name: str, ids, dim: int, batch: int) -> None:
         if not isinstance(ids, torch.Tensor):
@@ -369,8 +367,7 @@ class DeviceMatcher:
         W = self._words
         out = self._base.unsqueeze(0).expand(B, W + 1).clone()
         b = self._ban_first[state[:, _TOK]]
-        H = self._ban_width
-        ar = torch.arange(H, device=state.device)
+        ar = self._ban_arange
         P = self._ban_word.shape[0] - 1
         for _ in range(self._ban_depth):
             valid = b >= 0
