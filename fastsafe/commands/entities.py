@@ -141,8 +141,7 @@ def run(args) -> int:
             state = "damaged" if store.damaged else ("read-only" if store.read_only else "ok")
             print(f"path={store.path} version={store.version()} active={len(store)} total={total} state={state}")
             if store.damaged:
-                print(f"fastsafe entities: {store.damaged}; writes are refused. Recover: fastsafe entities --db "
-                      f"{store.path} export rescued.jsonl, then import rescued.jsonl into a new file",
+                print(f"fastsafe entities: {store.damaged}; writes are refused: {store.recovery_hint()}",
                       file=sys.stderr)
     finally:
         store.close()
@@ -154,7 +153,7 @@ def _check(store, args) -> int:
     V = args.vocab_size
     if V is not None and V < 1:
         raise ValueError(f"--vocab-size: expected a positive int, got {V}")
-    problems = [(e, why) for e, why in store.check(vocab_size=V)]
+    problems = list(store.check(vocab_size=V))
     if args.tokenizer is not None:
         from transformers import AutoTokenizer
         from fastsafe.safety.matcher import PhraseMatcher
@@ -167,8 +166,7 @@ def _check(store, args) -> int:
                                 skip_invalid=True, warn=False)
         problems += [(s.entity, s.reason) for s in m.skipped]
     if store.damaged:
-        print(f"damaged: {store.damaged}; writes are refused. Recover: fastsafe entities --db {store.path} "
-              f"export rescued.jsonl, then import rescued.jsonl into a new file")
+        print(f"damaged: {store.damaged}; writes are refused: {store.recovery_hint()}")
     for e, why in sorted(problems, key=lambda p: p[0].id):
         print(f"{e.id}\t{e.kind}\t{e.phrase}\t{why}")
     print(f"{len(problems)} of {len(store)} active entries would be skipped"

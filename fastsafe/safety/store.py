@@ -326,7 +326,8 @@ class RiskEntityStore:
         return RiskStoreError(f"risk-entity database {self.path!r} is not usable: {exc} "
                               f"(corrupt file, or not a fastsafe store?)")
 
-    def _recovery(self) -> str:
+    def recovery_hint(self) -> str:
+        """How to recover a damaged store (the CLI commands that export what is readable and re-import it)."""
         return (f"recover what is readable with `fastsafe entities --db {self.path} export rescued.jsonl` "
                 f"and import it into a new file with `fastsafe entities --db NEW.db import rescued.jsonl`")
 
@@ -468,7 +469,7 @@ class RiskEntityStore:
                                  f"is not writable, or read_only=True); writes need a writable file and folder")
         if self.damaged:
             raise RiskStoreError(f"risk-entity database {self.path!r} is damaged ({self.damaged}); writes are "
-                                 f"refused so nothing is lost or duplicated: {self._recovery()}")
+                                 f"refused so nothing is lost or duplicated: {self.recovery_hint()}")
 
     def _write(self, fn):
         """Run ``fn(conn, new_version) -> (result, changed)`` in one IMMEDIATE transaction; if changed,
@@ -499,7 +500,7 @@ class RiskEntityStore:
         if "malformed" in str(exc) or "corrupt" in str(exc):
             self.damaged = str(exc)
             return RiskStoreError(f"risk-entity database {self.path!r} is damaged ({exc}); nothing was written: "
-                                  f"{self._recovery()}")
+                                  f"{self.recovery_hint()}")
         return self._error(exc)
 
     # -- writes --------------------------------------------------------------------------------
