@@ -153,7 +153,8 @@ def _check(store, args) -> int:
     V = args.vocab_size
     if V is not None and V < 1:
         raise ValueError(f"--vocab-size: expected a positive int, got {V}")
-    problems = list(store.check(vocab_size=V))
+    ents = store.entities()                       # one read (salvaging a damaged file) serves every check
+    problems = store.check(vocab_size=V, entities=ents)
     if args.tokenizer is not None:
         from transformers import AutoTokenizer
         from fastsafe.safety.matcher import PhraseMatcher
@@ -161,7 +162,6 @@ def _check(store, args) -> int:
             raise FileNotFoundError(f"--tokenizer: {args.tokenizer!r} is not a local tokenizer folder or file")
         tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
         bad_ids = {e.id for e, _ in problems}
-        v, ents = store.snapshot()
         m = PhraseMatcher.build(tok, entities=[e for e in ents if e.id not in bad_ids], vocab_size=V,
                                 skip_invalid=True, warn=False)
         problems += [(s.entity, s.reason) for s in m.skipped]
@@ -169,6 +169,6 @@ def _check(store, args) -> int:
         print(f"damaged: {store.damaged}; writes are refused: {store.recovery_hint()}")
     for e, why in sorted(problems, key=lambda p: p[0].id):
         print(f"{e.id}\t{e.kind}\t{e.phrase}\t{why}")
-    print(f"{len(problems)} of {len(store)} active entries would be skipped"
+    print(f"{len(problems)} of {len(ents)} active entries would be skipped"
           + ("" if store.damaged is None else "; store damaged"), file=sys.stderr)
     return 1 if problems or store.damaged else 0

@@ -43,6 +43,7 @@ for the lock (``busy_timeout``).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -116,6 +117,19 @@ class RiskEntity:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, mode: str = ""):
+    """One SQLite transaction on ``conn`` (autocommit connection): ``BEGIN [mode]``, COMMIT when the
+    block ends, ROLLBACK when it raises. ``mode="IMMEDIATE"`` takes the write lock up front."""
+    conn.execute(f"BEGIN {mode}".rstrip())
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _check_kind(kind) -> str:
@@ -386,8 +400,7 @@ class RiskEntityStore:
                                      f"read-only, so none can be created")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn, "IMMEDIATE"):
                 conn.execute("""CREATE TABLE IF NOT EXISTS entities(
                     id INTEGER PRIMARY KEY AUTOINCREMENT,
                     phrase TEXT NOT NULL,
@@ -404,10 +417,6 @@ class RiskEntityStore:
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('version', 0)")
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,))
                 conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('purged', 0)")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             self.schema = _SCHEMA_VERSION
         except sqlite3.DatabaseError as exc:
             raise self._error(exc) from None
@@ -436,18 +445,13 @@ class RiskEntityStore:
         self.schema = int(schema)
 
     def _migrate_1_to_2(self, conn) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn, "IMMEDIATE"):
             cols = {r[1] for r in conn.execute("PRAGMA table_info(entities)")}
             if "changed" not in cols:
                 conn.execute("ALTER TABLE entities ADD COLUMN changed INTEGER NOT NULL DEFAULT 0")
             conn.execute("CREATE INDEX IF NOT EXISTS entities_changed ON entities(changed)")
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,))
             conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('purged', 0)")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         self.schema = _SCHEMA_VERSION
 
     def _quick_check(self) -> None:
@@ -477,16 +481,11 @@ class RiskEntityStore:
         self.check_writable()
         conn = self._conn()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn, "IMMEDIATE"):
                 v = int(conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0])
                 result, changed = fn(conn, v + 1)
                 if changed:
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'version'", (v + 1,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise RiskStoreError(f"risk-entity database {self.path!r} stayed locked by another "
@@ -716,12 +715,9 @@ class RiskEntityStore:
         """``(version, entities)`` read in one transaction, so they belong together."""
         conn = self._conn()
         try:
-            conn.execute("BEGIN")
-            try:
+            with _transaction(conn):
                 v = int(conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0])
                 ents = self._read_entities(conn, active_only)
-            finally:
-                conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise self._error(exc) from None
         return v, ents
@@ -737,28 +733,28 @@ class RiskEntityStore:
             return None
         conn = self._conn()
         try:
-            conn.execute("BEGIN")
-            try:
+            with _transaction(conn):
                 meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('version', 'purged')"))
                 v = int(meta["version"])
                 if int(meta.get("purged", 0)) > version:
                     return None
                 rows = sorted(conn.execute(self._SELECT + " INDEXED BY entities_changed WHERE changed > ?",
                                            (int(version),)).fetchall())
-            finally:
-                conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise self._error(exc) from None
         return v, [self._entity(r) for r in rows]
 
-    def check(self, vocab_size: int | None = None) -> list[tuple[RiskEntity, str]]:
+    def check(self, vocab_size: int | None = None, *, entities: list[RiskEntity] | None = None
+              ) -> list[tuple[RiskEntity, str]]:
         """Active rows that would not be enforced, with the reason: rows that fail today's validation
         (e.g. written by another tool) and, with ``vocab_size``, token ids outside ``[0, vocab_size)``.
 
-        A matcher built with a tokenizer reports further per-entity problems (``PhraseMatcher.skipped``).
+        ``entities``: the active rows when the caller has already read them (e.g. from
+        :meth:`snapshot`), so the store is not read again. A matcher built with a tokenizer reports
+        further per-entity problems (``PhraseMatcher.skipped``).
         """
         out = []
-        for e in self.entities():
+        for e in (self.entities() if entities is None else entities):
             why = validate_entity(e)
             if why is None and vocab_size is not None and e.kind == "token_ids":
                 bad = [t for t in e.token_ids() if t >= vocab_size]
