@@ -76,7 +76,11 @@ class SafetyConfig:
             a store) or ``"device"`` (:class:`fastsafe.safety.DeviceMatcher`: automaton states per
             row on the logits' device, token bans and the text check as tensor programs, events
             recorded on the device and turned into ``SafetyEvent`` s at the end of generation).
-            ``"device"`` does not follow a store yet.
+            ``"device"`` follows a store too: a new version is built in a background thread and
+            swaps in between two steps once the rows' states under it are re-derived (in force a
+            build time after the step that saw the change, see :mod:`fastsafe.safety.device_follow`;
+            ``matcher_options={"background": False}`` builds in the step that sees it, which then
+            waits, and the host path's freshness rule holds).
     """
 
     banned_phrases: Sequence[Any] = ()
@@ -156,9 +160,6 @@ class SafetyConfig:
         _set(self, "matcher_options", dict(self.matcher_options))      # the caller's dict stays theirs
         if self.matcher not in MATCHERS:
             raise ValueError(f"matcher: expected one of {MATCHERS}, got {self.matcher!r}")
-        if self.matcher == "device" and self.store is not None:
-            raise ValueError("matcher: 'device' does not follow a risk-entity store yet (a store's live updates run "
-                             "on the host matcher); use matcher='host' with store=, or pass the phrases directly")
 
     # ------------------------------------------------------------------ views
     @property

@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["build_matcher", "build_device_matcher", "resolve_reward", "bias_table_on", "tokenizer_fingerprint", "clear_cache",
+__all__ = ["build_matcher", "build_device_matcher", "device_matcher_source", "resolve_reward", "bias_table_on", "tokenizer_fingerprint", "clear_cache",
            "CACHE_SIZE"]
 
 #: Built parts kept (least recently used ones are dropped beyond this).
@@ -139,22 +139,55 @@ def build_matcher(config, tokenizer, *, vocab_size: int | None = None, eos_token
     return _cached(key, lambda: _build_matcher(config, tokenizer, vocab_size, eos_token_id))
 
 
+#: ``matcher_options`` the device matcher understands (the build's own, and ``background`` of the store follower).
+DEVICE_OPTIONS = ("word_boundaries", "regex_window")
+
+
 def build_device_matcher(config, tokenizer, *, vocab_size: int, device, eos_token_id=None):
-    """The :class:`fastsafe.safety.DeviceMatcher` of ``config``'s phrases, token-id lists and regexes
-    on ``device`` (``None`` without filters), cached by the same content key as :func:`build_matcher`
-    plus the device. ``matcher_options`` it understands: ``word_boundaries``, ``regex_window``."""
+    """The :class:`fastsafe.safety.DeviceMatcher` of ``config`` on ``device`` (``None`` without
+    filters): its phrases, token-id lists and regexes, plus the store's entities when it has one
+    (the newest version built so far; see :func:`device_matcher_source` to follow the store).
+    Cached by the same content key as :func:`build_matcher` plus the device. ``matcher_options`` it
+    understands: ``word_boundaries``, ``regex_window`` (and ``background`` for a store)."""
+    source = device_matcher_source(config, tokenizer, vocab_size=vocab_size, device=device,
+                                   eos_token_id=eos_token_id)
+    return None if source is None else source.current()
+
+
+def device_matcher_source(config, tokenizer, *, vocab_size: int, device, eos_token_id=None):
+    """What gives the device matcher in force (``.current() -> DeviceMatcher``, ``.version``), or ``None``.
+
+    With a store it is a :class:`fastsafe.safety.device_follow.LiveDeviceMatcher` (new store versions
+    are built in a background thread; ``current()`` never waits), otherwise a fixed matcher behind
+    the same interface. Pair it with :class:`fastsafe.safety.device_follow.RowStates` to swap between
+    steps with the rows' states re-derived exactly. Built once per content key and shared.
+    """
     if not config.has_filter:
         return None
     device = torch.device(device)
-    opts = {k: v for k, v in config.matcher_options.items() if k in ("word_boundaries", "regex_window")}
-    key = ("device_matcher", _entities_key(config, tokenizer, vocab_size, eos_token_id), _freeze(opts), str(device))
+    opts = {k: v for k, v in config.matcher_options.items() if k in DEVICE_OPTIONS}
+    base = (_entities_key(config, tokenizer, vocab_size, eos_token_id), _freeze(opts), str(device))
+    kwargs = dict(vocab_size=int(vocab_size), device=device, token_id_phrases=config.token_id_phrases,
+                  regexes=list(config.regexes), eos_token_id=eos_token_id, **opts)
+    from .safety.device_follow import FixedDeviceMatcher, LiveDeviceMatcher
+    if config.store is None:
+        def build():
+            from .safety.device_matcher import DeviceMatcher
+            return FixedDeviceMatcher(DeviceMatcher.build(tokenizer, config.phrases, **kwargs))
+        return _cached(("device_matcher",) + base, build)
+    key = ("device_matcher", _store_key(config.store), float(config.poll_interval),
+           bool(config.matcher_options.get("background", True))) + base
+    return _cached(key, lambda: LiveDeviceMatcher(_open_store(config.store), tokenizer, phrases=config.phrases,
+                                                  poll_interval=config.poll_interval,
+                                                  background=bool(config.matcher_options.get("background", True)),
+                                                  **kwargs))
 
-    def build():
-        from .safety.device_matcher import DeviceMatcher
-        return DeviceMatcher.build(tokenizer, config.phrases, vocab_size=int(vocab_size), device=device,
-                                   token_id_phrases=config.token_id_phrases, regexes=list(config.regexes),
-                                   eos_token_id=eos_token_id, **opts)
-    return _cached(key, build)
+
+def _open_store(store):
+    if isinstance(store, (str, os.PathLike)):
+        from .safety.store import RiskEntityStore
+        return RiskEntityStore(store, create=False)
+    return store
 
 
 def _build_matcher(config, tokenizer, vocab_size, eos_token_id):
@@ -166,11 +199,7 @@ def _build_matcher(config, tokenizer, vocab_size, eos_token_id):
     if eos_token_id is not None:
         opts.setdefault("eos_token_id", eos_token_id)
     if config.store is not None:
-        store = config.store
-        if isinstance(store, (str, os.PathLike)):
-            from .safety.store import RiskEntityStore
-            store = RiskEntityStore(store, create=False)
-        return LiveMatcher(store, tokenizer, extra_phrases=config.phrases,
+        return LiveMatcher(_open_store(config.store), tokenizer, extra_phrases=config.phrases,
                            extra_token_id_phrases=config.token_id_phrases, extra_regexes=list(config.regexes),
                            poll_interval=config.poll_interval, **opts)
     return StaticMatcher(PhraseMatcher.build(tokenizer, config.phrases, token_id_phrases=config.token_id_phrases,

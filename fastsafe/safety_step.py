@@ -21,7 +21,8 @@ import torch
 
 from .ops.bitmask import fit_bitmask
 from .safety.events import SafetyEvent
-from .safety_builder import bias_table_on, build_device_matcher, build_matcher, resolve_reward
+from .safety.device_follow import RowStates
+from .safety_builder import bias_table_on, build_matcher, device_matcher_source, resolve_reward
 
 __all__ = ["SafetyStep"]
 
@@ -65,14 +66,18 @@ class SafetyStep:
         self._source = None
         self._device_matcher = None
         self.state = None                   # [B, 6] automaton states of the rows (device matcher only)
+        self._rows = None                   # RowStates: a store's new matcher swaps in between steps
+        self._steps = self._polled = 0      # state moves (start / advance) and the last one matcher() polled at
         self._records: list = []            # device-side event records, turned into events by flush()
         if config.has_filter:
             if tokenizer is not None and len(tokenizer) > self.vocab_size:
                 raise ValueError(f"tokenizer: vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens but the "
                                  f"{logits_name} have V = {self.vocab_size}; the tokenizer belongs to another model")
             if config.matcher == "device":
-                self._device_matcher = build_device_matcher(config, tokenizer, vocab_size=self.vocab_size,
-                                                            device=self.device, eos_token_id=eos_token_id)
+                source = device_matcher_source(config, tokenizer, vocab_size=self.vocab_size, device=self.device,
+                                               eos_token_id=eos_token_id)
+                self._rows = RowStates(source, background=bool(config.matcher_options.get("background", True)))
+                self._device_matcher = source.current()
             else:
                 self._source = build_matcher(config, tokenizer, vocab_size=self.vocab_size, eos_token_id=eos_token_id)
         self._table = None
@@ -87,6 +92,9 @@ class SafetyStep:
         """The matcher in force for this step (a store's newest version, or the device matcher), or
         ``None`` without filters."""
         if self._device_matcher is not None:
+            if self._polled != self._steps and self.state is not None:      # once per step, before its first use
+                self._polled = self._steps
+                self._swap(*self._rows.poll(self._device_matcher, self.state))
             return self._device_matcher
         return self._source.current() if self._source is not None else None
 
@@ -99,18 +107,27 @@ class SafetyStep:
     def start(self, histories) -> None:
         """The rows' automaton states after their prompts (``histories``: token-id lists or ``[B, T]``)."""
         if self._device_matcher is not None:
-            self.state = self._device_matcher.state_from_histories(histories)
+            self._swap(*self._rows.start(histories))
+            self._steps += 1
 
     def advance(self, token_ids) -> None:
         """Every row appends its token (``token_ids`` ``[B]``): the states move on the device."""
         if self._device_matcher is not None:
-            self.state = self._device_matcher.advance(self._live_state(len(token_ids)),
-                                                      token_ids.to(self._device_matcher.device, torch.int64))
+            self._steps += 1
+            self.state = self._rows.advance(self._device_matcher, self._live_state(len(token_ids)), token_ids)
 
     def select_rows(self, index) -> None:
         """Keep the rows ``index`` (``[B']`` int64), in that order (finished rows leave, beams reorder)."""
         if self.state is not None:
-            self.state = self.state.index_select(0, index.to(self.state.device))
+            self.state = self._rows.select(self.state, index)
+
+    def _swap(self, matcher, state) -> None:
+        """Put ``matcher`` and the rows' ``state`` under it in force (a store's new version); the
+        records of the old matcher become events first (their entity ids are the old matcher's)."""
+        if matcher is not self._device_matcher:
+            self.flush()
+            self._device_matcher = matcher
+        self.state = state
 
     def _live_state(self, batch: int | None):
         if self.state is None or (batch is not None and self.state.shape[0] != batch):
