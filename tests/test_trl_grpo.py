@@ -210,20 +210,26 @@ def test_loss_never_builds_logits_and_matches_the_loss_function(model_dir, tmp_p
     g = torch.Generator().manual_seed(0)
     batch["old_per_token_logps"] = -torch.rand(batch["completion_mask"].shape, generator=g)
 
-    def no_logits(module, args, output):
-        raise AssertionError("the lm_head forward ran: [B, T, V] logits were built")
+    def no_logits(*args, **kwargs):
+        raise AssertionError("the lm_head's own forward ran: [B, T, V] logits were built")
 
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     C = batch["completion_ids"].shape[1]
-    handle = tr.model.lm_head.register_forward_hook(no_logits)
+    hooked = []   # what an engine's hooks see: the fused head runs *as* the lm_head's and the model's forward
+    handles = [m.register_forward_hook(lambda mod, a, out, name=name: hooked.append(name))
+               for name, m in (("model", tr.model), ("lm_head", tr.model.lm_head))]
+    tr.model.lm_head.forward = no_logits
     try:
         loss = tr.compute_loss(tr.model, batch)
         loss.backward()
         with torch.no_grad():   # the hook TRL calls for the old policy and the reference
             old, none, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, am, C, batch_size=3)
     finally:
-        handle.remove()
+        del tr.model.lm_head.forward
+        for h in handles:
+            h.remove()
+    assert hooked == ["lm_head", "model"] * 3     # one call for the loss, two batches of 3 for the old log-probs
     # the same loss from full float64 logits and the plain loss function
     m = tr.model
     with torch.no_grad():

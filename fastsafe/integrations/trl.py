@@ -8,7 +8,9 @@ token-masked losses.
 :class:`MaskedDPOTrainer` keeps TRL's data pipeline (prompt extraction, EOS, tokenisation,
 truncation, padding) and replaces the loss: the policy's and the reference's last hidden states go
 through :class:`fastsafe.training.FusedLinearMaskedDPOLoss` with the lm_head weight, so the
-``[2B, L, V]`` logits are never built, and every completion token carries a weight.
+``[2B, L, V]`` logits are never built, and every completion token carries a weight. Both trainers
+run the backbone and the fused head as the forward of the (engine-wrapped) model and of its lm_head
+module (:func:`fastsafe.training.run_in_forward`), so DDP / FSDP2 / ZeRO-3 hooks fire around them.
 
 Where the per-token weights come from (checked in this order, per batch):
 
@@ -35,8 +37,6 @@ Example:
 """
 from __future__ import annotations
 
-import functools
-import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -52,7 +52,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("fastsafe.integrations.trl needs TRL: pip install 'fastsafe[trl]' "
                       f"(trl {'>=1.16,<2'}, datasets)") from exc
 
-from fastsafe.training import FusedLinearMaskedDPOLoss, masked_grpo_loss, schmitt_mask, threshold_mask, token_logps
+from fastsafe.training import (FusedLinearMaskedDPOLoss, masked_grpo_loss, run_in_forward, schmitt_mask, threshold_mask,
+                               token_logps)
 from fastsafe.training.losses_ppo import GRPO_LOSS_TYPES
 
 __all__ = ["MaskedDPOTrainer", "MaskedGRPOTrainer", "DataCollatorForTokenWeightedPreference", "SUPPORTED_TRL",
@@ -123,24 +124,25 @@ class DataCollatorForTokenWeightedPreference(DataCollatorForPreference):
         return out
 
 
-def _add_backbone_forward(model) -> None:
-    """Let ``model(..., fastsafe_backbone=True)`` return the backbone output (final hidden states).
+def _fused_forward(accelerator, model, head_fn, input_ids, attention_mask, *head_args):
+    """``head_fn(hidden, head, *head_args)`` on the backbone's last hidden states, run as ``model``'s forward.
 
-    Going through ``model.forward`` (instead of calling the backbone directly) keeps wrappers such
-    as DDP in the loop. Other calls go to the previous forward unchanged.
+    ``hidden`` is ``[B, L, H]`` (the backbone output for ``input_ids``), ``head`` the lm_head module.
+    The whole computation goes through :func:`fastsafe.training.run_in_forward` on ``model`` (what
+    the engine returned: a DDP / DeepSpeed wrapper, an FSDP2 ``fully_shard`` module, or the plain
+    model), and the head part also through the lm_head module's own forward, so every hook an engine
+    registered fires: DDP sees the loss as the forward's output (``find_unused_parameters`` finds
+    the lm_head), FSDP2 and ZeRO-3 gather the lm_head weight before ``head_fn`` reads it and again
+    for its backward, then reduce-scatter its gradient. Without an engine this is a plain call.
     """
-    if getattr(model, "_fastsafe_backbone_forward", False):
-        return
-    previous = model.forward
+    inner = accelerator.unwrap_model(model)
+    head = inner.get_output_embeddings()
 
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, fastsafe_backbone: bool = False, **kwargs):
-        if not fastsafe_backbone:
-            return previous(*args, **kwargs)
-        return self.base_model(*args, **kwargs)
+    def forward(input_ids, attention_mask, *args):
+        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return run_in_forward(head, lambda h, *a: head_fn(h, head, *a), hidden.last_hidden_state, *args)
 
-    model.forward = types.MethodType(forward, model)
-    model._fastsafe_backbone_forward = True
+    return run_in_forward(model, forward, input_ids, attention_mask, *head_args)
 
 
 def _refuse(args: DPOConfig, model, processing_class, compute_metrics, peft_config) -> None:
@@ -249,9 +251,6 @@ class MaskedDPOTrainer(DPOTrainer):
         if getattr(self, "aux_loss_enabled", False):
             raise ValueError("MaskedDPOTrainer does not support MoE router auxiliary losses")
         self._loss_fn = FusedLinearMaskedDPOLoss(beta=args.beta, chunk_size=chunk_size, backend=backend)
-        _add_backbone_forward(self.model)
-        if self.ref_model is not None:
-            _add_backbone_forward(self.accelerator.unwrap_model(self.ref_model))
 
     # ---- data ------------------------------------------------------------------------------------
 
@@ -308,31 +307,33 @@ class MaskedDPOTrainer(DPOTrainer):
             w = completion.float()
         return torch.where(completion, w, torch.zeros((), device=w.device))
 
-    def _hidden(self, model, inputs):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                    fastsafe_backbone=True)
-        return out.last_hidden_state[:, :-1]
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         if return_outputs:
             raise ValueError("MaskedDPOTrainer.compute_loss: return_outputs=True is not supported (no logits are "
                              "built); use prediction_loss_only")
-        completion = inputs["completion_mask"][:, 1:] != 0
-        targets = inputs["input_ids"][:, 1:].masked_fill(~completion, self._loss_fn.ignore_index)
-        weights = self._token_weights(inputs)
-        hidden = self._hidden(model, inputs)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
         if self.ref_model is None:
             raise ValueError("ref_model: MaskedDPOTrainer needs a reference model, got None")
+        completion = inputs["completion_mask"][:, 1:] != 0
+        loss_fn = self._loss_fn
+        targets = inputs["input_ids"][:, 1:].masked_fill(~completion, loss_fn.ignore_index)
+        weights = self._token_weights(inputs)
+        ids, am = inputs["input_ids"], inputs["attention_mask"]
+
+        def ref_head(hidden, head, targets, weights):
+            w = head.weight
+            return token_logps(hidden[:, :-1].to(w.device), w, targets.to(w.device), head.bias, loss_fn.ignore_index,
+                               loss_fn.temperature, active=weights.to(w.device), chunk_size=loss_fn.chunk_size,
+                               backend=loss_fn.backend)
+
+        def policy_head(hidden, head, targets, weights, ref_logps):
+            w = head.weight
+            return loss_fn(hidden[:, :-1].to(w.device), w, targets.to(w.device), weights.to(w.device), head.bias,
+                           ref_logps=ref_logps.to(w.device))
+
         with torch.no_grad():
-            ref_hidden = self._hidden(self.ref_model, inputs)
-        ref_head = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings()
-        hidden = hidden.to(head.weight.device)
-        ref_hidden = ref_hidden.to(head.weight.device).to(hidden.dtype)
-        loss, metrics = self._loss_fn(hidden, head.weight, targets, weights, head.bias, ref_hidden=ref_hidden,
-                                      ref_weight=ref_head.weight.to(head.weight.device),
-                                      ref_bias=None if ref_head.bias is None else ref_head.bias.to(head.weight.device))
+            ref_logps = _fused_forward(self.accelerator, self.ref_model, ref_head, ids, am, targets, weights)
+        loss, metrics = _fused_forward(self.accelerator, model, policy_head, ids, am, targets, weights, ref_logps)
         self._log_metrics(mode, metrics, weights, completion, inputs)
         return loss
 
@@ -425,6 +426,12 @@ class MaskedGRPOTrainer(GRPOTrainer):
     (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``): the mask changes which tokens push and in which
     direction, not the normaliser.
 
+    Past one process: the backbone and the fused head run as the forward of the model TRL passes
+    (the DDP / DeepSpeed wrapper or the FSDP2 module; :func:`fastsafe.training.run_in_forward`),
+    the head also as the lm_head module's forward, so the engine gathers a sharded lm_head weight
+    before ``token_logps`` reads it and reduces its gradient (tested: DDP and FSDP2 with 2 gloo
+    ranks equal one process on the global batch, ``tests/test_trl_grpo_distributed.py``).
+
     Supported TRL versions: :data:`SUPPORTED_TRL`. Options this trainer does not implement (other
     loss types, sequence-level importance sampling, vLLM, Liger, entropy bonus or masks, off-policy
     masks, tools / custom rollouts, PEFT, vision-language models, MoE auxiliary losses) raise
@@ -496,9 +503,6 @@ class MaskedGRPOTrainer(GRPOTrainer):
                          optimizers=optimizers)
         if self.aux_loss_enabled:
             raise ValueError("MaskedGRPOTrainer does not support MoE router auxiliary losses")
-        _add_backbone_forward(self.model)
-        if self.ref_model is not None:
-            _add_backbone_forward(self.accelerator.unwrap_model(self.ref_model))
 
     # ---- per-token log-probs -------------------------------------------------------------------
 
@@ -515,18 +519,21 @@ class MaskedGRPOTrainer(GRPOTrainer):
         if extra:
             raise ValueError(f"MaskedGRPOTrainer does not support multimodal inputs, got {extra}")
         batch_size = batch_size or input_ids.size(0)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        keep = logits_to_keep
+
+        def head_fn(hidden, head, targets):
+            w = head.weight
+            return token_logps(hidden[:, -keep - 1:-1].to(w.device), w, targets.to(w.device), head.bias,
+                               temperature=self.temperature, return_entropy=compute_entropy,
+                               chunk_size=self._chunk_size, backend=self._backend)
+
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids = input_ids[start:start + batch_size]
             am = attention_mask[start:start + batch_size]
-            targets = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
+            targets = ids[:, -keep:].masked_fill(am[:, -keep:] == 0, -100)
             with self.accelerator.autocast():  # the head in the same autocast as the backbone, as TRL's fused head
-                out = model(input_ids=ids, attention_mask=am, use_cache=False, fastsafe_backbone=True)
-                hidden = out.last_hidden_state[:, -logits_to_keep - 1:-1].to(head.weight.device)
-                res = token_logps(hidden, head.weight, targets.to(hidden.device), head.bias,
-                                  temperature=self.temperature, return_entropy=compute_entropy,
-                                  chunk_size=self._chunk_size, backend=self._backend)
+                res = _fused_forward(self.accelerator, model, head_fn, ids, am, targets)
             if compute_entropy:
                 logps.append(res[0])
                 entropies.append(res[1])
