@@ -1,0 +1,111 @@
+"""fastsafe inside vLLM: the risk filter, the text check and TSDI as vLLM logits processors.
+
+README section (draft)
+======================
+
+Serving with vLLM
+-----------------
+
+```bash
+export FASTSAFE_VLLM_POLICIES=/etc/fastsafe/policies.toml
+vllm serve MODEL --logits-processors fastsafe.integrations.vllm:SafetyLogitsProcessor
+# Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1): fastsafe.integrations.vllm:SafetyLogitsProcessorV2
+```
+
+```python
+from vllm import LLM, SamplingParams
+from fastsafe.integrations.vllm import SafetyLogitsProcessor
+llm = LLM(MODEL, logits_processors=[SafetyLogitsProcessor])
+llm.generate(prompts, SamplingParams(extra_args={"fastsafe": {"policy": "strict", "banned_phrases": ["acme secret"]}}))
+```
+
+**Server-wide policies** (``FASTSAFE_VLLM_POLICIES`` names a TOML file; without it nothing is
+filtered and fastsafe request arguments are refused)::
+
+    [policy.default]                 # every request that names no policy
+    store = "risk.db"                # RiskEntityStore, followed live (fastsafe entities add -> banned in the next steps)
+    phrases = ["make a bomb"]        # strings (every tokenisation variant + text check) or token-id lists
+    regexes = ['\\bkill\\s+him\\b']  # text level, host path (one device->host read per step for that policy)
+    tsdi = "bias.safetensors"        # the bias row of each response position is subtracted ...
+    tsdi_scale = 1.0                 # ... times this
+    top_k = 10                       # candidates of each row the text-level check looks at
+    allow_opt_out = false            # may a request send policy = "none"?
+
+Relative paths are relative to the file. Unknown keys or bad values fail at start with the file,
+policy and key named. Each policy's automaton is built once per worker at start.
+
+**Per request**: ``SamplingParams(extra_args={"fastsafe": {...}})``; over HTTP ``vllm_xargs`` (flat:
+``{"fastsafe_policy": "strict", "fastsafe_tsdi_scale": 0.5, "fastsafe_banned_phrases": [...]}``,
+because ``vllm_xargs`` takes no nested objects). Keys: ``policy`` (a name, or ``"none"`` where
+``default`` has ``allow_opt_out = true``), ``tsdi_scale``, ``banned_phrases`` (up to 10,000
+request-only phrases, on top of the policy). Bad arguments are refused at admission
+(``validate_params``: HTTP 400 with the reason), never inside a step.
+
+**What a step does** (per row, for the row's policy; rows of several policies in one batch are
+grouped on the host when the batch changes): subtract the TSDI row of the response position;
+set every token the automaton bans to ``-inf`` (token level: every banned token sequence, the rule
+of ``NoBadWordsLogitsProcessor``); check the row's ``top_k`` candidates at text level (normalised
+characters, any tokenisation) and set failing ones to ``-inf``; a row left with nothing gets EOS
+(counted as ``all_banned_fallback``), never token 0. Automaton states live on the device, one per
+request, advanced from the ids vLLM feeds back; ``apply`` reads nothing back to the host (regex
+entities excepted). Under sampling, tokens outside ``top_k`` get the token-level bans but not
+the text check (as with ``SafeLogitsProcessor``). Reward re-scoring (Algorithm 1) is not run in the
+server: it needs a reward-model forward per step and candidate, which is what a server cannot afford.
+
+**Rows** (both runners): continuous batching, rows moved / swapped (V1), reordered (V2), requests
+preempted and recomputed (re-added: the state is re-derived from their ids), ``n > 1`` (each child
+request has its own state), async scheduling (V1's ``-1`` placeholders are fed once vLLM fills
+them in; V2 reads committed ids on the device). A new or re-added request's state is derived from
+its last 64 ids (``HISTORY_WINDOW``; 64 masked automaton steps for all requests added in that step
+together, between steps). Speculative decoding: V1 refuses custom logits processors with it; V2's
+processor refuses it at start (draft rows are not followed yet).
+
+**Request-only phrases**: their matcher is built in the worker when the request enters the batch
+and kept by content (the 64 most recent phrase sets; a repeated set costs nothing). A new set of
+1,000 phrases costs about 1-2 s of build on the host (SmolLM2 tokenizer, 2 CPU cores; mostly the
+tokenizer-wide character table), and that step waits for it: vLLM's frontend, where admission
+runs, is another process and cannot hand a built matcher to the worker, and a request cannot be
+sampled unprotected while its matcher builds. Servers that see many distinct request phrase
+sets should put them in a policy instead.
+
+**Store hot swap**: a policy with a ``store`` polls its version (every 0.5 s,
+``FASTSAFE_VLLM_POLL_INTERVAL``) and builds the new matcher in a background thread; the swap happens
+between two steps, and every row of that policy is re-derived from its ids then. With tensor
+parallelism every worker swaps on its own, possibly one step apart.
+
+**Audit**: every intervention is logged through vLLM's logger (``policy``, ``rule``, request
+number, row, step, token, entity) and counted per policy and rule; a summary line every 60 s
+(``FASTSAFE_VLLM_LOG_INTERVAL``); ``fastsafe.integrations.vllm.metrics()`` returns the counts of the
+calling process (the worker's; vLLM's API server runs in another process, so operators read the
+log lines there). Records are copied to the host without waiting and counted between steps.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .audit import metrics
+from .policies import DEFAULT_POLICY, ENV_VAR, OPT_OUT, Policy, PolicyError, load_policies, policies_from_env
+from .request_args import MAX_REQUEST_PHRASES, RequestArgs, request_args
+
+__all__ = ["SafetyLogitsProcessor", "SafetyLogitsProcessorV2", "Policy", "PolicyError", "load_policies",
+           "policies_from_env", "RequestArgs", "request_args", "metrics", "ENV_VAR", "DEFAULT_POLICY", "OPT_OUT",
+           "MAX_REQUEST_PHRASES"]
+
+_LAZY = {"SafetyLogitsProcessor": ".v1", "SafetyLogitsProcessorV2": ".v2"}
+
+
+def __getattr__(name):
+    """The processor classes subclass vLLM's base classes, so they are built (vLLM imported) on first access."""
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        value = getattr(importlib.import_module(mod, __name__), name)
+    except ImportError as exc:
+        raise ImportError(f"fastsafe.integrations.vllm.{name} needs vLLM (pip install vllm): {exc}") from exc
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,217 @@
+"""The device parts of the vLLM adapter's policies: built once per worker, at start.
+
+:func:`build_policy` turns a :class:`~.policies.Policy` into a :class:`BuiltPolicy` — its
+:class:`fastsafe.safety.DeviceMatcher` (through :mod:`fastsafe.safety_builder`, cached by content),
+or a store follower that builds a new matcher off the step thread whenever the
+:class:`fastsafe.RiskEntityStore` moves, and its TSDI table on the device.
+:class:`RequestMatchers` holds the matchers of request-only phrases (content-keyed, LRU).
+
+Example:
+    >>> bp = build_policy(policy, tokenizer, vocab_size=V, device="cuda", eos_token_id=eos)  # doctest: +SKIP
+    >>> bp.matcher()        # the DeviceMatcher in force (the newest built store version)
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+
+__all__ = ["BuiltPolicy", "build_policy", "StoreFollower", "RequestMatchers"]
+
+
+def _config(policy, phrases=None):
+    from fastsafe.config import SafetyConfig
+    items = [list(p) if isinstance(p, tuple) else p for p in (policy.phrases if phrases is None else phrases)]
+    return SafetyConfig(banned_phrases=items, regexes=list(policy.regexes), top_k=policy.top_k, matcher="device")
+
+
+class StoreFollower:
+    """The newest built :class:`DeviceMatcher` of a store; never waits for a build.
+
+    :meth:`current` checks the store's version (at most every ``poll_interval`` seconds, one indexed
+    SQLite read) and, when it moved, builds the new matcher in a background thread; the previous
+    matcher stays in force until the new one is ready. A failed build keeps the previous matcher and
+    is logged once per version. (fastsafe's own ``fastsafe.safety.device_follow`` does the same for
+    ``SafetyStep``; this is the adapter's copy until that module is public.)
+
+    Args:
+        build: ``build() -> DeviceMatcher`` from a consistent snapshot of the store.
+        store: the store (``version()``).
+        poll_interval: seconds between version checks.
+        logger: where failures are reported.
+    """
+
+    def __init__(self, build, store, *, poll_interval: float = 0.5, logger=None):
+        self._build = build
+        self.store = store
+        self.poll_interval = float(poll_interval)
+        self._logger = logger
+        self._matcher = build()
+        self._lock = threading.Lock()
+        self._thread = None
+        self._failed = None
+        self._last = time.monotonic()
+        self.builds = 1
+        self.last_build_s = None
+
+    @property
+    def version(self):
+        return self._matcher.version
+
+    def current(self):
+        now = time.monotonic()
+        if now - self._last >= self.poll_interval:
+            self._last = now
+            try:
+                v = self.store.version()
+            except Exception as exc:  # noqa: BLE001 - the matcher in force stays
+                self._report(None, exc)
+                return self._matcher
+            if v != self._matcher.version and v != self._failed:
+                with self._lock:
+                    if self._thread is None:
+                        self._thread = threading.Thread(target=self._run, args=(v,), daemon=True,
+                                                        name="fastsafe-vllm-store")
+                        self._thread.start()
+        return self._matcher
+
+    def _run(self, seen) -> None:
+        t0 = time.perf_counter()
+        try:
+            m = self._build()
+        except Exception as exc:  # noqa: BLE001
+            self._failed = seen
+            self._report(seen, exc)
+        else:
+            self._matcher = m          # one reference assignment: atomic for the step thread
+            self.builds += 1
+            self.last_build_s = time.perf_counter() - t0
+        finally:
+            with self._lock:
+                self._thread = None
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Wait for a build in flight (tests, shutdown)."""
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+
+    def _report(self, version, exc) -> None:
+        if self._logger is not None:
+            self._logger.warning("fastsafe: store %s: %s version %s failed (the matcher in force stays): %s",
+                                 getattr(self.store, "path", self.store), "reading the" if version is None else
+                                 "building", version, exc)
+
+
+class BuiltPolicy:
+    """A policy's device parts.
+
+    Attributes:
+        policy: the :class:`~.policies.Policy`.
+        index: its position among the server's policies (audit counters).
+        table: ``[L, V]`` float32 TSDI table on the device, or ``None``.
+        top_k: candidates the text check looks at.
+        follower: the :class:`StoreFollower` (store policies), else ``None``.
+    """
+
+    def __init__(self, policy, index, matcher, table, follower):
+        self.policy = policy
+        self.name = policy.name
+        self.index = index
+        self._matcher = matcher
+        self.table = table
+        self.top_k = policy.top_k
+        self.follower = follower
+
+    def matcher(self):
+        """The :class:`DeviceMatcher` in force (``None`` without a filter); store policies: the newest built."""
+        return self.follower.current() if self.follower is not None else self._matcher
+
+    def __repr__(self) -> str:
+        return f"BuiltPolicy({self.name!r}, matcher={self.matcher()!r}, tsdi={self.table is not None})"
+
+
+def build_policy(policy, tokenizer, *, vocab_size: int, device, eos_token_id=None, index: int = 0,
+                 poll_interval: float = 0.5, logger=None) -> BuiltPolicy:
+    """Build ``policy``'s matcher and TSDI table for one worker.
+
+    Args:
+        policy: a :class:`~.policies.Policy`.
+        tokenizer: the served model's tokenizer.
+        vocab_size: the logits width ``V``.
+        device: the worker's device.
+        eos_token_id: never banned by the automaton.
+        index: the policy's index (for the audit counters).
+        poll_interval: seconds between store version checks (store policies).
+        logger: where store-follower failures are logged.
+
+    Raises:
+        ValueError: an entity that normalises or tokenises to nothing, a bias table for another
+            vocabulary (the message names the policy).
+    """
+    from fastsafe.safety_builder import bias_table_on, build_device_matcher
+    device = torch.device(device)
+    cfg = _config(policy)
+    follower = matcher = table = None
+    try:
+        if policy.store is not None:
+            from fastsafe.safety import DeviceMatcher, RiskEntityStore
+            store = RiskEntityStore(policy.store, create=False)
+
+            def build():
+                return DeviceMatcher.from_store(store, tokenizer, phrases=cfg.phrases,
+                                                token_id_phrases=cfg.token_id_phrases, regexes=list(cfg.regexes),
+                                                vocab_size=int(vocab_size), device=device, eos_token_id=eos_token_id)
+            follower = StoreFollower(build, store, poll_interval=poll_interval, logger=logger)
+        elif cfg.has_filter:
+            matcher = build_device_matcher(cfg, tokenizer, vocab_size=int(vocab_size), device=device,
+                                           eos_token_id=eos_token_id)
+        if policy.tsdi is not None:
+            from fastsafe.tsdi import TSDIBias
+            tsdi = TSDIBias.load(policy.tsdi)
+            tsdi.check_vocab(int(vocab_size), what="the served model's logits")
+            table = bias_table_on(tsdi, device)
+    except ValueError as exc:
+        raise ValueError(f"fastsafe: policy {policy.name!r}: {exc}") from exc
+    return BuiltPolicy(policy, index, matcher, table, follower)
+
+
+class RequestMatchers:
+    """Matchers of request-only phrases, keyed by the phrase set (least recently used dropped).
+
+    A phrase set seen before costs nothing; a new one is built where :meth:`get` is called (see
+    the package docstring for the measured cost and where that happens).
+    """
+
+    def __init__(self, tokenizer, *, vocab_size: int, device, eos_token_id=None, capacity: int = 64):
+        self.tokenizer = tokenizer
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device)
+        self.eos_token_id = eos_token_id
+        self.capacity = int(capacity)
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.builds = 0
+        self.build_seconds = 0.0
+
+    def get(self, phrases: tuple):
+        """The :class:`DeviceMatcher` of ``phrases`` (a tuple of strings), built on first use."""
+        key = tuple(phrases)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        from fastsafe.safety import DeviceMatcher
+        t0 = time.perf_counter()
+        dm = DeviceMatcher.build(self.tokenizer, list(key), vocab_size=self.vocab_size, device=self.device,
+                                 eos_token_id=self.eos_token_id)
+        with self._lock:
+            self.builds += 1
+            self.build_seconds += time.perf_counter() - t0
+            dm = self._cache.setdefault(key, dm)
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return dm

@@ -1,0 +1,378 @@
+"""The row model shared by both vLLM processors: per-slot automaton states and the filtering step.
+
+vLLM's two runners speak about requests differently (V1: batch rows that move; Model Runner V2:
+persistent request slots, rows reordered every step). Both processors map their requests onto
+*slots* (V1 assigns one from a free list at ``added``; V2's slot is its ``req_idx``) and call
+:class:`SafetyRows`, which keeps, per slot, host bookkeeping (policy, request-only matcher, bias
+scale, request number) and, per :class:`fastsafe.safety.DeviceMatcher` in use, one ``[capacity, 6]``
+int64 state tensor on the device.
+
+Per step (:meth:`SafetyRows.apply`), for a :class:`Plan` of the batch (rows grouped by policy and
+matcher, built on the host when the layout changes, its index tensors kept on the device):
+
+1. each row's new tokens advance its states (masked: ``-1`` pads add nothing);
+2. the TSDI bias row of each row's response position, times the row's scale, is subtracted;
+3. every matcher's ``banned_bitmask`` of the rows' states sets banned tokens to ``-inf``;
+4. the policy's ``top_k`` candidates get the text-level check (``check_candidates``); failing ones
+   become ``-inf``;
+5. a row left with nothing (every token banned, or every checked candidate failing) gets EOS only;
+6. the interventions are recorded on the device (:mod:`.audit`).
+
+No step reads a device tensor back to the host (regex entities excepted: they run on the host,
+as everywhere in fastsafe). States of new rows, of rows whose token list was rewritten, and of every
+row after a store swap are re-derived from the last ``window`` tokens of their histories
+(:meth:`SafetyRows.derive`): ``window`` masked steps for all such rows together, between steps.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastsafe.ops.bitmask import unpack_bitmask
+
+from .audit import Audit
+from .built import RequestMatchers, build_policy
+from .policies import OPT_OUT
+
+__all__ = ["SafetyRows", "Plan", "HISTORY_WINDOW", "to_device"]
+
+#: Tokens of a row's history its state is derived from when a row is (re)added or re-derived.
+#: Longer than any realistic entity's token sequence; a phrase that starts more than this many
+#: tokens before the response and ends inside it is not seen.
+HISTORY_WINDOW = 64
+_NEG_INF = float("-inf")
+
+
+def to_device(values, dtype, device) -> torch.Tensor:
+    """A host list / array as a tensor on ``device`` without waiting for the device (pinned staging on CUDA)."""
+    t = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if device.type == "cpu":
+        return t.clone() if isinstance(values, np.ndarray) else t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _Group:
+    """The rows of one policy that one matcher checks."""
+    __slots__ = ("matcher", "key", "slots", "rows", "local", "host_rows", "seqs")
+
+    def __init__(self, matcher, key, slots, rows, local, host_rows, seqs):
+        self.matcher, self.key, self.slots, self.rows, self.local = matcher, key, slots, rows, local
+        self.host_rows, self.seqs = host_rows, seqs
+
+
+class _PolicyRows:
+    __slots__ = ("name", "table", "top_k", "rows", "all_rows", "scale", "groups", "host_rows", "seqs")
+
+
+class Plan:
+    """The batch layout of one step, grouped for :meth:`SafetyRows.apply` (device index tensors).
+
+    Attributes:
+        policies: per policy present, its rows, bias scale per row and matcher groups.
+        num_rows: the logits rows of the layout.
+    """
+
+    def __init__(self, num_rows: int):
+        self.num_rows = num_rows
+        self.policies: list[_PolicyRows] = []
+        self.groups: list[_Group] = []
+
+    @property
+    def empty(self) -> bool:
+        return not self.policies
+
+    @property
+    def host_rows(self) -> list:
+        """The filtered rows (host list, ascending)."""
+        return sorted(r for pr in self.policies for r in pr.host_rows)
+
+
+class SafetyRows:
+    """Slots, states and the filtering step of one processor.
+
+    Args:
+        policies: ``{name: Policy}`` (``None``: nothing filtered).
+        tokenizer: the served model's tokenizer.
+        vocab_size: ``V``.
+        device: the worker's device.
+        capacity: slots (vLLM's ``max_num_seqs`` / ``max_num_reqs``).
+        eos_token_id: the token an all-banned row emits (and that the automaton never bans).
+        logger: vLLM's logger.
+        window: :data:`HISTORY_WINDOW`.
+    """
+
+    def __init__(self, policies, tokenizer, *, vocab_size: int, device, capacity: int, eos_token_id, logger,
+                 window: int = HISTORY_WINDOW, log_interval: float = 60.0, poll_interval: float = 0.5):
+        self.policies = policies or {}
+        self.tokenizer = tokenizer
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device)
+        self.capacity = int(capacity)
+        self.window = int(window)
+        self.logger = logger
+        if isinstance(eos_token_id, (list, tuple)):
+            eos_token_id = eos_token_id[0] if eos_token_id else None
+        if eos_token_id is None or not 0 <= int(eos_token_id) < self.vocab_size:
+            raise ValueError(f"eos_token_id: expected a token id in [0, {self.vocab_size}) for the all-banned "
+                             f"fallback, got {eos_token_id!r} (the tokenizer has no EOS token)")
+        self.eos_token_id = int(eos_token_id)
+        self.built = {}
+        for i, (name, pol) in enumerate(self.policies.items()):
+            self.built[name] = build_policy(pol, tokenizer, vocab_size=self.vocab_size, device=self.device,
+                                            eos_token_id=self.eos_token_id, index=i, poll_interval=poll_interval,
+                                            logger=logger)
+        self.request_matchers = RequestMatchers(tokenizer, vocab_size=self.vocab_size, device=self.device,
+                                                eos_token_id=self.eos_token_id)
+        fb = torch.full((self.vocab_size,), _NEG_INF, dtype=torch.float32, device=self.device)
+        fb[self.eos_token_id] = 0.0
+        self._fallback_row = fb
+        self.audit = Audit(list(self.policies) + [OPT_OUT], logger, text=self.text, log_interval=log_interval)
+        # host bookkeeping per slot
+        self.slot_args = [None] * self.capacity
+        self.slot_policy: list = [None] * self.capacity          # policy name or None
+        self.slot_request_matcher = [None] * self.capacity
+        self.slot_scale = np.zeros(self.capacity, dtype=np.float32)
+        self.slot_seq = np.full(self.capacity, -1, dtype=np.int64)
+        self._matchers_of_policy = {name: b.matcher() for name, b in self.built.items()}
+        self._states: dict[int, tuple] = {}                     # id(matcher) -> (matcher, [capacity, 6] state)
+        self._plans: dict = {}
+        self.step = 0
+        self._next_seq = 0
+
+    # ------------------------------------------------------------------ host side
+    def text(self, token_id) -> str:
+        try:
+            return self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
+        except Exception:  # noqa: BLE001 - text for the audit trail only
+            return str(token_id)
+
+    def admit(self, slot: int, args) -> bool:
+        """Put a request (its :class:`~.request_args.RequestArgs`) into ``slot``; returns whether it is filtered.
+
+        The slot's states must then be derived (:meth:`derive`) before its next step.
+        """
+        self.slot_args[slot] = args
+        self.slot_seq[slot] = self._next_seq
+        self._next_seq += 1
+        self.audit.requests += 1
+        pol = args.policy if args is not None else None
+        self.slot_policy[slot] = pol
+        self.slot_request_matcher[slot] = (self.request_matchers.get(args.banned_phrases)
+                                           if args is not None and args.banned_phrases else None)
+        scale = 0.0
+        if pol is not None and self.built[pol].table is not None:
+            scale = self.policies[pol].tsdi_scale if args.tsdi_scale is None else args.tsdi_scale
+        self.slot_scale[slot] = scale
+        self._plans.clear()
+        return self.filtered(slot)
+
+    def release(self, slot: int) -> None:
+        self.slot_args[slot] = None
+        self.slot_policy[slot] = None
+        self.slot_request_matcher[slot] = None
+        self.slot_scale[slot] = 0.0
+        self._plans.clear()
+
+    def filtered(self, slot: int) -> bool:
+        pol = self.slot_policy[slot]
+        has_policy = pol is not None and (self._matchers_of_policy[pol] is not None or self.built[pol].table is not None)
+        return has_policy or self.slot_request_matcher[slot] is not None
+
+    def matchers_of(self, slot: int) -> list:
+        out = []
+        pol = self.slot_policy[slot]
+        if pol is not None and self._matchers_of_policy[pol] is not None:
+            out.append(self._matchers_of_policy[pol])
+        if self.slot_request_matcher[slot] is not None:
+            out.append(self.slot_request_matcher[slot])
+        return out
+
+    def _state(self, matcher) -> torch.Tensor:
+        hit = self._states.get(id(matcher))
+        if hit is None or hit[0] is not matcher:
+            hit = (matcher, matcher.initial_state(self.capacity))
+            self._states[id(matcher)] = hit
+        return hit[1]
+
+    def _gc_states(self) -> None:
+        live = {id(m) for s in range(self.capacity) if self.slot_args[s] is not None for m in self.matchers_of(s)}
+        for k in [k for k in self._states if k not in live]:
+            del self._states[k]
+
+    # ------------------------------------------------------------------ states from histories
+    def derive(self, slots, tokens: torch.Tensor, valid: torch.Tensor, matchers=None) -> None:
+        """Set the states of ``slots`` (host list) from their histories.
+
+        Args:
+            slots: host list of ``n`` slots.
+            tokens: ``[n, T]`` int64 on the device (the last ``T <= window`` tokens, any alignment).
+            valid: ``[n, T]`` bool, which entries are tokens.
+            matchers: only these matchers (default: every matcher of each slot).
+        """
+        if not len(slots):
+            return
+        by_matcher: dict[int, tuple] = {}
+        for i, s in enumerate(slots):
+            for m in (self.matchers_of(s) if matchers is None else [m for m in matchers if m in self.matchers_of(s)]):
+                by_matcher.setdefault(id(m), (m, []))[1].append(i)
+        for m, idx in by_matcher.values():
+            ii = to_device(idx, torch.int64, self.device)
+            tok, ok = tokens.index_select(0, ii), valid.index_select(0, ii)
+            st = m.initial_state(len(idx))
+            for j in range(tok.shape[1]):
+                st = torch.where(ok[:, j:j + 1], m.advance(st, tok[:, j].contiguous()), st)
+            sl = to_device([slots[i] for i in idx], torch.int64, self.device)
+            self._state(m).index_copy_(0, sl, st)
+
+    def poll_swaps(self):
+        """Store policies whose newest built matcher differs from the one in force: swap them in.
+
+        Returns the slots whose states must be re-derived (host list) and the new matchers; the
+        caller re-derives (:meth:`derive`) before the next step.
+        """
+        slots, new = [], []
+        for name, b in self.built.items():
+            if b.follower is None:
+                continue
+            m = b.matcher()
+            if m is self._matchers_of_policy[name]:
+                continue
+            self.logger.info("fastsafe: policy %s: store version %s in force (%d entities)", name, m.version, len(m))
+            self._matchers_of_policy[name] = m
+            new.append(m)
+            slots += [s for s in range(self.capacity) if self.slot_args[s] is not None and self.slot_policy[s] == name]
+            self._plans.clear()
+        if new:
+            self._gc_states()
+        return slots, new
+
+    # ------------------------------------------------------------------ plans
+    def plan(self, row_slots: np.ndarray) -> Plan:
+        """The :class:`Plan` of a batch whose logits row ``r`` belongs to slot ``row_slots[r]`` (-1: not a request)."""
+        key = row_slots.tobytes()
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit
+        dev = self.device
+        plan = Plan(len(row_slots))
+        by_policy: dict = {}
+        for r, s in enumerate(row_slots.tolist()):
+            if s < 0 or self.slot_args[s] is None or not self.filtered(s):
+                continue
+            by_policy.setdefault(self.slot_policy[s], []).append((r, s))
+        for pol, members in by_policy.items():
+            pr = _PolicyRows()
+            pr.name = OPT_OUT if pol is None else pol
+            b = self.built.get(pol) if pol is not None else None
+            pr.table = None if b is None else b.table
+            pr.top_k = min(10 if b is None else b.top_k, self.vocab_size)
+            rows = [r for r, _ in members]
+            pr.host_rows = rows
+            pr.seqs = [int(self.slot_seq[s]) for _, s in members]
+            pr.all_rows = rows == list(range(len(row_slots)))
+            pr.rows = to_device(rows, torch.int64, dev)
+            pr.scale = to_device(self.slot_scale[[s for _, s in members]], torch.float32, dev)[:, None]
+            pr.groups = []
+            groups: dict = {}
+            for i, (r, s) in enumerate(members):
+                for m in self.matchers_of(s):
+                    groups.setdefault(id(m), (m, []))[1].append(i)
+            for m, idx in groups.values():
+                full = len(idx) == len(members)
+                g = _Group(m, id(m), to_device([members[i][1] for i in idx], torch.int64, dev),
+                           to_device([members[i][0] for i in idx], torch.int64, dev),
+                           None if full else to_device(idx, torch.int64, dev),
+                           [members[i][0] for i in idx], [pr.seqs[i] for i in idx])
+                pr.groups.append(g)
+                plan.groups.append(g)
+            plan.policies.append(pr)
+        if len(self._plans) > 64:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    # ------------------------------------------------------------------ the step
+    def feed(self, plan: Plan, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Advance the states of the plan's rows by their new tokens.
+
+        Args:
+            tokens: ``[num_rows, m]`` int64 on the device, aligned with the logits rows.
+            valid: ``[num_rows, m]`` bool (``False``: no token at that place).
+        """
+        for g in plan.groups:
+            state = self._state(g.matcher)
+            st = state.index_select(0, g.slots)
+            tok, ok = tokens.index_select(0, g.rows), valid.index_select(0, g.rows)
+            for j in range(tok.shape[1]):
+                st = torch.where(ok[:, j:j + 1], g.matcher.advance(st, tok[:, j].contiguous()), st)
+            state.index_copy_(0, g.slots, st)
+
+    def apply(self, logits: torch.Tensor, plan: Plan, positions=None, host_histories=None) -> torch.Tensor:
+        """Filter ``logits`` (``[num_rows, V]`` float, modified in place) under ``plan``.
+
+        Args:
+            positions: ``[num_rows]`` int64 response positions on the device (needed with TSDI).
+            host_histories: ``rows -> list of token lists`` (only called for regex entities).
+        """
+        if plan.empty:
+            return logits
+        if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
+            raise ValueError(f"logits: expected [num_rows, {self.vocab_size}] (the policies were built for "
+                             f"V={self.vocab_size}), got {list(logits.shape)}")
+        self.step += 1
+        self.audit.steps += 1
+        for pr in plan.policies:
+            x = logits if pr.all_rows else logits.index_select(0, pr.rows)
+            if pr.table is not None:
+                L = pr.table.shape[0]
+                pos = positions if pr.all_rows else positions.index_select(0, pr.rows)
+                x.sub_(pr.scale * pr.table.index_select(0, pos.clamp(0, L - 1)))
+            best = x.argmax(dim=-1)
+            best_before = x.gather(1, best[:, None]).squeeze(1)
+            text_groups = []
+            for g in pr.groups:
+                st = self._state(g.matcher).index_select(0, g.slots)
+                allowed = unpack_bitmask(g.matcher.banned_bitmask(st), self.vocab_size)
+                if g.local is None:
+                    x.masked_fill_(~allowed, _NEG_INF)
+                else:
+                    sub = x.index_select(0, g.local)
+                    sub.masked_fill_(~allowed, _NEG_INF)
+                    x.index_copy_(0, g.local, sub)
+                if g.matcher.has_text_rules:
+                    text_groups.append((g, st))
+            hit = torch.isneginf(x.gather(1, best[:, None]).squeeze(1)) & torch.isfinite(best_before)
+            self.audit.record("token_ban", pr.name, self.step, pr.host_rows, pr.seqs,
+                              torch.stack([best, hit.to(torch.int64)], dim=1))
+            if text_groups:
+                vals, cands = x.topk(pr.top_k, dim=-1)
+                ok = torch.isfinite(vals)
+                for g, st in text_groups:
+                    c = cands if g.local is None else cands.index_select(0, g.local)
+                    okg = torch.ones_like(c, dtype=torch.bool)
+                    if g.matcher.alphabet is not None:
+                        okg, ent = g.matcher.check_candidates(st, c)
+                        self.audit.record("text_match", pr.name, self.step, g.host_rows, g.seqs,
+                                          torch.cat([c, ent.to(torch.int64)], dim=1), g.matcher)
+                    if g.matcher.has_regexes:          # the host path (RE2 over recent text): reads cands back
+                        okr, events = g.matcher.host_regex_check(host_histories(g.host_rows), c.cpu())
+                        okg = okg & okr.to(okg.device)
+                        for e in events:
+                            self.audit.count_host(pr.name, "regex")
+                            self.audit.log_event(pr.name, "regex", g.seqs[e.row], g.host_rows[e.row], self.step,
+                                                 e.token_id, e.entity)
+                    if g.local is None:
+                        ok &= okg
+                    else:
+                        ok.index_copy_(0, g.local, ok.index_select(0, g.local) & okg)
+                x.scatter_(1, cands, torch.where(ok, vals, _NEG_INF))
+                dead = ~ok.any(dim=-1)
+            else:
+                dead = torch.isneginf(x.amax(dim=-1))
+            x = torch.where(dead[:, None], self._fallback_row, x)
+            self.audit.record("all_banned_fallback", pr.name, self.step, pr.host_rows, pr.seqs, dead)
+            if pr.all_rows:
+                logits.copy_(x)
+            else:
+                logits.index_copy_(0, pr.rows, x.to(logits.dtype))
+        return logits
