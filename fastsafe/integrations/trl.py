@@ -586,9 +586,10 @@ class MaskedGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         counts = self.accelerator.reduce(torch.stack([(token_mask > 0).sum(), (token_mask < 0).sum()]).float(),
                                          reduction="sum") / total[1].clamp(min=1)
-        self._metrics[mode]["mask/positive_fraction"].append(counts[0].item())
-        self._metrics[mode]["mask/negative_fraction"].append(counts[1].item())
-        self._metrics[mode]["token_reward/mean"].append(batch_mean.item())
+        positive, negative, mean = torch.cat([counts, batch_mean.reshape(1)]).tolist()   # one host sync
+        self._metrics[mode]["mask/positive_fraction"].append(positive)
+        self._metrics[mode]["mask/negative_fraction"].append(negative)
+        self._metrics[mode]["token_reward/mean"].append(mean)
         return output
 
     # ---- loss ------------------------------------------------------------------------------------
@@ -622,34 +623,33 @@ class MaskedGRPOTrainer(GRPOTrainer):
         return loss
 
     def _log_loss_metrics(self, mode, metrics, logps, old, entropies, advantages, mask):
-        """TRL's per-step metrics (global token means over processes), from the fused log-probs."""
-        maskf = mask.float()
+        """TRL's per-step metrics (global token means over processes), from the fused log-probs.
 
-        def global_mean(x):
-            totals = self.accelerator.reduce(torch.stack([(x * maskf).sum(), maskf.sum()]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
+        One gather over processes and one device-to-host copy per step: the local token sums and
+        the per-sequence clip fractions travel together.
+        """
         with torch.no_grad():
-            if self.beta != 0.0:
-                n_tok = self.accelerator.reduce(maskf.sum().reshape(1), reduction="sum").clamp(min=1.0)
-                local = metrics["kl"].to(maskf.device) * maskf.sum()
-                self._metrics[mode]["kl"].append((self.accelerator.reduce(local.reshape(1), reduction="sum")
-                                                  / n_tok).item())
-            self._metrics[mode]["entropy"].append(global_mean(entropies))
+            maskf = mask.float()
             ratio = torch.exp(logps.detach() - old)
             adv = advantages[:, None] if advantages.dim() == 1 else advantages
             low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
             high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
-            self._metrics[mode]["clip_ratio/low_mean"].append(global_mean(low))
-            self._metrics[mode]["clip_ratio/high_mean"].append(global_mean(high))
-            self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
-
-            def seq_mean(x):
-                return self.accelerator.gather((x * maskf).sum(-1) / maskf.sum(-1))
-
-            low_seq, high_seq = seq_mean(low), seq_mean(high)
-            self._metrics[mode]["clip_ratio/low_min"].append(_nan_reduce(low_seq, torch.min))
-            self._metrics[mode]["clip_ratio/high_max"].append(_nan_reduce(high_seq, torch.max))
+            n_tok = maskf.sum()
+            kl = metrics["kl"].to(maskf.device) * n_tok if self.beta != 0.0 else torch.zeros_like(n_tok)
+            sums = torch.stack([n_tok, kl] + [(x * maskf).sum() for x in (entropies, low, high, torch.maximum(low, high))])
+            per_seq = torch.stack([(x * maskf).sum(-1) / maskf.sum(-1) for x in (low, high)])   # [2, B]
+            table = self.accelerator.gather(torch.cat([sums, per_seq.reshape(-1)])[None]).double().cpu()
+        totals = table[:, :sums.numel()].sum(0)
+        n = totals[0].clamp(min=1.0)
+        values = dict(zip(("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"),
+                          (totals[1:] / n).tolist()))
+        if self.beta == 0.0:
+            del values["kl"]
+        low_seq, high_seq = table[:, sums.numel():].reshape(-1, 2, per_seq.shape[1]).transpose(0, 1).reshape(2, -1)
+        values["clip_ratio/low_min"] = _nan_reduce(low_seq, torch.min)
+        values["clip_ratio/high_max"] = _nan_reduce(high_seq, torch.max)
+        for key, value in values.items():
+            self._metrics[mode][key].append(value)
 
 
 def _nan_reduce(x: torch.Tensor, op) -> float:

@@ -39,6 +39,16 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "
     return torch.expm1(d) - d
 
 
+def _clip_range(clip_eps, clip_eps_high) -> Tuple[float, float]:
+    """The checked clip range ``(clip_eps, clip_eps_high)`` (``clip_eps_high=None`` means ``clip_eps``)."""
+    clip_eps = check_real("clip_eps", clip_eps)
+    clip_eps_high = clip_eps if clip_eps_high is None else check_real("clip_eps_high", clip_eps_high)
+    if not 0 <= clip_eps < 1 or clip_eps_high < 0:
+        raise ValueError(f"clip_eps: expected 0 <= clip_eps < 1 and clip_eps_high >= 0, "
+                         f"got clip_eps={clip_eps}, clip_eps_high={clip_eps_high}")
+    return clip_eps, clip_eps_high
+
+
 def masked_ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, *, clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
                     ref_logps: Optional[torch.Tensor] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
@@ -88,11 +98,7 @@ def masked_ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
                          f"got {list(advantages.shape)}")
     acc = acc_dtype(logps, old_logps, advantages)
     w = as_weights("mask", mask, logps, "logps").to(acc)
-    clip_eps = check_real("clip_eps", clip_eps)
-    clip_eps_high = clip_eps if clip_eps_high is None else check_real("clip_eps_high", clip_eps_high)
-    if not 0 <= clip_eps < 1 or clip_eps_high < 0:
-        raise ValueError(f"clip_eps: expected 0 <= clip_eps < 1 and clip_eps_high >= 0, "
-                         f"got clip_eps={clip_eps}, clip_eps_high={clip_eps_high}")
+    clip_eps, clip_eps_high = _clip_range(clip_eps, clip_eps_high)
     kl_coef = check_real("kl_coef", kl_coef)
     entropy_coef = check_real("entropy_coef", entropy_coef)
     if kl_estimator not in KL_ESTIMATORS:
@@ -211,11 +217,7 @@ def masked_grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: t
     acc = acc_dtype(logps, old_logps, advantages, ref_logps)
     c = as_weights("completion_mask", completion_mask, logps, "logps") != 0
     m = None if token_mask is None else as_weights("token_mask", token_mask, logps, "logps").to(acc)
-    clip_eps = check_real("clip_eps", clip_eps)
-    clip_eps_high = clip_eps if clip_eps_high is None else check_real("clip_eps_high", clip_eps_high)
-    if not 0 <= clip_eps < 1 or clip_eps_high < 0:
-        raise ValueError(f"clip_eps: expected 0 <= clip_eps < 1 and clip_eps_high >= 0, "
-                         f"got clip_eps={clip_eps}, clip_eps_high={clip_eps_high}")
+    clip_eps, clip_eps_high = _clip_range(clip_eps, clip_eps_high)
     if ratio_max is not None and check_real("ratio_max", ratio_max) <= 1:
         raise ValueError(f"ratio_max: expected a number > 1 or None, got {ratio_max}")
     beta = check_real("beta", beta)
@@ -257,8 +259,7 @@ def masked_grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: t
     metrics = {}
     if ref_logps is not None:
         check_logps("ref_logps", ref_logps, logps, "logps")
-        d = clean(ref_logps) - lp
-        kl = torch.expm1(d) - d
+        kl = kl_estimate(lp, clean(ref_logps), "k3")
         if kl_importance_correction:
             kl = kl * ratio
         if beta != 0:
