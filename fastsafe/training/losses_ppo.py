@@ -163,7 +163,10 @@ def masked_grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: t
     ``l_t = M_t * s_t + beta * kl_t`` with the k3 estimate
     ``kl_t = exp(ref_t - logps_t) - (ref_t - logps_t) - 1`` (times ``ratio_t`` when
     ``kl_importance_correction``). ``M_t = 1`` keeps the token's push, ``0`` drops it, ``-1``
-    reverses it; the KL penalty is not masked. The token mask does not change the normaliser, so
+    reverses it; the KL penalty is not masked. With a sequence-level advantage the push's sign is
+    the advantage's, so to move tokens by their own quality (harmful down, good up, in completions
+    better and worse than their group) pass ``sign(A) * M``, as ``MaskedGRPOTrainer`` does for the
+    Schmitt mask. The token mask does not change the normaliser, so
     an all-ones mask is exactly TRL's GRPO loss and an all-zero mask (with ``beta=0``) gives 0:
 
     - ``"grpo"``: ``mean_i(sum_t c l / max(sum_t c, 1))`` (per-sequence mean, then batch mean);
