@@ -6,20 +6,25 @@ into tokens. Each character is **folded** (:func:`fold_char`): the steps of
 characters removed, the hand-written confusables, leetspeak) applied to the character, then
 Unicode's look-alikes (:func:`~fastsafe.safety.confusables.confusable_map`, UTS #39). A folded
 character falls in a **class**: one class per character that occurs in some entity, plus
-``SEP`` (whitespace and the separators ``. - _ * ~ | / \\ , · •``), ``OTHER_WORD`` and
+``SEP`` (whitespace), ``PSEP`` (the separators ``. - _ * ~ | / \\ , · •``), ``OTHER_WORD`` and
 ``OTHER_NONWORD``.
 
 The classes become a stream of **symbols** (:func:`stream_symbols`, the host reference of what the
 device does):
 
-* a run of separators is one ``SEP`` symbol (so ``"make  a"``, ``"make - a"`` and ``"make_a"``
-  read alike);
+* a run of separators is one symbol, ``SEP`` when it starts with whitespace, else ``PSEP`` (so
+  ``"make  a"`` and ``"make - a"`` read alike, ``"make_a"`` and ``"make-a"`` alike);
 * a word character that follows a non-word character (or the start) is preceded by ``BND``, the
   word-start mark of the whole-word rule;
 * the 2nd and 3rd repeat of a word character are the symbols ``SQ2`` and ``SQ3`` (further repeats
   are nothing): ``"boom"`` is ``BND b o SQ2 m``, ``"booom"`` ``BND b o SQ2 SQ3 m``.
 
-Entities become symbol patterns the same way, plus a **spaced** pattern (each character a word of
+Entities become symbol patterns the same way. A gap between two words of an entity matches
+either kind of separator run (``"make a bomb"`` also matches ``"make-a-bomb"``, ``"e-mail"`` also
+``"e mail"``), except a punctuation gap between two pieces of several letters, which needs
+punctuation in the text too (``"he-she"`` matches ``"he_she"`` but not the benign ``"he she"``);
+each entity gets its literal pattern, the one with every gap it allows as ``SEP`` and the one with
+every gap ``PSEP`` (mixed writings such as ``"make a-bomb"`` are not matched). Plus a **spaced** pattern (each character a word of
 its own, ``"b o m b"`` = ``BND b SEP BND o SEP BND m SEP BND b``) for single-word entities of 3 to
 24 characters. The DFA is Aho-Corasick over the patterns (:mod:`fastsafe.safety.automaton`) with one
 change, made by the device step with one extra state column (the *shadow*: the state before the
@@ -39,6 +44,7 @@ or the text ends there (the device confirms it one character later).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -49,12 +55,15 @@ from .confusables import confusable_map
 from .normalize import is_word_char, normalize_text
 
 __all__ = ["SEPARATORS", "fold_char", "fold_text", "CharAlphabet", "CharAutomaton", "build_char_automaton",
-           "stream_symbols", "char_action", "action_tables", "OTHER_NONWORD", "OTHER_WORD", "SEP", "BND", "SQ2", "SQ3", "NUM_SPECIAL"]
+           "stream_symbols", "char_action", "action_tables", "OTHER_NONWORD", "OTHER_WORD", "SEP", "PSEP", "BND", "SQ2", "SQ3",
+           "NUM_SPECIAL"]
 
 #: Folded characters that separate letters (a run of them is one ``SEP`` symbol).
 SEPARATORS = frozenset(" .-_*~|/\\,\u00b7\u2022")
-OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3 = range(6)
-NUM_SPECIAL = 6
+OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3, PSEP = range(7)
+NUM_SPECIAL = 7
+_SEPS = (SEP, PSEP)
+_RUNS = re.compile("[\\s" + re.escape("".join(sorted(SEPARATORS))) + "]+|[^\\s" + re.escape("".join(sorted(SEPARATORS))) + "]+")
 CP_LIMIT = 0x30000            # codepoints folded through a table (above: OTHER_NONWORD)
 _SPACED_MIN = 3               # single-word entities of 3 .. 24 characters also match spaced out
 _SPACED_MAX = 24
@@ -140,8 +149,10 @@ class CharAlphabet:
 
     def cls(self, ch: str) -> int:
         """Class of one folded character."""
-        if ch in SEPARATORS or ch.isspace():
+        if ch.isspace():
             return SEP
+        if ch in SEPARATORS:
+            return PSEP
         i = self.index.get(ch)
         if i is not None:
             return i
@@ -173,10 +184,10 @@ def char_action(prev: int, run: int, c: int, is_word: np.ndarray, word_boundarie
     C = len(is_word)
     if c == C:
         return -1, False, prev, run, False, False
-    if c == SEP:
-        if prev == SEP:
-            return -1, False, SEP, 0, False, False
-        return SEP, False, SEP, 0, False, True
+    if c in _SEPS:                 # a run of separators: one symbol, the kind of its first character
+        if prev in _SEPS:
+            return -1, False, prev, 0, False, False
+        return c, False, c, 0, False, True
     if is_word[c]:
         if c == prev and (plain_repeat is None or not plain_repeat[c]):
             r = min(run + 1, 3)
@@ -303,26 +314,45 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
     seen: set = set()
     word_cache: dict[str, tuple] = {}
 
-    def symbols(form: str) -> tuple[tuple, int]:
-        # a separator run resets the context, so the stream is the words' streams joined by SEP
-        out: list[int] = []
-        lead = form[:1] in SEPARATORS or form[:1].isspace()
-        words = "".join(" " if (c in SEPARATORS or c.isspace()) else c for c in form).split()
-        if lead:
-            out.append(SEP)
-        for i, w in enumerate(words):
-            if i:
-                out.append(SEP)
-            sw = word_cache.get(w)
-            if sw is None:
-                sw = word_cache[w] = tuple(stream_symbols(alpha.classes(w), alpha.is_word,
-                                                          word_boundaries=word_boundaries,
-                                                          plain_repeat=alpha.plain_repeat))
-            out.extend(sw)
-        if words and (form[-1:] in SEPARATORS or form[-1:].isspace()):
-            out.append(SEP)              # "countries/": the match ends on the separator (a new one)
-            return tuple(out), SEP
-        return tuple(out), (alpha.cls(words[-1][-1]) if words else SEP)
+    def word_symbols(w: str) -> tuple:
+        sw = word_cache.get(w)
+        if sw is None:
+            sw = word_cache[w] = tuple(stream_symbols(alpha.classes(w), alpha.is_word, word_boundaries=word_boundaries,
+                                                      plain_repeat=alpha.plain_repeat))
+        return sw
+
+    def gaps(form: str) -> tuple[list[str], list[int]]:
+        """The words of ``form`` and the kind (``SEP`` / ``PSEP``, ``-1``: none) of the separator run
+        before each word and after the last one (``len(words) + 1`` kinds)."""
+        words, kinds = [], [-1]
+        for m in _RUNS.finditer(form):
+            t = m.group()
+            if t[0] in SEPARATORS or t[0].isspace():
+                kinds[-1] = SEP if t[0].isspace() else PSEP
+            else:
+                words.append(t)
+                kinds.append(-1)
+        return words, kinds
+
+    def variants(form: str) -> list[tuple[tuple, int]]:
+        words, kinds = gaps(form)
+        inner = kinds[1:-1]
+        # a gap may be written either way unless it is punctuation between two pieces of several letters
+        soft = [k == SEP or len(words[i]) == 1 or len(words[i + 1]) == 1 for i, k in enumerate(inner)]
+        choices = [inner, [SEP if sf else k for sf, k in zip(soft, inner)], [PSEP] * len(inner)]
+        out = []
+        for ch in choices:
+            sym: list[int] = [] if kinds[0] < 0 else [kinds[0]]
+            for i, w in enumerate(words):
+                if i:
+                    sym.append(ch[i - 1])
+                sym.extend(word_symbols(w))
+            if kinds[-1] >= 0 and words:
+                sym.append(kinds[-1])    # "countries/": the match ends on the separator (a new one)
+                out.append((tuple(sym), kinds[-1]))
+            else:
+                out.append((tuple(sym), alpha.cls(words[-1][-1]) if words else SEP))
+        return out
 
     for f, v, pr in zip(folded, values, priority):
         forms = [f]
@@ -330,15 +360,15 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         if spaced and _SPACED_MIN <= len(elems) == len(f) <= _SPACED_MAX:
             forms.append(" ".join(elems))
         for form in forms:
-            sym, last = symbols(form)
-            key = (sym, v)
-            if key in seen:
-                continue
-            seen.add(key)
-            pats.append(list(sym))
-            kinds.append(word_boundaries and bool(alpha.is_word[last]))
-            pv.append(v)
-            pp.append(pr)
+            for sym, last in variants(form):
+                key = (sym, v)
+                if key in seen:
+                    continue
+                seen.add(key)
+                pats.append(list(sym))
+                kinds.append(word_boundaries and bool(alpha.is_word[last]))
+                pv.append(v)
+                pp.append(pr)
     lens = np.asarray([len(p) for p in pats], np.int64)
     flat = np.asarray([s for p in pats for s in p], np.int64)
     trie = build_trie(flat, lens, alpha.num_classes)

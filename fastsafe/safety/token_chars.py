@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from .char_automaton import OTHER_NONWORD, SEP, CharAlphabet, fold_char
+from .char_automaton import OTHER_NONWORD, PSEP, SEP, CharAlphabet, fold_char
 
 __all__ = ["token_bytes", "token_slots", "bytes_slots"]
 
@@ -139,8 +139,8 @@ def bytes_slots(b: bytes, alphabet: CharAlphabet) -> tuple[bytes, list[int], byt
     res: list[int] = []
     cap = alphabet.run_cap
     for c in out:
-        if res and c == res[-1] and c in (SEP, OTHER_NONWORD):
-            continue
+        if res and (c == res[-1] == OTHER_NONWORD or c in (SEP, PSEP) and res[-1] in (SEP, PSEP)):
+            continue                        # later separators of a run change nothing (its first decides)
         n = cap[c]
         if n and len(res) >= n and all(x == c for x in res[-n:]):
             continue                        # longer than any entity's run of c (+1): the state is stable
