@@ -35,7 +35,7 @@ def _extensions():
         print(f"fastsafe: not building the native extension ({exc})", file=sys.stderr)
         return [], {}
 
-    cpu_sources = ["csrc/bindings.cpp", "csrc/safe_topk_cpu.cpp"]
+    cpu_sources = ["csrc/bindings.cpp", "csrc/safe_topk_cpu.cpp", "csrc/device_matcher_cpu.cpp"]
     # No -std: torch's BuildExtension adds the standard its headers need (C++17 or C++20); the
     # kernel sources are plain C++17. -ffp-contract=off (and nvcc --fmad=false) keep the scores
     # bitwise equal to torch's separate ops; -g0 keeps the build quick and the .so small.
@@ -52,7 +52,7 @@ def _extensions():
     if with_cuda:
         ext = CUDAExtension(
             "fastsafe._C",
-            cpu_sources + ["csrc/safe_topk_cuda.cu"],
+            cpu_sources + ["csrc/safe_topk_cuda.cu", "csrc/device_matcher_cuda.cu"],
             define_macros=[("FASTSAFE_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,

@@ -15,15 +15,18 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "safe_topk_args.h"
 #include "safe_topk_cpu.h"
+#include "device_matcher_cpu.h"
 
 #ifdef FASTSAFE_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "safe_topk_cuda.h"
+#include "device_matcher_cuda.h"
 #endif
 
 namespace {
@@ -191,6 +194,249 @@ Result safe_topk_cuda_op(const at::Tensor& logits, int64_t k, const OptTensor& b
 }
 #endif
 
+
+// ---------------------------------------------------------------------------------- device matcher
+// Tables in the order of fastsafe.safety.device_matcher_ops.NATIVE_TABLES; meta = [V, chain_depth,
+// ban_depth, has_text, classes, word_boundaries].
+constexpr size_t kMatcherTableCount = 27;
+
+void check_table(const at::Tensor& x, const char* name, at::ScalarType dtype, int64_t dim, const at::Tensor& state) {
+  TORCH_CHECK_VALUE(x.device() == state.device(), "tables: ", name, " expected on the state's device ", state.device(),
+                    ", got ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == dtype, "tables: ", name, " expected dtype ", dtype, ", got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == dim && x.is_contiguous() && x.numel() >= 1, "tables: ", name, " expected a non-empty "
+                    "contiguous ", dim, "-D tensor, got shape ", x.sizes());
+}
+
+void check_size(const at::Tensor& x, const char* name, int64_t d, int64_t want) {
+  TORCH_CHECK_VALUE(x.size(d) == want, "tables: ", name, " expected size ", want, " in dim ", d, ", got shape ",
+                    x.sizes());
+}
+
+// The kernels' view of the tables after checking dtypes, devices and every size they index with.
+fastsafe::MatcherTables matcher_tables(const std::vector<at::Tensor>& tb, const std::vector<int64_t>& meta,
+                                       const at::Tensor& state) {
+  TORCH_CHECK_VALUE(tb.size() == kMatcherTableCount, "tables: expected ", kMatcherTableCount, " tensors, got ",
+                    tb.size());
+  TORCH_CHECK_VALUE(meta.size() == 6, "meta: expected 6 ints [V, chain_depth, ban_depth, has_text, classes, "
+                    "word_boundaries], got ", meta.size());
+  static const char* names[kMatcherTableCount] = {
+      "goto_keys", "goto_next", "chain_next", "ban_first", "ban_next", "ban_off", "ban_cnt", "heavy_id", "ban_word",
+      "ban_mask", "heavy_rows", "base", "delta", "out_word", "out_now", "act_ctx", "act_sym", "act_flags", "slots",
+      "head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body", "cp0", "cp1"};
+  for (size_t i = 0; i < kMatcherTableCount; ++i) {
+    const bool two_d = i == 10 || i == 12 || i == 18;
+    check_table(tb[i], names[i], i == 0 ? at::kLong : at::kInt, two_d ? 2 : 1, state);
+  }
+  fastsafe::MatcherTables t;
+  const int64_t V = meta[0];
+  TORCH_CHECK_VALUE(V >= 1 && V <= (int64_t{1} << 20), "meta: expected 1 <= V <= 2^20, got ", V);
+  TORCH_CHECK_VALUE(meta[1] >= 1 && meta[2] >= 0 && meta[4] >= 6, "meta: expected chain_depth >= 1, ban_depth >= 0 "
+                    "and classes >= 6, got ", meta[1], ", ", meta[2], ", ", meta[4]);
+  t.vocab = V;
+  t.words = (V + 31) / 32;
+  t.n_goto = tb[0].numel();
+  check_size(tb[1], names[1], 0, t.n_goto);
+  t.tok_states = tb[2].numel();
+  check_size(tb[3], names[3], 0, t.tok_states);
+  t.n_ban = tb[4].numel();
+  for (int i = 5; i <= 7; ++i) check_size(tb[i], names[i], 0, t.n_ban);
+  t.n_pairs = tb[8].numel();
+  check_size(tb[9], names[9], 0, t.n_pairs);
+  check_size(tb[10], names[10], 1, t.words);
+  t.n_heavy = tb[10].size(0);
+  check_size(tb[11], names[11], 0, t.words);
+  t.chain_depth = static_cast<int32_t>(meta[1]);
+  t.ban_depth = static_cast<int32_t>(meta[2]);
+  t.has_text = meta[3] != 0;
+  t.classes = static_cast<int32_t>(meta[4]);
+  t.word_boundaries = meta[5] != 0;
+  const int64_t C = t.classes;
+  t.char_states = tb[12].size(0);
+  t.max_len = static_cast<int32_t>(tb[18].size(1));
+  if (t.has_text) {  // without text rules the kernels read none of these (placeholders of one element)
+    check_size(tb[12], names[12], 1, C);
+    check_size(tb[13], names[13], 0, t.char_states);
+    check_size(tb[14], names[14], 0, t.char_states);
+    for (int i = 15; i <= 17; ++i) check_size(tb[i], names[i], 0, 4 * C * (C + 1));
+    check_size(tb[18], names[18], 0, V + 1);
+    for (int i = 19; i <= 24; ++i) check_size(tb[i], names[i], 0, V + 1);
+    check_size(tb[25], names[25], 0, fastsafe::kCpLimit);
+    check_size(tb[26], names[26], 0, fastsafe::kCpLimit);
+  }
+  t.goto_keys = tb[0].data_ptr<int64_t>();
+  const int32_t* p[kMatcherTableCount];
+  for (size_t i = 1; i < kMatcherTableCount; ++i) p[i] = tb[i].data_ptr<int32_t>();
+  t.goto_next = p[1];
+  t.chain_next = p[2];
+  t.ban_first = p[3];
+  t.ban_next = p[4];
+  t.ban_off = p[5];
+  t.ban_cnt = p[6];
+  t.heavy_id = p[7];
+  t.ban_word = p[8];
+  t.ban_mask = p[9];
+  t.heavy_rows = p[10];
+  t.base = p[11];
+  t.delta = p[12];
+  t.out_word = p[13];
+  t.out_now = p[14];
+  t.act_ctx = p[15];
+  t.act_sym = p[16];
+  t.act_flags = p[17];
+  t.slots = p[18];
+  t.head_n = p[19];
+  t.head_bits = p[20];
+  t.tail_n = p[21];
+  t.tail_bits = p[22];
+  t.tail_need = p[23];
+  t.body = p[24];
+  t.cp0 = p[25];
+  t.cp1 = p[26];
+  return t;
+}
+
+void check_state(const at::Tensor& state) {
+  TORCH_CHECK_TYPE(state.scalar_type() == at::kLong, "state: expected dtype int64, got ", state.scalar_type());
+  TORCH_CHECK_VALUE(state.dim() == 2 && state.size(1) >= fastsafe::kMatcherStateColumns && state.is_contiguous(),
+                    "state: expected a contiguous int64 tensor [B, >= ", fastsafe::kMatcherStateColumns, "], got shape ",
+                    state.sizes());
+}
+
+void check_ids(const at::Tensor& ids, const char* name, int64_t dim, const at::Tensor& state) {
+  TORCH_CHECK_VALUE(ids.device() == state.device(), name, ": expected a tensor on the state's device ", state.device(),
+                    ", got ", ids.device());
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, name, ": expected dtype int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == dim && ids.size(0) == state.size(0) && ids.is_contiguous(), name, ": expected a "
+                    "contiguous ", dim == 1 ? "[B]" : "[B, k]", " tensor with B = ", state.size(0), ", got shape ",
+                    ids.sizes());
+}
+
+// On the CPU the state's values are checked too (cheap, and no device to synchronise with): a
+// state this matcher did not make is an error here (the CUDA kernels clamp it instead).
+void check_state_values(const fastsafe::MatcherTables& t, const at::Tensor& state) {
+  const int64_t B = state.size(0), w = state.size(1);
+  const int64_t* s = state.data_ptr<int64_t>();
+  const int64_t hi[fastsafe::kMatcherStateColumns] = {t.tok_states, t.char_states, 4 * int64_t{t.classes},
+                                                      int64_t{1} << 24, 4, t.char_states};
+  const char* col[fastsafe::kMatcherStateColumns] = {"token state", "character state", "character context",
+                                                     "partial character", "missing bytes", "shadow state"};
+  for (int64_t b = 0; b < B; ++b) {
+    for (int c = 0; c < fastsafe::kMatcherStateColumns; ++c) {
+      const int64_t v = s[b * w + c], lo = c == fastsafe::kStShadow ? -1 : 0;
+      TORCH_CHECK_VALUE(v >= lo && v < hi[c], "state: row ", b, " column ", c, " (", col[c], ") = ", v,
+                        " is outside [", lo, ", ", hi[c], "): not a state of this matcher");
+    }
+  }
+}
+
+int cpu_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+at::Tensor matcher_advance_cpu_op(const at::Tensor& state, const at::Tensor& token_ids,
+                                  const std::vector<at::Tensor>& tables, const std::vector<int64_t>& meta) {
+  TORCH_CHECK_VALUE(state.device().is_cpu(), "state: expected a CPU tensor, got ", state.device());
+  check_state(state);
+  check_ids(token_ids, "token_ids", 1, state);
+  const fastsafe::MatcherTables t = matcher_tables(tables, meta, state);
+  check_state_values(t, state);
+  at::Tensor out = at::empty(state.sizes(), state.options());
+  if (state.size(0) == 0) return out;
+  pybind11::gil_scoped_release no_gil;
+  fastsafe::matcher_advance_cpu(t, state.data_ptr<int64_t>(), state.size(1), token_ids.data_ptr<int64_t>(),
+                                state.size(0), out.data_ptr<int64_t>(), cpu_threads());
+  return out;
+}
+
+at::Tensor matcher_banned_bitmask_cpu_op(const at::Tensor& state, const std::vector<at::Tensor>& tables,
+                                         const std::vector<int64_t>& meta) {
+  TORCH_CHECK_VALUE(state.device().is_cpu(), "state: expected a CPU tensor, got ", state.device());
+  check_state(state);
+  const fastsafe::MatcherTables t = matcher_tables(tables, meta, state);
+  check_state_values(t, state);
+  at::Tensor out = at::empty({state.size(0), t.words}, state.options().dtype(at::kInt));
+  if (state.size(0) == 0) return out;
+  pybind11::gil_scoped_release no_gil;
+  fastsafe::matcher_banned_bitmask_cpu(t, state.data_ptr<int64_t>(), state.size(1), state.size(0),
+                                       out.data_ptr<int32_t>(), cpu_threads());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> matcher_check_candidates_cpu_op(const at::Tensor& state, const at::Tensor& cand_ids,
+                                                                   const std::vector<at::Tensor>& tables,
+                                                                   const std::vector<int64_t>& meta) {
+  TORCH_CHECK_VALUE(state.device().is_cpu(), "state: expected a CPU tensor, got ", state.device());
+  check_state(state);
+  check_ids(cand_ids, "cand_ids", 2, state);
+  const fastsafe::MatcherTables t = matcher_tables(tables, meta, state);
+  check_state_values(t, state);
+  at::Tensor ok = at::empty(cand_ids.sizes(), state.options().dtype(at::kBool));
+  at::Tensor ent = at::empty(cand_ids.sizes(), state.options().dtype(at::kInt));
+  if (cand_ids.numel() == 0) return {ok, ent};
+  pybind11::gil_scoped_release no_gil;
+  fastsafe::matcher_check_candidates_cpu(t, state.data_ptr<int64_t>(), state.size(1), cand_ids.data_ptr<int64_t>(),
+                                         state.size(0), cand_ids.size(1), ok.data_ptr<bool>(),
+                                         ent.data_ptr<int32_t>(), cpu_threads());
+  return {ok, ent};
+}
+
+#ifdef FASTSAFE_WITH_CUDA
+fastsafe::MatcherTables cuda_matcher_tables(const at::Tensor& state, const std::vector<at::Tensor>& tables,
+                                            const std::vector<int64_t>& meta) {
+  TORCH_CHECK_VALUE(state.device().is_cuda(), "state: expected a CUDA tensor, got ", state.device());
+  check_state(state);
+  return matcher_tables(tables, meta, state);
+}
+
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+at::Tensor matcher_advance_cuda_op(const at::Tensor& state, const at::Tensor& token_ids,
+                                   const std::vector<at::Tensor>& tables, const std::vector<int64_t>& meta) {
+  const c10::cuda::CUDAGuard guard(state.device());
+  const fastsafe::MatcherTables t = cuda_matcher_tables(state, tables, meta);
+  check_ids(token_ids, "token_ids", 1, state);
+  at::Tensor out = at::empty(state.sizes(), state.options());
+  if (state.size(0) == 0) return out;
+  check_launch(fastsafe::matcher_advance_cuda(t, state.data_ptr<int64_t>(), state.size(1),
+                                              token_ids.data_ptr<int64_t>(), state.size(0), out.data_ptr<int64_t>(),
+                                              stream_of(state)),
+               "device_matcher_advance_cuda");
+  return out;
+}
+
+at::Tensor matcher_banned_bitmask_cuda_op(const at::Tensor& state, const std::vector<at::Tensor>& tables,
+                                          const std::vector<int64_t>& meta) {
+  const c10::cuda::CUDAGuard guard(state.device());
+  const fastsafe::MatcherTables t = cuda_matcher_tables(state, tables, meta);
+  at::Tensor out = at::empty({state.size(0), t.words}, state.options().dtype(at::kInt));
+  if (state.size(0) == 0) return out;
+  check_launch(fastsafe::matcher_banned_bitmask_cuda(t, state.data_ptr<int64_t>(), state.size(1), state.size(0),
+                                                     out.data_ptr<int32_t>(), stream_of(state)),
+               "device_matcher_banned_bitmask_cuda");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> matcher_check_candidates_cuda_op(const at::Tensor& state,
+                                                                    const at::Tensor& cand_ids,
+                                                                    const std::vector<at::Tensor>& tables,
+                                                                    const std::vector<int64_t>& meta) {
+  const c10::cuda::CUDAGuard guard(state.device());
+  const fastsafe::MatcherTables t = cuda_matcher_tables(state, tables, meta);
+  check_ids(cand_ids, "cand_ids", 2, state);
+  at::Tensor ok = at::empty(cand_ids.sizes(), state.options().dtype(at::kBool));
+  at::Tensor ent = at::empty(cand_ids.sizes(), state.options().dtype(at::kInt));
+  if (cand_ids.numel() == 0) return {ok, ent};
+  check_launch(fastsafe::matcher_check_candidates_cuda(t, state.data_ptr<int64_t>(), state.size(1),
+                                                       cand_ids.data_ptr<int64_t>(), state.size(0), cand_ids.size(1),
+                                                       ok.data_ptr<bool>(), ent.data_ptr<int32_t>(), stream_of(state)),
+               "device_matcher_check_candidates_cuda");
+  return {ok, ent};
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -206,6 +452,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("banned_bitmask"), pybind11::arg("dense_reward"), pybind11::arg("reward_weight"),
         pybind11::arg("temperature"));
   m.attr("cpu_block") = fastsafe::kCpuBlock;
+  const char* matcher_doc =
+      "device_matcher_{advance,banned_bitmask,check_candidates}_{cpu,cuda}: the DeviceMatcher step kernels\n"
+      "(state [B, >=6] int64, ids int64, tables and meta of fastsafe.safety.device_matcher_ops). See\n"
+      "fastsafe.safety.DeviceMatcher.";
+  m.def("device_matcher_advance_cpu", &matcher_advance_cpu_op, matcher_doc, pybind11::arg("state"),
+        pybind11::arg("token_ids"), pybind11::arg("tables"), pybind11::arg("meta"));
+  m.def("device_matcher_banned_bitmask_cpu", &matcher_banned_bitmask_cpu_op, matcher_doc, pybind11::arg("state"),
+        pybind11::arg("tables"), pybind11::arg("meta"));
+  m.def("device_matcher_check_candidates_cpu", &matcher_check_candidates_cpu_op, matcher_doc,
+        pybind11::arg("state"), pybind11::arg("cand_ids"), pybind11::arg("tables"), pybind11::arg("meta"));
   m.def("cpu_isa", &fastsafe::safe_topk_cpu_isa,
         "Instruction set of the CPU kernel's vector loops on this machine: 'avx512f', 'avx2' or 'baseline' "
         "(FASTSAFE_CPU_ISA=baseline|avx2 caps it).");
@@ -214,6 +470,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bias_table"), pybind11::arg("positions"), pybind11::arg("bias_scale"),
         pybind11::arg("banned_bitmask"), pybind11::arg("dense_reward"), pybind11::arg("reward_weight"),
         pybind11::arg("temperature"));
+  m.def("device_matcher_advance_cuda", &matcher_advance_cuda_op, matcher_doc, pybind11::arg("state"),
+        pybind11::arg("token_ids"), pybind11::arg("tables"), pybind11::arg("meta"));
+  m.def("device_matcher_banned_bitmask_cuda", &matcher_banned_bitmask_cuda_op, matcher_doc, pybind11::arg("state"),
+        pybind11::arg("tables"), pybind11::arg("meta"));
+  m.def("device_matcher_check_candidates_cuda", &matcher_check_candidates_cuda_op, matcher_doc,
+        pybind11::arg("state"), pybind11::arg("cand_ids"), pybind11::arg("tables"), pybind11::arg("meta"));
   m.attr("cuda_max_k") = fastsafe::kCudaMaxK;
   m.attr("with_cuda") = true;
 #else

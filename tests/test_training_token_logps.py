@@ -331,9 +331,9 @@ def test_per_op_backend_listing(monkeypatch):
         backends(op="nope")
     text = describe()
     header, *rows = text.splitlines()
-    assert header.split()[2:] == ["safe_topk", "token_logps"]
+    assert header.split()[2:] == ["safe_topk", "token_logps", "device_matcher"]
     cpp_row = next(r for r in rows if r.startswith("cpp "))
-    assert cpp_row.split()[-1] == "-"                      # token_logps has no cpp backend
+    assert cpp_row.split()[3] == "-"                       # token_logps has no cpp backend
     assert "token_logps=torch" in text
 
 

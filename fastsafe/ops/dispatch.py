@@ -4,12 +4,16 @@ Backends: ``torch`` (reference, any device), ``cpp`` (C++ CPU extension), ``trit
 CPU only under ``TRITON_INTERPRET=1``), ``cuda`` (C++ CUDA extension). Each op names the backends
 that implement it and its default order per device (:data:`OPS`):
 
-==============  =========================  ============================  ====================
-op              backends                   CUDA tensor default           CPU tensor default
-==============  =========================  ============================  ====================
-``safe_topk``   torch, cpp, triton, cuda   triton, else cuda, else torch cpp, else torch
-``token_logps`` torch, triton              triton, else torch            torch
-==============  =========================  ============================  ====================
+=================== ========================= ============================= ===================
+op                  backends                  CUDA tensor default           CPU tensor default
+=================== ========================= ============================= ===================
+``safe_topk``       torch, cpp, triton, cuda  triton, else cuda, else torch cpp, else torch
+``token_logps``     torch, triton             triton, else torch            torch
+``device_matcher``  torch, cpp, cuda          cuda, else torch              cpp, else torch
+=================== ========================= ============================= ===================
+
+``device_matcher`` is the step of :class:`fastsafe.safety.DeviceMatcher` (advance, banned_bitmask,
+check_candidates); its torch backend is the matcher's tensor program.
 
 Overrides, one rule for every op: an explicit ``backend=`` argument, else the ``FASTSAFE_BACKEND``
 environment variable. ``FASTSAFE_BACKEND`` holds either one backend name (``cpp``), applied to
@@ -54,6 +58,12 @@ OPS: Dict[str, OpSpec] = {
         {"cuda": ("triton", "torch"), "cpu": ("torch",)},
         {"triton": "fastsafe.kernels.token_logps"},
         {}),
+    # The DeviceMatcher step (advance, banned_bitmask, check_candidates): torch = its tensor program.
+    "device_matcher": OpSpec(
+        "device_matcher", ("torch", "cpp", "cuda"),
+        {"cuda": ("cuda", "torch"), "cpu": ("cpp", "torch")},
+        {},
+        {"cpp": "device_matcher_advance_cpu", "cuda": "device_matcher_advance_cuda"}),
 }
 OP_NAMES = tuple(OPS)
 

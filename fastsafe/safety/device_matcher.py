@@ -28,17 +28,20 @@ host part: :meth:`host_regex_check`.
 """
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import numpy as np
 import torch
 
-from .char_automaton import BND, CP_LIMIT, OTHER_NONWORD, SQ2, SQ3, action_tables, build_char_automaton
+from ..ops.dispatch import backend_for
+from .char_automaton import BND, CP_LIMIT, NUM_SPECIAL, OTHER_NONWORD, SQ2, SQ3, action_tables, build_char_automaton
 from .entity_list import active_entities, config_entities, eos_id_set
 from .store import RiskEntity
 from .token_automaton import build_token_automaton
 from .token_chars import token_slots
 from .token_sequences import banned_sequences
+from .device_matcher_ops import advance_op, banned_bitmask_op, check_candidates_op
 
 __all__ = ["DeviceMatcher", "STATE_WIDTH"]
 
@@ -84,21 +87,22 @@ class DeviceMatcher:
         self._regex_matcher = regex_matcher
         dev = torch.device(device)
         t = lambda a, dt=torch.int64: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=dev)  # noqa: E731
+        i32 = lambda a: t(np.asarray(a), torch.int32)                      # noqa: E731  (index tables)
         W = (self.vocab_size + 31) // 32
         self._words = W
-        # ---- token level
+        # ---- token level (int32 tables: the native kernels and the tensor program share them)
         keys = tok.goto_keys if len(tok.goto_keys) else np.asarray([np.iinfo(np.int64).max])
         self._goto_keys = t(keys)
-        self._goto_next = t(tok.goto_next if len(tok.goto_next) else [0])
-        self._chain_next = t(tok.chain_next)
+        self._goto_next = i32(tok.goto_next if len(tok.goto_next) else [0])
+        self._chain_next = i32(tok.chain_next)
         self._chain_depth = int(tok.chain_depth)
-        self._ban_first = t(tok.ban_first)
+        self._ban_first = i32(tok.ban_first)
         nb = len(tok.ban_next)
-        self._ban_next = t(tok.ban_next if nb else [-1])
-        self._ban_off = t(tok.ban_off if nb else [0])
-        self._ban_cnt = t(tok.ban_cnt if nb else [0])
-        self._heavy_id = t(tok.heavy_id if nb else [-1])
-        self._ban_word = t(np.concatenate([tok.ban_word, [W]]))            # one spare pair: window padding
+        self._ban_next = i32(tok.ban_next if nb else [-1])
+        self._ban_off = i32(tok.ban_off if nb else [0])
+        self._ban_cnt = i32(tok.ban_cnt if nb else [0])
+        self._heavy_id = i32(tok.heavy_id if nb else [-1])
+        self._ban_word = i32(np.concatenate([tok.ban_word, [W]]))          # one spare pair: window padding
         self._ban_mask = t(np.concatenate([tok.ban_mask, [-1]]).astype(np.int32), torch.int32)
         self._ban_width = int(tok.ban_width)
         self._ban_arange = torch.arange(self._ban_width, device=dev)      # the window offsets of banned_bitmask
@@ -113,37 +117,58 @@ class DeviceMatcher:
         self.max_token_chars = 0
         if char is not None:
             C = char.alphabet.num_classes
+            if char.delta.size >= 2 ** 31:
+                raise ValueError(f"phrases: the character automaton has {char.delta.shape[0]} states x {C} classes, "
+                                 f"more than the 2^31 table entries supported")
             self._classes = C
-            self._delta = t(char.delta.reshape(-1))
-            self._out_word = t(char.out_word)
-            self._out_now = t(char.out_now)
+            self._delta = i32(char.delta.reshape(-1))
+            self._out_word = i32(char.out_word)
+            self._out_now = i32(char.out_now)
             act = action_tables(char.alphabet.is_word, word_boundaries, char.alphabet.plain_repeat)
             self._act_ctx = t(act["ctx"].reshape(-1))
             self._act_sym = t(np.maximum(act["sym"], 0).reshape(-1))
             self._act_emit = t(act["sym"].reshape(-1) >= 0, torch.bool)
             self._act_bnd = t((act["flags"].reshape(-1) & 1) > 0, torch.bool)
             self._act_conf = t((act["flags"].reshape(-1) & 4) > 0, torch.bool)
-            self._delta_bnd = t(char.delta[:, BND])
-            self._slots = t(slots["slots"])
+            self._delta_bnd = i32(char.delta[:, BND])
+            self._slots = i32(slots["slots"])
             self.max_token_chars = int(slots["slots"].shape[1])
             for name in ("head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body"):
-                setattr(self, "_" + name, t(slots[name]))
-            self._cp0 = t(np.where(cp_classes[:, 0] < 0, C, cp_classes[:, 0]))
-            self._cp1 = t(np.where(cp_classes[:, 1] < 0, C, cp_classes[:, 1]))
+                setattr(self, "_" + name, i32(slots[name]))
+            self._cp0 = i32(np.where(cp_classes[:, 0] < 0, C, cp_classes[:, 0]))
+            self._cp1 = i32(np.where(cp_classes[:, 1] < 0, C, cp_classes[:, 1]))
             self.num_char_states = char.num_states
             self.alphabet = char.alphabet
             self.text_excluded = list(char.excluded)
-            char_bytes = char.nbytes + sum(v.nbytes for v in slots.values()) + cp_classes.nbytes + \
-                sum(v.nbytes for v in act.values())
+            text_tables = [self._delta, self._out_word, self._out_now, self._act_ctx, self._act_sym, self._act_emit,
+                           self._act_bnd, self._act_conf, self._delta_bnd, self._slots, self._head_n, self._head_bits,
+                           self._tail_n, self._tail_bits, self._tail_need, self._body, self._cp0, self._cp1]
+            # the native kernels' action table: new context, symbol (-1: none), flags (bit 0 BND, bit 2 word end)
+            native_act = [i32(act["ctx"].reshape(-1)), i32(act["sym"].reshape(-1)),
+                          i32(act["flags"].reshape(-1) & 5)]
+            text_native = [self._delta.view(-1, C), self._out_word, self._out_now, *native_act, self._slots,
+                           self._head_n, self._head_bits, self._tail_n, self._tail_bits, self._tail_need, self._body,
+                           self._cp0, self._cp1]
         else:
             self._classes = 1
             self.text_excluded = []
             self.num_char_states = 1
             self.alphabet = None
-            char_bytes = 0
+            text_tables = []
+            one = i32([0])
+            text_native = [i32([[0] * NUM_SPECIAL]), i32([-1]), i32([-1])] + [one] * 3 + [i32([[NUM_SPECIAL]])] + \
+                [one] * 8
         self.device = self._goto_keys.device
-        self._tok_bytes = tok.nbytes
-        self._char_bytes = char_bytes
+        tok_tables = [self._goto_keys, self._goto_next, self._chain_next, self._ban_first, self._ban_next, self._ban_off,
+                      self._ban_cnt, self._heavy_id, self._ban_word, self._ban_mask, self._heavy_rows, self._base,
+                      self._ban_arange]
+        self._tok_bytes = sum(x.nbytes for x in tok_tables)
+        self._char_bytes = sum(x.nbytes for x in text_tables) + sum(x.nbytes for x in text_native[3:6])
+        # ---- the native kernels' view (fastsafe.safety.device_matcher_ops: NATIVE_TABLES, NATIVE_META)
+        self._native_tables = tok_tables[:11] + [self._base[:W]] + text_native
+        self._native_meta = [self.vocab_size, self._chain_depth, self._ban_depth, int(self._has_text),
+                             self._classes if self._has_text else NUM_SPECIAL, int(self.word_boundaries)]
+        self._backend = backend_for(self._goto_keys, op="device_matcher")
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -248,6 +273,32 @@ class DeviceMatcher:
     def has_regexes(self) -> bool:
         return self._regex_matcher is not None
 
+    @property
+    def backend(self) -> str:
+        """What runs the step: ``"cpp"`` / ``"cuda"`` (native kernels) or ``"torch"`` (the tensor program).
+
+        Chosen at build by :func:`fastsafe.ops.backend_for` (op ``device_matcher``; override with
+        ``FASTSAFE_BACKEND=device_matcher:torch``), fixed for the matcher's life (a compiled step
+        stays one graph).
+        """
+        return self._backend
+
+    def with_backend(self, backend: str) -> "DeviceMatcher":
+        """The same matcher (tables shared, not copied) with the step run by ``backend``.
+
+        Args:
+            backend: ``"torch"``, ``"cpp"`` (CPU) or ``"cuda"``; must be available on :attr:`device`.
+
+        Example:
+            >>> dm = DeviceMatcher.build(None, token_id_phrases=[[5, 7]], vocab_size=10)
+            >>> dm.with_backend("torch").backend
+            'torch'
+        """
+        other = copy.copy(self)
+        other._backend = backend_for(self._goto_keys, backend, op="device_matcher")
+        return other
+
+
     def entity(self, i: int) -> RiskEntity:
         """The entity of an id returned by :meth:`check_candidates` (host side, for events)."""
         if isinstance(i, torch.Tensor):
@@ -321,7 +372,7 @@ class DeviceMatcher:
         state = self.initial_state(B)
         for j in range(T):
             active = lengths >= T - j
-            state = torch.where(active[:, None], self._advance(state, rows[:, j]), state)
+            state = torch.where(active[:, None], self._step(state, rows[:, j].contiguous()), state)
         return state
 
     # ------------------------------------------------------------------ token level
@@ -339,7 +390,7 @@ class DeviceMatcher:
             hit = (keys[idx] == key) & ~done
             res = torch.where(hit, self._goto_next[idx], res)
             done = done | hit
-            cur = self._chain_next[cur]
+            cur = self._chain_next[cur].long()
         return res
 
     def banned_bitmask(self, state: torch.Tensor, *, vocab_size: int | None = None) -> torch.Tensor:
@@ -363,6 +414,12 @@ class DeviceMatcher:
         self._check_state(state)
         if vocab_size is not None and vocab_size != self.vocab_size:
             raise ValueError(f"vocab_size: the matcher was built for V={self.vocab_size}, got {vocab_size}")
+        if self._backend != "torch":
+            return banned_bitmask_op(state.contiguous(), self._native_tables, self._native_meta)
+        return self._banned_bitmask(state)
+
+    def _banned_bitmask(self, state: torch.Tensor) -> torch.Tensor:
+        """The tensor program of :meth:`banned_bitmask` (the reference of the native kernels)."""
         B = state.shape[0]
         W = self._words
         out = self._base.unsqueeze(0).expand(B, W + 1).clone()
@@ -375,7 +432,7 @@ class DeviceMatcher:
             cnt = torch.where(valid, self._ban_cnt[bb], 0)
             idx = (self._ban_off[bb].unsqueeze(1) + ar).clamp(max=P)
             use = ar < cnt.unsqueeze(1)
-            w = torch.where(use, self._ban_word[idx], W)
+            w = torch.where(use, self._ban_word[idx].long(), W)
             m = torch.where(use, self._ban_mask[idx], -1)
             out.scatter_(1, w, out.gather(1, w) & m)
             if self._has_heavy:
@@ -463,7 +520,7 @@ class DeviceMatcher:
             cols += st
         else:
             cols += [state[:, i] for i in (_CHR, _CTX, _CP, _NEED, _SHADOW)]
-        return torch.stack(cols, dim=1)
+        return torch.stack([c.long() for c in cols], dim=1)
 
     def advance(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """The state after each row appends one token.
@@ -478,6 +535,13 @@ class DeviceMatcher:
         """
         self._check_state(state)
         self._check_ids("token_ids", token_ids, 1, state.shape[0])
+        return self._step(state, token_ids)
+
+    def _step(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`advance` after validation, on the matcher's backend."""
+        if self._backend != "torch":
+            return advance_op(state.contiguous(), token_ids.to(torch.int64).contiguous(), self._native_tables,
+                              self._native_meta)
         return self._advance(state, token_ids)
 
     def check_candidates(self, state: torch.Tensor, cand_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -495,6 +559,13 @@ class DeviceMatcher:
         """
         self._check_state(state)
         self._check_ids("cand_ids", cand_ids, 2, state.shape[0])
+        if self._backend != "torch":
+            return check_candidates_op(state.contiguous(), cand_ids.to(torch.int64).contiguous(),
+                                       self._native_tables, self._native_meta)
+        return self._check_candidates(state, cand_ids)
+
+    def _check_candidates(self, state: torch.Tensor, cand_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor program of :meth:`check_candidates` (the reference of the native kernels)."""
         c = cand_ids.to(torch.int64)
         valid = (c >= 0) & (c < self.vocab_size)
         if not self._has_text:

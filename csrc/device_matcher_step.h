@@ -1,0 +1,273 @@
+// The per-row work of the device matcher (fastsafe/safety/device_matcher.py), shared by the C++
+// CPU kernel (device_matcher_cpu.cpp) and the CUDA kernel (device_matcher_cuda.cu): one token
+// through the token automaton, the packed ban mask of a state, and one token through the
+// character automaton (the text check). Raw pointers only (no torch headers), so the CUDA file
+// compile-checks with plain nvcc.
+//
+// The plain-PyTorch reference is DeviceMatcher's tensor program (_token_step, banned_bitmask,
+// _char_step, _text_run); these functions follow it line by line, with early exits where the
+// reference runs a fixed number of masked steps (the results are the same):
+//   * the token step stops at the first hit on the failure chain (the reference tries all
+//     chain_depth nodes and keeps the first hit);
+//   * a token's character slots end at the first empty slot (an empty slot changes nothing);
+//   * the ban chain stops at its end (-1).
+// Table contents are trusted (DeviceMatcher builds them); the state and token ids are not: ids
+// outside [0, V) read the empty row V, and every state column is clamped into its range before
+// it is used as an index (sanitize_state), so no input makes a kernel read out of bounds.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTSAFE_HD __host__ __device__ __forceinline__
+#else
+#define FASTSAFE_HD inline
+#endif
+
+namespace fastsafe {
+
+// Columns of the state (DeviceMatcher.STATE_WIDTH >= 6 is the row stride; columns past 5 belong
+// to other parts of the matcher and are copied through by advance).
+constexpr int kStTok = 0, kStChr = 1, kStCtx = 2, kStCp = 3, kStNeed = 4, kStShadow = 5;
+constexpr int kMatcherStateColumns = 6;
+// Special character classes (fastsafe/safety/char_automaton.py).
+constexpr int32_t kOtherNonword = 0, kBnd = 3, kSq2 = 4, kSq3 = 5;
+constexpr int64_t kCpLimit = 0x30000;
+
+struct MatcherTables {
+  int64_t vocab = 0;          // V
+  int64_t words = 0;          // W = ceil(V / 32)
+  // ---- token level
+  const int64_t* goto_keys = nullptr;   // [n_goto] sorted state * V + token
+  const int32_t* goto_next = nullptr;   // [n_goto]
+  int64_t n_goto = 0;
+  const int32_t* chain_next = nullptr;  // [tok_states]
+  const int32_t* ban_first = nullptr;   // [tok_states] banning node or -1
+  int64_t tok_states = 0;
+  int32_t chain_depth = 1;
+  const int32_t* ban_next = nullptr;    // [n_ban]
+  const int32_t* ban_off = nullptr;     // [n_ban]
+  const int32_t* ban_cnt = nullptr;     // [n_ban]
+  const int32_t* heavy_id = nullptr;    // [n_ban] row of heavy_rows (0: none)
+  int64_t n_ban = 0;
+  int32_t ban_depth = 0;
+  const int32_t* ban_word = nullptr;    // [n_pairs]
+  const int32_t* ban_mask = nullptr;    // [n_pairs]
+  int64_t n_pairs = 0;
+  const int32_t* heavy_rows = nullptr;  // [n_heavy, W] (row 0: all allowed)
+  int64_t n_heavy = 0;
+  const int32_t* base = nullptr;        // [W]
+  // ---- text level
+  int32_t has_text = 0;
+  int32_t classes = 1;                  // C (class C = no character)
+  int32_t max_len = 0;                  // slots per token
+  int32_t word_boundaries = 1;
+  int64_t char_states = 1;
+  const int32_t* delta = nullptr;       // [char_states, C]
+  const int32_t* out_word = nullptr;    // [char_states]
+  const int32_t* out_now = nullptr;     // [char_states]
+  const int32_t* act_ctx = nullptr;     // [4C, C+1] new context
+  const int32_t* act_sym = nullptr;     // [4C, C+1] symbol or -1
+  const int32_t* act_flags = nullptr;   // [4C, C+1] bit 0: BND first, bit 2: confirms a word end
+  const int32_t* slots = nullptr;       // [V + 1, max_len] classes (C: none)
+  const int32_t* head_n = nullptr;      // [V + 1] each
+  const int32_t* head_bits = nullptr;
+  const int32_t* tail_n = nullptr;
+  const int32_t* tail_bits = nullptr;
+  const int32_t* tail_need = nullptr;
+  const int32_t* body = nullptr;
+  const int32_t* cp0 = nullptr;         // [kCpLimit] classes of a codepoint's first two folded characters
+  const int32_t* cp1 = nullptr;
+};
+
+// The text part of a row's state.
+struct TextState {
+  int64_t s, ctx, cp, need, shadow;
+};
+
+FASTSAFE_HD int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Every column into the range where it is a valid index (a no-op for states this matcher made).
+FASTSAFE_HD void sanitize_state(const MatcherTables& t, const int64_t* in, int64_t* tok, TextState* ts) {
+  *tok = clamp64(in[kStTok], 0, t.tok_states - 1);
+  ts->s = clamp64(in[kStChr], 0, t.char_states - 1);
+  ts->ctx = clamp64(in[kStCtx], 0, 4 * static_cast<int64_t>(t.classes) - 1);
+  ts->cp = clamp64(in[kStCp], 0, (int64_t{1} << 24) - 1);
+  ts->need = clamp64(in[kStNeed], 0, 3);
+  ts->shadow = clamp64(in[kStShadow], -1, t.char_states - 1);
+}
+
+// ---------------------------------------------------------------------------------- token level
+FASTSAFE_HD int64_t lower_bound64(const int64_t* a, int64_t n, int64_t key) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + ((hi - lo) >> 1);
+    if (a[mid] < key) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// The token state after appending token `tok` (ids outside [0, V): the root).
+FASTSAFE_HD int64_t token_step(const MatcherTables& t, int64_t s, int64_t tok) {
+  if (tok < 0 || tok >= t.vocab) return 0;
+  int64_t cur = s;
+  for (int32_t d = 0; d < t.chain_depth; ++d) {
+    const int64_t key = cur * t.vocab + tok;
+    const int64_t i = lower_bound64(t.goto_keys, t.n_goto, key);
+    if (i < t.n_goto && t.goto_keys[i] == key) return t.goto_next[i];
+    if (cur == 0) return 0;
+    cur = t.chain_next[cur];
+  }
+  return 0;
+}
+
+// Applies the bans of token state `s` to words [w0, w1) of a row that already holds `base`.
+// (The CUDA kernel splits a row's words over the threads of a block; the CPU takes them all.)
+FASTSAFE_HD void apply_bans(const MatcherTables& t, int64_t s, int32_t* row, int64_t w0, int64_t w1) {
+  int64_t b = t.ban_first[s];
+  for (int32_t d = 0; d < t.ban_depth && b >= 0; ++d) {
+    const int64_t off = t.ban_off[b], cnt = t.ban_cnt[b];
+    for (int64_t j = 0; j < cnt; ++j) {
+      const int64_t w = t.ban_word[off + j];
+      if (w >= w0 && w < w1) row[w] &= t.ban_mask[off + j];
+    }
+    const int64_t h = t.heavy_id[b];
+    if (h > 0) {
+      const int32_t* hr = t.heavy_rows + h * t.words;
+      for (int64_t w = w0; w < w1; ++w) row[w] &= hr[w];
+    }
+    b = t.ban_next[b];
+  }
+}
+
+// ---------------------------------------------------------------------------------- text level
+struct TextHit {
+  int64_t hit = -1;
+  bool fresh = false;
+};
+
+// One character of class `c` (C = none) through the character DFA (DeviceMatcher._char_step).
+template <bool kTrack>
+FASTSAFE_HD void char_step(const MatcherTables& t, TextState& st, int64_t c, TextHit& h) {
+  const int64_t C = t.classes;
+  const int64_t i = st.ctx * (C + 1) + c;
+  const int32_t raw_sym = t.act_sym[i];
+  const bool emit = raw_sym >= 0;
+  const int64_t sym = emit ? raw_sym : 0;
+  const int32_t flags = t.act_flags[i];
+  const int64_t s = st.s;
+  if (kTrack) {
+    const int64_t ow = t.out_word[s];
+    if ((flags & 4) && h.fresh && ow >= 0) h.hit = ow;
+  }
+  if (emit) {
+    const int64_t s1 = (t.word_boundaries && (flags & 1)) ? t.delta[s * C + kBnd] : s;
+    const int64_t raw = t.delta[s1 * C + sym];
+    const bool dead = raw == 0;
+    const bool sq2 = sym == kSq2, sq3 = sym == kSq3;
+    const bool has_shadow = st.shadow >= 0;
+    int64_t s2;
+    if (sq3) {
+      s2 = dead ? ((has_shadow && s == 0) ? st.shadow : s) : raw;
+    } else if (sq2) {
+      s2 = raw;
+    } else {
+      const bool run3 = (st.ctx & 3) == 3;
+      s2 = (dead && run3 && has_shadow) ? static_cast<int64_t>(t.delta[st.shadow * C + sym]) : raw;
+    }
+    st.shadow = sq2 ? s : (sq3 ? st.shadow : -1);
+    st.s = s2;
+    if (kTrack) {
+      const bool changed = !(dead && (sq2 || sq3));
+      const int64_t nw = t.out_now[s2];
+      if (changed && nw >= 0) h.hit = nw;
+      h.fresh = h.fresh || changed;
+    }
+  }
+  st.ctx = t.act_ctx[i];
+}
+
+// One token through the character DFA (DeviceMatcher._text_run): a pending UTF-8 character
+// finished by the token's head, the token's slots, its unfinished tail. With kTrack, returns the
+// entity of a new occurrence the token completes (-1: none).
+template <bool kTrack>
+FASTSAFE_HD int64_t text_run(const MatcherTables& t, TextState& st, int64_t tok) {
+  const int64_t C = t.classes;
+  const int64_t row = (tok >= 0 && tok < t.vocab) ? tok : t.vocab;
+  TextHit h;
+  const int64_t hn = t.head_n[row];
+  const int64_t hb = t.head_bits[row];
+  const bool done = st.need > 0 && hn >= st.need;
+  int64_t c0 = C, c1 = C;
+  if (done) {
+    const int64_t sh = 6 * (hn - st.need);
+    const int64_t full = (st.cp << (6 * st.need)) | (hb >> sh);
+    if (full >= kCpLimit) {
+      c0 = kOtherNonword;
+    } else {
+      c0 = t.cp0[full];
+      c1 = t.cp1[full];
+    }
+  }
+  if (st.need > hn && hn > 0) {              // still unfinished after this token's head
+    st.cp = (st.cp << (6 * hn)) | hb;
+    st.need -= hn;
+  }
+  if (c0 != C) char_step<kTrack>(t, st, c0, h);
+  if (c1 != C) char_step<kTrack>(t, st, c1, h);
+  const int32_t* sl = t.slots + row * static_cast<int64_t>(t.max_len);
+  for (int32_t j = 0; j < t.max_len; ++j) {
+    const int64_t c = sl[j];
+    if (c == C) break;
+    char_step<kTrack>(t, st, c, h);
+  }
+  const int64_t tn = t.tail_n[row];
+  if (tn > 0) {
+    st.cp = t.tail_bits[row];
+    st.need = t.tail_need[row];
+  } else if (t.body[row] > 0 || done) {
+    st.cp = 0;
+    st.need = 0;
+  }
+  if (kTrack) {
+    const int64_t ow = t.out_word[st.s];
+    if (h.fresh && ow >= 0) h.hit = ow;
+  }
+  return h.hit;
+}
+
+// ---------------------------------------------------------------------------------- one row
+// advance: state row `in` (stride `width`) -> `out`; columns >= 6 are copied.
+FASTSAFE_HD void advance_row(const MatcherTables& t, const int64_t* in, int64_t* out, int64_t width, int64_t tok) {
+  int64_t ts;
+  TextState st;
+  sanitize_state(t, in, &ts, &st);
+  out[kStTok] = token_step(t, ts, tok);
+  if (t.has_text) {
+    text_run<false>(t, st, tok);
+    out[kStChr] = st.s;
+    out[kStCtx] = st.ctx;
+    out[kStCp] = st.cp;
+    out[kStNeed] = st.need;
+    out[kStShadow] = st.shadow;
+  } else {
+    for (int c = 1; c < kMatcherStateColumns; ++c) out[c] = in[c];
+  }
+  for (int64_t c = kMatcherStateColumns; c < width; ++c) out[c] = in[c];
+}
+
+// check_candidates of one (row, candidate): ok and entity.
+FASTSAFE_HD void check_one(const MatcherTables& t, const int64_t* in, int64_t cand, bool* ok, int32_t* entity) {
+  const bool valid = cand >= 0 && cand < t.vocab;
+  int64_t hit = -1;
+  if (t.has_text) {
+    int64_t ts;
+    TextState st;
+    sanitize_state(t, in, &ts, &st);
+    hit = text_run<true>(t, st, cand);
+  }
+  *ok = valid && hit < 0;
+  *entity = static_cast<int32_t>(hit);
+}
+
+}  // namespace fastsafe
