@@ -121,6 +121,12 @@ class SafetyStep:
         if self.state is not None:
             self.state = self._rows.select(self.state, index)
 
+    def _ban_entities(self, dm, best, hit):
+        """``[B]`` int32 id of the entity each banned ``best`` token completes (-1 where ``hit`` is
+        False), from the rows' current states: call it before :meth:`advance` moves them."""
+        ent = dm.banned_entity(self._live_state(best.shape[0]), best.to(dm.device, torch.int64))
+        return torch.where(hit.to(ent.device), ent, -1)
+
     def _swap(self, matcher, state) -> None:
         """Put ``matcher`` and the rows' ``state`` under it in force (a store's new version); the
         records of the old matcher become events first (their entity ids are the old matcher's)."""
@@ -245,7 +251,8 @@ class SafetyStep:
         best = scores.argmax(dim=-1)
         bit = (bitmask.gather(1, (best // 32).unsqueeze(1)).squeeze(1) >> (best % 32)) & 1
         if matcher is self._device_matcher:   # recorded on the device; events at flush()
-            self._records.append(("token_ban", position, None if rows is None else list(rows), best, bit == 0))
+            self._records.append(("token_ban", position, None if rows is None else list(rows), best,
+                                  self._ban_entities(matcher, best, bit == 0)))
             return
         for i in (bit == 0).nonzero().flatten().tolist():
             tok = int(best[i])
@@ -276,11 +283,12 @@ class SafetyStep:
         events = []
         for rule, position, rows, tokens, hits in records:
             tokens, hits = tokens.cpu(), hits.cpu()
-            if rule == "token_ban":
-                for i in hits.nonzero().flatten().tolist():
-                    tok = int(tokens[i])
+            if rule == "token_ban":            # hits: entity ids (-1: not banned)
+                for i in (hits >= 0).nonzero().flatten().tolist():
+                    tok, ent = int(tokens[i]), self._device_matcher.entity(int(hits[i]))
                     events.append(SafetyEvent(step=position, row=rows[i] if rows is not None else i, token_id=tok,
-                                              token_text=self.text(tok), rule="token_ban"))
+                                              token_text=self.text(tok), rule="token_ban", entity=ent.phrase,
+                                              category=ent.category, severity=ent.severity))
             else:
                 for i, j in (hits >= 0).nonzero().tolist():
                     tok, ent = int(tokens[i, j]), self._device_matcher.entity(int(hits[i, j]))

@@ -46,3 +46,13 @@ def test_the_host_check_catches_nothing_the_device_misses_here():
         host = any(not bool(pm.check_candidates([ids[:i]], [[ids[i]]])[0][0, 0]) for i in range(n, len(ids)))
         if host:
             assert blocked_at(_dm(), tok, "I said", text) is not None, text
+
+
+def test_a_whitespace_gap_next_to_a_punctuation_edge_still_matches_punctuation():
+    """"he shoots" and "he-she" share the node after "he": a punctuation run takes the PSEP edge there,
+    and the copy of "he shoots" through it keeps "he-shoots" caught."""
+    tok = tiny_tokenizer()
+    dm = DeviceMatcher.build(tok, ["He-she", "he shoots"])
+    for written in [" he-shoots", " he shoots", " he_she"]:
+        assert blocked_at(dm, tok, "I said", written) is not None, written
+    assert blocked_at(dm, tok, "I said", " he she") is None

@@ -23,8 +23,8 @@ Entities become symbol patterns the same way. A gap between two words of an enti
 either kind of separator run (``"make a bomb"`` also matches ``"make-a-bomb"``, ``"e-mail"`` also
 ``"e mail"``), except a punctuation gap between two pieces of several letters, which needs
 punctuation in the text too (``"he-she"`` matches ``"he_she"`` but not the benign ``"he she"``);
-each entity gets its literal pattern, the one with every gap it allows as ``SEP`` and the one with
-every gap ``PSEP`` (mixed writings such as ``"make a-bomb"`` are not matched). Plus a **spaced** pattern (each character a word of
+in the DFA a ``PSEP`` symbol follows a ``PSEP`` edge where there is one, else the ``SEP`` edge
+(:func:`_punct_column`), so one pattern per entity serves both kinds. Plus a **spaced** pattern (each character a word of
 its own, ``"b o m b"`` = ``BND b SEP BND o SEP BND m SEP BND b``) for single-word entities of 3 to
 24 characters. The DFA is Aho-Corasick over the patterns (:mod:`fastsafe.safety.automaton`) with one
 change, made by the device step with one extra state column (the *shadow*: the state before the
@@ -269,6 +269,23 @@ class CharAutomaton:
         return self.delta.nbytes + self.out_word.nbytes + self.out_now.nbytes
 
 
+def _punct_column(trie, fail: np.ndarray, delta: np.ndarray) -> None:
+    """Set ``delta[:, PSEP]``: a punctuation run follows the node's ``PSEP`` edge, else its ``SEP``
+    edge (a whitespace gap of an entity matches punctuation too), else the failure node's choice."""
+    N = trie.num_nodes
+    child, sym, par = np.arange(1, N), trie.symbol[1:], trie.parent[1:]
+    own = np.full(N, -1, np.int64)
+    own[par[sym == SEP]] = child[sym == SEP]
+    own[par[sym == PSEP]] = child[sym == PSEP]          # a PSEP edge wins over a SEP edge
+    col = np.zeros(N, delta.dtype)
+    ls = trie.level_starts
+    for d in range(len(ls) - 1):
+        v = np.arange(ls[d], ls[d + 1])
+        inherited = col[fail[v]] if d > 0 else np.zeros(len(v), delta.dtype)
+        col[v] = np.where(own[v] >= 0, own[v], inherited)
+    delta[:, PSEP] = col
+
+
 def entity_text(phrase: str) -> str:
     """The folded text of an entity (whitespace stripped at both ends)."""
     return fold_text(phrase.strip()).strip()
@@ -323,36 +340,29 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
 
     def gaps(form: str) -> tuple[list[str], list[int]]:
         """The words of ``form`` and the kind (``SEP`` / ``PSEP``, ``-1``: none) of the separator run
-        before each word and after the last one (``len(words) + 1`` kinds)."""
-        words, kinds = [], [-1]
+        before each word and after the last one (``len(words) + 1`` runs)."""
+        words, runs = [], [-1]
         for m in _RUNS.finditer(form):
             t = m.group()
             if t[0] in SEPARATORS or t[0].isspace():
-                kinds[-1] = SEP if t[0].isspace() else PSEP
+                runs[-1] = SEP if t[0].isspace() else PSEP
             else:
                 words.append(t)
-                kinds.append(-1)
-        return words, kinds
+                runs.append(-1)
+        return words, runs
 
-    def variants(form: str) -> list[tuple[tuple, int]]:
-        words, kinds = gaps(form)
-        inner = kinds[1:-1]
-        # a gap may be written either way unless it is punctuation between two pieces of several letters
-        soft = [k == SEP or len(words[i]) == 1 or len(words[i + 1]) == 1 for i, k in enumerate(inner)]
-        choices = [inner, [SEP if sf else k for sf, k in zip(soft, inner)], [PSEP] * len(inner)]
-        out = []
-        for ch in choices:
-            sym: list[int] = [] if kinds[0] < 0 else [kinds[0]]
-            for i, w in enumerate(words):
-                if i:
-                    sym.append(ch[i - 1])
-                sym.extend(word_symbols(w))
-            if kinds[-1] >= 0 and words:
-                sym.append(kinds[-1])    # "countries/": the match ends on the separator (a new one)
-                out.append((tuple(sym), kinds[-1]))
-            else:
-                out.append((tuple(sym), alpha.cls(words[-1][-1]) if words else SEP))
-        return out
+    def pattern(form: str) -> tuple[tuple, int]:
+        words, runs = gaps(form)
+        sym: list[int] = [] if runs[0] < 0 else [runs[0]]
+        for i, w in enumerate(words):
+            if i:   # a gap is SEP (either kind of run matches it) unless punctuation between longer pieces
+                hard = runs[i] == PSEP and len(words[i - 1]) > 1 and len(w) > 1
+                sym.append(PSEP if hard else SEP)
+            sym.extend(word_symbols(w))
+        if runs[-1] >= 0 and words:
+            sym.append(runs[-1])         # "countries/": the match ends on the separator (a new one)
+            return tuple(sym), runs[-1]
+        return tuple(sym), (alpha.cls(words[-1][-1]) if words else SEP)
 
     for f, v, pr in zip(folded, values, priority):
         forms = [f]
@@ -360,20 +370,33 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         if spaced and _SPACED_MIN <= len(elems) == len(f) <= _SPACED_MAX:
             forms.append(" ".join(elems))
         for form in forms:
-            for sym, last in variants(form):
-                key = (sym, v)
-                if key in seen:
-                    continue
-                seen.add(key)
-                pats.append(list(sym))
-                kinds.append(word_boundaries and bool(alpha.is_word[last]))
-                pv.append(v)
-                pp.append(pr)
+            sym, last = pattern(form)
+            key = (sym, v)
+            if key in seen:
+                continue
+            seen.add(key)
+            pats.append(list(sym))
+            kinds.append(word_boundaries and bool(alpha.is_word[last]))
+            pv.append(v)
+            pp.append(pr)
+    # where a PSEP edge and a SEP edge leave one node, a punctuation run takes the PSEP edge (see
+    # _punct_column): the patterns through the SEP edge get a copy through the PSEP one
+    hard = {tuple(q[:j]) for q in pats for j, x in enumerate(q) if x == PSEP}
+    if hard:
+        for i in range(len(pats)):
+            q = pats[i]
+            for j, x in enumerate(q):
+                if x == SEP and tuple(q[:j]) in hard:
+                    pats.append(q[:j] + [PSEP] + q[j + 1:])
+                    kinds.append(kinds[i])
+                    pv.append(pv[i])
+                    pp.append(pp[i])
     lens = np.asarray([len(p) for p in pats], np.int64)
     flat = np.asarray([s for p in pats for s in p], np.int64)
     trie = build_trie(flat, lens, alpha.num_classes)
     fail = failure_links(trie)
     delta = dense_transitions(trie, fail)
+    _punct_column(trie, fail, delta)
     N = trie.num_nodes
     kinds_a = np.asarray(kinds, bool)
     outs = []

@@ -36,6 +36,7 @@ import torch
 
 from ..ops.dispatch import backend_for
 from .char_automaton import BND, CP_LIMIT, NUM_SPECIAL, OTHER_NONWORD, SQ2, SQ3, action_tables, build_char_automaton
+from .ban_owners import ban_owner_table, banned_entity
 from .entity_list import active_entities, config_entities, eos_id_set
 from .store import RiskEntity
 from .token_automaton import build_token_automaton
@@ -79,7 +80,7 @@ class DeviceMatcher:
     """
 
     def __init__(self, *, entities, vocab_size, device, tok, char, slots, cp_classes, word_boundaries, version,
-                 regex_matcher):
+                 regex_matcher, ban_owners=None):
         self.entities = entities
         self.vocab_size = int(vocab_size)
         self.version = version
@@ -159,6 +160,9 @@ class DeviceMatcher:
             text_native = [i32([[0] * NUM_SPECIAL]), i32([-1]), i32([-1])] + [one] * 3 + [i32([[NUM_SPECIAL]])] + \
                 [one] * 8
         self.device = self._goto_keys.device
+        # which entity each token ban completes (token_ban events; see fastsafe.safety.ban_owners)
+        keys, owner, sev = ban_owners if ban_owners is not None else ([np.iinfo(np.int64).max], [-1], [0])
+        self._owner_keys, self._owner_ids, self._owner_sev = t(keys), t(owner, torch.int32), t(sev, torch.int32)
         tok_tables = [self._goto_keys, self._goto_next, self._chain_next, self._ban_first, self._ban_next, self._ban_off,
                       self._ban_cnt, self._heavy_id, self._ban_word, self._ban_mask, self._heavy_rows, self._base,
                       self._ban_arange]
@@ -217,8 +221,9 @@ class DeviceMatcher:
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device: expected a torch device, got {device!r}") from exc
         ents = _entities(phrases, token_id_phrases, regexes, entities)
-        flat, lens, _ = banned_sequences(tokenizer, ents, vocab_size, eos_id_set(tokenizer, eos_token_id))
+        flat, lens, owners = banned_sequences(tokenizer, ents, vocab_size, eos_id_set(tokenizer, eos_token_id))
         tok = build_token_automaton(flat, lens, vocab_size)
+        ban_owners = ban_owner_table(tok, flat, lens, owners, [e.severity for e in ents])
         owner: dict[str, int] = {}
         for i, e in enumerate(ents):
             if e.kind == "phrase":
@@ -238,7 +243,8 @@ class DeviceMatcher:
             regex_matcher = PhraseMatcher.build(tokenizer, entities=rx, vocab_size=vocab_size,
                                                 regex_window=regex_window)
         return cls(entities=ents, vocab_size=vocab_size, device=device, tok=tok, char=char, slots=slots,
-                   cp_classes=cpc, word_boundaries=word_boundaries, version=version, regex_matcher=regex_matcher)
+                   cp_classes=cpc, word_boundaries=word_boundaries, version=version, regex_matcher=regex_matcher,
+                   ban_owners=ban_owners)
 
     @classmethod
     def from_store(cls, store, tokenizer, **kwargs) -> "DeviceMatcher":
@@ -298,6 +304,25 @@ class DeviceMatcher:
         other._backend = backend_for(self._goto_keys, backend, op="device_matcher")
         return other
 
+    def banned_entity(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """``[B]`` int32 id of the entity whose token sequence ``token_ids`` would complete after each
+        row (:meth:`entity`), -1 where the token is not banned by the token automaton.
+
+        Args:
+            state: ``[B, 6]`` int64 on :attr:`device`.
+            token_ids: ``[B]`` int64 (or int32) on :attr:`device`.
+
+        A tensor program (no host read), for ``token_ban`` events recorded on the device.
+
+        Example:
+            >>> dm = DeviceMatcher.build(None, token_id_phrases=[[5, 7], [3]], vocab_size=10)
+            >>> dm.banned_entity(dm.state_from_histories([[5], [5]]), torch.tensor([7, 4])).tolist()
+            [0, -1]
+        """
+        self._check_state(state)
+        self._check_ids("token_ids", token_ids, 1, state.shape[0])
+        return banned_entity(self._owner_keys, self._owner_ids, self._owner_sev, self._chain_next, self._chain_depth,
+                             self.vocab_size, state[:, _TOK], token_ids)
 
     def entity(self, i: int) -> RiskEntity:
         """The entity of an id returned by :meth:`check_candidates` (host side, for events)."""
