@@ -32,7 +32,7 @@ import torch
 from .config import SafetyConfig
 from .models import check_vocab, context_length
 from .models_cache import accepts, cache_kwargs, output_cache
-from .ops import choose, safe_topk
+from .generation_compiled import hits_stop
 from .safety_step import SafetyStep
 
 __all__ = ["generate", "GenerationResult"]
@@ -52,6 +52,8 @@ class GenerationResult:
         finish_reasons: per row ``"eos"``, ``"stop_string"``, ``"length"`` (``max_new_tokens``) or
             ``"context"`` (the model's context was full).
         new_tokens: per row, the list of generated token ids (up to and including EOS).
+        compile_seconds: ``compile=True``: seconds the first compiled step took (compiling it);
+            0.0 when the step was already compiled, or without ``compile``.
     """
 
     sequences: torch.Tensor
@@ -60,6 +62,7 @@ class GenerationResult:
     prompt_length: int = 0
     finish_reasons: list = field(default_factory=list)
     new_tokens: list = field(default_factory=list)
+    compile_seconds: float = 0.0
 
     def events_for(self, row: int) -> list:
         """The events of one prompt."""
@@ -148,7 +151,8 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
              min_p: float = 0.0, eos_token_id=None, pad_token_id: int | None = None, stop_strings=None,
              seed: int | None = None, generator: torch.Generator | None = None, attention_mask=None,
-             chat: bool = False, add_special_tokens: bool = True, backend: str | None = None) -> GenerationResult:
+             chat: bool = False, add_special_tokens: bool = True, backend: str | None = None,
+             compile: bool = False, check_every: int = 8) -> GenerationResult:
     """Safe generation with fastsafe's KV-cached loop and the fused top-k op.
 
     Args:
@@ -174,6 +178,15 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
         chat: wrap each text prompt in the tokenizer's chat template (user turn + generation prompt).
         add_special_tokens: for text prompts without ``chat``.
         backend: op backend for :func:`fastsafe.ops.safe_topk` (default: the dispatcher's choice).
+        compile: run the decoding loop of :mod:`fastsafe.generation_compiled`: a static KV cache,
+            tokens and finished flags on the device, the whole decode step (forward + safety step
+            + choose) compiled once per batch / cache-length bucket (``mode="reduce-overhead"``
+            on CUDA). Same knobs; the filters run on the device matcher (``matcher="host"`` is
+            run as ``"device"``); regex entities and reward models are refused (they need the
+            host inside a step). The first call per bucket pays the compile
+            (``GenerationResult.compile_seconds``).
+        check_every: with ``compile=True``, steps between the host checks of EOS / stop strings /
+            events (rows that finish in between decode padding; outputs are cut exactly).
 
     Returns:
         :class:`GenerationResult` (``sequences``, ``texts``, ``events``, ...).
@@ -251,6 +264,21 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             if max_new_tokens < 1:
                 raise ValueError(f"prompts: a {T}-token prompt fills the model's context of {ctx}; nothing can be generated")
 
+    if compile:
+        if isinstance(check_every, bool) or not isinstance(check_every, numbers.Integral) or check_every < 1:
+            raise ValueError(f"check_every: expected an int >= 1, got {check_every!r}")
+        if generator is not None and generator.device != device:
+            raise ValueError(f"generator: expected a generator on {device} (the model's device), got {generator.device}")
+        from .generation_compiled import compiled_decode
+        sequences, new_tokens, finish, events, T, seconds = compiled_decode(
+            model, tokenizer, rows, config, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos=eos, pad_token_id=pad_token_id,
+            stop_strings=stop_strings, generator=generator, backend=backend, fallback_id=fallback_id,
+            reason_limit=reason_limit, ctx=ctx, check_every=int(check_every))
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else [""] * B
+        return GenerationResult(sequences=sequences, texts=texts, events=events, prompt_length=T,
+                                finish_reasons=finish, new_tokens=new_tokens, compile_seconds=seconds)
+
     ids = torch.full((B, T), pad_token_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     for b, r in enumerate(rows):
@@ -286,34 +314,13 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
     steps = 0
     for step in range(max_new_tokens):
         hist = [histories[r] for r in active]
-        matcher = safety.matcher()
-        bitmask = safety.banned_bitmask(matcher, hist, device)
-        use_table = safety.bias_table(step)
-        dense = safety.dense_reward(hist)
-        res = safe_topk(logits, k, bias_table=use_table, positions=step if use_table is not None else None,
-                        bias_scale=config.tsdi_scale, banned_bitmask=bitmask, dense_reward=dense,
-                        reward_weight=config.reward_weight if dense is not None else 0.0,
-                        temperature=sample_temp, backend=backend)
-        if do_sample and bool(torch.isposinf(res.values).any()):
-            bad = torch.isposinf(res.values).any(dim=-1).nonzero().flatten().tolist()
+        sel = safety.select(logits, step, k=k, histories=hist, rows=active, temperature=sample_temp, backend=backend)
+        if do_sample and bool(torch.isposinf(sel.topk.values).any()):
+            bad = torch.isposinf(sel.topk.values).any(dim=-1).nonzero().flatten().tolist()
             raise ValueError(f"logits: the model gave +inf scores in rows {[active[i] for i in bad][:16]} at step "
                              f"{step}; sampling needs finite scores (a +inf makes the softmax NaN)")
-        allowed = safety.check_candidates(matcher, hist, res.indices, step, rows=active)
-        cand_r = safety.candidate_reward(hist, res.indices)
-        ok = safety.candidate_ok(res.values, allowed, cand_r)
-        dead = ~ok.any(dim=-1)
-        safety.require_fallback(dead, rows=active)
-        nxt = choose(res, candidate_reward=cand_r, reward_weight=config.reward_weight if cand_r is not None else 0.0,
-                     candidate_allowed=allowed, do_sample=do_sample, top_p=top_p, min_p=min_p, generator=generator,
-                     fallback_id=fallback_id)
-
-        # audit trail (cheap [B, k] / [B] work, plus one argmax read of the logits for token bans)
-        safety.report_token_bans(matcher, step, hist, logits, bitmask, rows=active)
-        if cand_r is not None and not do_sample:
-            plain = ok.to(torch.int8).argmax(dim=-1)       # first allowed candidate = best by log p
-            plain_ids = res.indices.gather(1, plain.unsqueeze(1)).squeeze(1)
-            safety.report_reward_overrides(step, plain_ids, nxt, ~dead, rows=active)
-        safety.report_fallbacks(step, dead, rows=active)
+        nxt = safety.choose(sel, step, do_sample=do_sample, top_p=top_p, min_p=min_p, generator=generator,
+                            rows=active)
         safety.advance(nxt)
         if config.on_event is not None and step % 16 == 15:
             safety.flush()                                   # device-side records reach on_event every 16 steps
@@ -325,7 +332,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             new_tokens[r].append(t)
             if t in eos_set:
                 finish[r] = "eos"
-            elif stop_strings and _hits_stop(tokenizer, new_tokens[r], stop_strings, max_stop):
+            elif stop_strings and hits_stop(tokenizer, new_tokens[r], stop_strings, max_stop):
                 finish[r] = "stop_string"
             else:
                 keep.append(i)
@@ -389,6 +396,3 @@ def _check_before_model(model, rows: list[list[int]], V: int | None, fallback_id
         raise ValueError(f"{name}: expected a token id in [0, {V}) (the model's vocabulary), got {int(fallback_id)}")
 
 
-def _hits_stop(tokenizer, tokens: list[int], stop_strings: list[str], max_stop: int) -> bool:
-    tail = tokenizer.decode(tokens[-(max_stop + 4):], skip_special_tokens=False)
-    return any(s in tail for s in stop_strings)

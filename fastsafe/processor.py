@@ -33,9 +33,10 @@ Histories: leading ``pad_token_id`` tokens (left padding) are stripped before ma
 described entirely by ``input_ids`` at each call, so greedy, sampling and beam search (whose
 beams are reordered between steps) need no bookkeeping.
 
-Under sampling, candidates outside the ``top_k`` are covered by the token-level bans but not by
-the text-level check; use :func:`fastsafe.generate` (which only ever picks among the checked
-``top_k``) or a larger ``top_k`` when that matters.
+Under sampling, candidates outside the ``top_k`` are covered by the token-level bans, and by the
+text-level check only with ``text_check="vocab"`` (the default on CUDA with the device matcher:
+every token is checked and the blocked ones folded into the bitmask); otherwise use
+:func:`fastsafe.generate` (which only ever picks among the checked ``top_k``) or a larger ``top_k``.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ from .safety_step import SafetyStep
 __all__ = ["SafeLogitsProcessor"]
 
 NEG_INF = float("-inf")
+#: Which tokens get the text-level check: the ``top_k`` candidates, every token of the vocabulary
+#: (device matcher), or ``"auto"``: the vocabulary where the scores are on a GPU, else the top-k.
+TEXT_CHECKS = ("auto", "top_k", "vocab")
 
 
 class SafeLogitsProcessor:
@@ -59,6 +63,11 @@ class SafeLogitsProcessor:
         eos_token_id: fallback token when every candidate is banned (default: ``config.fallback_token_id``,
             then ``tokenizer.eos_token_id``).
         pad_token_id: leading tokens stripped from histories (default: ``tokenizer.pad_token_id``).
+        text_check: ``"top_k"`` checks the ``config.top_k`` best candidates at text level;
+            ``"vocab"`` checks every token of the vocabulary (``SafetyConfig(matcher="device")``
+            only; the host matcher always checks the top-k), so sampling cannot draw an unchecked
+            token; ``"auto"`` (default): ``"vocab"`` where the scores are on CUDA (a few table
+            lookups per token, cheap there), else ``"top_k"``.
 
     Attributes:
         events: list of :class:`fastsafe.safety.SafetyEvent` of the latest generation (cleared by
@@ -74,7 +83,10 @@ class SafeLogitsProcessor:
     """
 
     def __init__(self, tokenizer, config: SafetyConfig | None = None, *, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None):
+                 pad_token_id: int | None = None, text_check: str = "auto"):
+        if text_check not in TEXT_CHECKS:
+            raise ValueError(f"text_check: expected one of {TEXT_CHECKS}, got {text_check!r}")
+        self.text_check = text_check
         if config is None:
             config = SafetyConfig()
         if not isinstance(config, SafetyConfig):
@@ -168,48 +180,44 @@ class SafeLogitsProcessor:
         histories = self._histories(input_ids) if needs_lists else None
         if step.on_device:
             self._follow(step, input_ids, histories)
-        mask = step.banned_bitmask(matcher, histories, scores.device)
-        if mask is not None:
-            step.report_token_bans(matcher, position, histories, out, mask)
-            out = out.masked_fill(~unpack_bitmask(mask, V), NEG_INF)
-
-        dense = step.dense_reward(histories) if histories is not None else None
-        if dense is not None:
-            out = (out.float() + cfg.reward_weight * dense).to(dtype)
-
-        text_rules = matcher is not None and matcher.has_text_rules
         cand_reward = step.reward is not None and step.reward.form == "candidate"
-        if text_rules or cand_reward:
-            k = min(cfg.top_k, V)
-            values, cands = torch.topk(out.float(), k, dim=-1)
-            allowed = step.check_candidates(matcher, histories, cands, position)
-            r = step.candidate_reward(histories, cands)
-            ok = step.candidate_ok(values, allowed, r)
-            if r is not None:
-                logp = values - torch.logsumexp(out.float(), dim=-1, keepdim=True)
-                s = (logp + cfg.reward_weight * r.float()).masked_fill(~ok, NEG_INF)
-                live = ok.any(dim=-1)
-                plain = cands.gather(1, values.masked_fill(~ok, NEG_INF).argmax(dim=-1, keepdim=True)).squeeze(1)
-                chosen = cands.gather(1, s.argmax(dim=-1, keepdim=True)).squeeze(1)
-                step.report_reward_overrides(position, plain, chosen, live)
-                out = torch.full_like(out, NEG_INF).scatter(1, cands, s.to(dtype))
-            elif not bool(ok.all()):
-                kept = torch.where(ok, out.gather(1, cands), torch.full_like(values, NEG_INF).to(dtype))
+        if matcher is None and not cand_reward:          # TSDI and / or a dense reward only
+            dense = step.dense_reward(histories) if histories is not None else None
+            return out if dense is None else (out.float() + cfg.reward_weight * dense).to(dtype)
+
+        vocab = self._check_vocab(step, matcher, scores)
+        sel = step.select(scores, position, k=min(cfg.top_k, V), histories=histories, ban_scores=out,
+                          check_vocab=vocab)
+        if sel.banned_bitmask is not None:
+            out = out.masked_fill(~unpack_bitmask(sel.banned_bitmask, V), NEG_INF)
+        if sel.dense_reward is not None:
+            out = (out.float() + cfg.reward_weight * sel.dense_reward).to(dtype)
+
+        cands, ok, dead = sel.topk.indices, sel.ok, sel.dead
+        if cand_reward:      # Algorithm 1: only the checked top-k, re-scored by log p + w * r
+            s = (sel.topk.logprobs() + cfg.reward_weight * sel.candidate_reward.float()).masked_fill(~ok, NEG_INF)
+            step.choose(sel, position)                   # the greedy pick: records reward overrides and fallbacks
+            out = torch.full_like(out, NEG_INF).scatter(1, cands, s.to(dtype))
+        else:
+            if sel.allowed is not None and not bool(ok.all()):
+                kept = torch.where(ok, out.gather(1, cands), torch.full_like(sel.topk.values, NEG_INF).to(dtype))
                 out = out.scatter(1, cands, kept)
             # a row whose checked candidates are all out falls back (nothing checked is left to pick)
-            dead = ~ok.any(dim=-1)
-        else:
-            dead = torch.isneginf(out).all(dim=-1) if matcher is not None else None
-
-        if dead is not None and bool(dead.any()):
-            step.require_fallback(dead)
+            step.record_choice(sel, None, position)
+        if bool(dead.any()):
             rows = dead.nonzero().flatten()
             out = out.clone() if out is scores else out
             out[rows] = NEG_INF
             out[rows, step.fallback_id] = 0.0
-            step.report_fallbacks(position, dead)
         step.flush()
         return out
+
+    def _check_vocab(self, step: SafetyStep, matcher, scores: torch.Tensor) -> bool:
+        """Whether this call text-checks every token (see ``text_check``)."""
+        if not step.on_device or matcher.alphabet is None:
+            return False
+        mode = self.text_check
+        return mode == "vocab" or (mode == "auto" and scores.is_cuda)
 
     def _follow(self, step: SafetyStep, input_ids: torch.Tensor, histories) -> None:
         """Device matcher: advance the rows' states by their last token when this call continues the

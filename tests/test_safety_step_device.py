@@ -73,3 +73,27 @@ def test_processor_device_path_in_hf_generate(tok, num_beams):
 def test_unknown_matcher_is_refused():
     with pytest.raises(ValueError, match=r"matcher: expected one of \('host', 'device'\), got 'gpu'"):
         SafetyConfig(matcher="gpu")
+
+
+def test_processor_text_check_over_the_whole_vocabulary(tok):
+    """text_check="vocab" (the default on CUDA; forced here on the CPU): every token that would complete
+    an entity at text level gets -inf, not only the top_k candidates; "top_k" checks the top_k only."""
+    from fastsafe.safety import DeviceMatcher
+    cfg = SafetyConfig(banned_phrases=ENTITIES, matcher="device", top_k=2)
+    ids = torch.tensor([tok.encode("go and kil", add_special_tokens=False)])
+    V = len(tok)
+    scores = torch.randn(1, V, generator=torch.Generator().manual_seed(3))
+    dm = DeviceMatcher.build(tok, ENTITIES, vocab_size=V)
+    ok, _ = dm.check_candidates(dm.state_from_histories(ids), torch.arange(V)[None])
+    blocked = (~ok[0]).nonzero().flatten()
+    assert len(blocked) >= 3, "some tokens should complete an entity (else the test proves nothing)"
+    scores[0, blocked[0]] = 50.0                       # one blocked token leads; the others are outside the top-2
+    full = SafeLogitsProcessor(tok, cfg, text_check="vocab")(ids, scores.clone())
+    top = SafeLogitsProcessor(tok, cfg, text_check="top_k")(ids, scores.clone())
+    assert torch.isneginf(full[0, blocked]).all()
+    assert torch.isneginf(top[0, blocked[0]]) and torch.isfinite(top[0, blocked[1:]]).any()
+    assert torch.equal(full[0, ok[0]], scores[0, ok[0]])            # allowed tokens keep their scores
+    auto = SafeLogitsProcessor(tok, cfg)                             # auto: top_k on the CPU
+    assert torch.equal(auto(ids, scores.clone()), top)
+    with pytest.raises(ValueError, match=r"text_check: expected one of \('auto', 'top_k', 'vocab'\), got 'all'"):
+        SafeLogitsProcessor(tok, cfg, text_check="all")

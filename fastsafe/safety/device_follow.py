@@ -8,7 +8,9 @@ its own row states, such as a serving adapter or a compiled loop):
   moved (one indexed SQLite read per call with ``poll_interval=0``), a new matcher is built in a
   background thread from a consistent snapshot; until it is ready the previous one stays in force.
   A build that fails keeps the previous matcher, sets :attr:`LiveDeviceMatcher.last_error` and
-  warns (once per failed version); the next change of the store tries again.
+  warns (once per failed version); the next change of the store tries again. An entity that cannot
+  be compiled is skipped alone (``skip_invalid``), warned about once and listed in
+  :attr:`LiveDeviceMatcher.skipped`; every other entity stays in force.
 * :class:`RowStates` — the rows' states under a new matcher, re-derived exactly: it keeps the
   rows' start histories and a log of what happened to the rows since (``advance`` token ids,
   ``select_rows`` indices, as device tensors: no host read). When :meth:`RowStates.poll` sees a
@@ -68,6 +70,7 @@ class LiveDeviceMatcher:
         background: build new versions in a background thread (default). ``False`` builds inside
             :meth:`current` (the calling step waits; the host path's freshness rule then holds).
         on_error: optional callback called with each exception of a failed build.
+        on_skip: optional callback called once with each newly skipped entity (:class:`SkippedEntity`).
         **build_kwargs: passed to :meth:`DeviceMatcher.from_store` (``vocab_size``, ``device``,
             ``phrases``, ``token_id_phrases``, ``regexes``, ``eos_token_id``, ``word_boundaries`` ...).
 
@@ -76,6 +79,7 @@ class LiveDeviceMatcher:
         last_error: the exception of the last failed read or build (``None`` after a good one).
         last_build_s: seconds the last successful build took (from seeing the version to ready).
         builds: number of matchers built (the first one included).
+        skipped: the store entities not in force in the current matcher, with the reasons.
 
     Raises:
         Exception: whatever the first build raises (there is no matcher to fall back to).
@@ -86,7 +90,7 @@ class LiveDeviceMatcher:
     """
 
     def __init__(self, store, tokenizer, *, poll_interval: float = 0.0, background: bool = True, on_error=None,
-                 **build_kwargs):
+                 on_skip=None, **build_kwargs):
         if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or not poll_interval >= 0:
             raise ValueError(f"poll_interval: expected a number of seconds >= 0, got {poll_interval!r}")
         self.store = store
@@ -94,6 +98,10 @@ class LiveDeviceMatcher:
         self.poll_interval = float(poll_interval)
         self.background = bool(background)
         self.on_error = on_error
+        self.on_skip = on_skip
+        self._reported: set = set()
+        build_kwargs.pop("skip_invalid", None)
+        build_kwargs.pop("warn", None)
         self.build_kwargs = dict(build_kwargs)
         self.last_error: Exception | None = None
         self.last_build_s: float | None = None
@@ -102,11 +110,27 @@ class LiveDeviceMatcher:
         self._done = threading.Condition(self._lock)
         self._failed: int | None = None           # the store version whose build failed (not retried)
         self._matcher = self._build()
+        self._report(self._matcher.skipped)
         self.builds = 1
         self._last_poll = time.monotonic()
 
     def _build(self) -> DeviceMatcher:
-        return DeviceMatcher.from_store(self.store, self.tokenizer, **self.build_kwargs)
+        return DeviceMatcher.from_store(self.store, self.tokenizer, skip_invalid=True, warn=False, **self.build_kwargs)
+
+    @property
+    def skipped(self) -> list:
+        return list(self._matcher.skipped)
+
+    def _report(self, items) -> None:
+        new = [x for x in items if (x.entity.id, x.entity.phrase, x.reason) not in self._reported]
+        if not new:
+            return
+        self._reported.update((x.entity.id, x.entity.phrase, x.reason) for x in new)
+        from .matcher import warn_skipped
+        warn_skipped(new)
+        if self.on_skip is not None:
+            for x in new:
+                self.on_skip(x)
 
     @property
     def version(self):
@@ -157,6 +181,7 @@ class LiveDeviceMatcher:
             with self._lock:
                 if self._matcher.version is None or m.version >= self._matcher.version:
                     self._matcher = m
+                    self._report(m.skipped)
                 self.builds += 1
                 self.last_build_s = time.perf_counter() - t0
                 self.last_error = None
@@ -266,6 +291,12 @@ class RowStates:
         if self._start is not None:
             self._log.append(("advance", token_ids))
         return matcher.advance(state, token_ids)
+
+    def log_advance(self, token_ids) -> None:
+        """Log that the rows appended ``token_ids`` (``[B]``) when the caller advanced the state
+        itself (inside a compiled step); what :meth:`advance` logs."""
+        if self._start is not None:
+            self._log.append(("advance", token_ids.to(torch.int64)))
 
     def select(self, state, index):
         """The rows ``index`` of ``state`` (rows leave / reorder), logged for a later re-derivation."""

@@ -1,0 +1,322 @@
+"""``fastsafe.generate(..., compile=True)``: a decoding loop that stays on the device.
+
+The eager loop (:mod:`fastsafe.generation`) reads every step's tokens back to the host, keeps
+Python bookkeeping per row and grows a dynamic KV cache. This loop instead:
+
+* holds the KV cache in transformers' ``StaticCache``, sized from the prompt length plus
+  ``max_new_tokens`` and rounded up to a bucket (:func:`cache_bucket`), and the batch rounded up
+  to a power of two (:func:`batch_bucket`; the extra rows decode padding and are dropped), so the
+  step's shapes repeat across calls and recompiles stay bounded;
+* keeps the tokens, the finished flags and the safety automaton's row states on the device;
+* runs the whole decode step — model forward of the last token, :meth:`SafetyStep.select`
+  (token bans, TSDI, fused top-k, text check) and :meth:`SafetyStep.choose` — as one
+  ``torch.compile``'d function (``mode="reduce-overhead"`` on CUDA: one CUDA graph per step; the
+  default mode elsewhere), compiled once per bucket;
+* reads the host only every ``check_every`` steps: EOS and stop strings are checked there (a row
+  that finished in between keeps decoding padding until the check; outputs are cut exactly at EOS /
+  the stop string as in the eager loop), the audit records become events, and the store's new
+  matcher (if any) is swapped in between two steps (a swap changes tensors, not the step).
+
+The prompt (prefill) runs eagerly: its length varies from call to call.
+
+Refused under ``compile=True`` (a clear ``ValueError``): what needs the host inside a step — the
+host matcher's text check is replaced by the device matcher (``matcher="host"`` configs run
+``matcher="device"``), but regex entities and reward models (they read text) are refused.
+
+Example:
+    >>> res = fastsafe.generate(model, tok, ["Hi"] * 8, SafetyConfig(banned_phrases=["bomb"]),
+    ...                         max_new_tokens=64, compile=True)
+    >>> res.texts, res.events, res.compile_seconds
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+import weakref
+
+import torch
+
+from .models_cache import accepts, cache_argument
+from .ops.types import SafeTopK
+from .safety_step import SafetyStep, StepSelection
+
+__all__ = ["batch_bucket", "cache_bucket", "compiled_decode", "CHECK_EVERY", "compile_stats"]
+
+#: Steps between two host checks (EOS, stop strings, events, the store's swap).
+CHECK_EVERY = 8
+#: Smallest cache length bucket; larger ones are powers of two.
+MIN_CACHE = 64
+
+# one decoder per (model, bucket, options): the StaticCache and the compiled step are reused
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STATS = {"compiles": 0, "compile_seconds": 0.0}
+
+
+def batch_bucket(batch: int) -> int:
+    """The batch size the compiled step runs at: the next power of two >= ``batch``.
+
+    >>> [batch_bucket(b) for b in (1, 3, 8, 9)]
+    [1, 4, 8, 16]
+    """
+    return 1 << max(0, int(batch) - 1).bit_length()
+
+
+def cache_bucket(length: int, limit: int | None = None) -> int:
+    """The static cache length for ``length`` positions: a power of two >= ``max(length, 64)``,
+    capped at ``limit`` (the model's context) when given.
+
+    >>> [cache_bucket(n) for n in (10, 64, 65, 300)]
+    [64, 64, 128, 512]
+    """
+    n = max(int(length), MIN_CACHE)
+    b = 1 << (n - 1).bit_length()
+    return max(int(length), min(b, limit)) if limit is not None else b
+
+
+def compile_stats() -> dict:
+    """How many decode steps were compiled in this process and the seconds spent compiling."""
+    return dict(_STATS)
+
+
+def refuse(safety: SafetyStep) -> None:
+    """``ValueError`` naming what in ``safety`` cannot run inside a compiled step."""
+    if safety.graph_safe:
+        return
+    parts = "; ".join(safety.host_parts)
+    raise ValueError(f"compile: compile=True runs the whole step on the device, but this config has host-only parts "
+                     f"({parts}); use compile=False for them")
+
+
+def _static_cache(model, batch: int, length: int, device, dtype):
+    """transformers' ``StaticCache`` for ``batch`` rows of ``length`` positions (whichever
+    constructor the installed release has: older ones take the batch size and device up front)."""
+    from transformers import StaticCache
+    params = inspect.signature(StaticCache.__init__).parameters
+    kw = {"config": model.config, "max_cache_len": length}
+    if "max_batch_size" in params:
+        kw["max_batch_size"] = batch
+    elif "batch_size" in params:
+        kw["batch_size"] = batch
+    if "device" in params:
+        kw["device"] = device
+    if "dtype" in params:
+        kw["dtype"] = dtype
+    return StaticCache(**kw)
+
+
+class _Decoder:
+    """The static cache and the compiled step of one (model, batch bucket, cache bucket, options)."""
+
+    def __init__(self, model, batch: int, length: int, device, options: tuple):
+        self.model = model
+        self.batch, self.length = batch, length
+        self.cache = _static_cache(model, batch, length, device, next(model.parameters()).dtype)
+        self.cache_name = cache_argument(model) or "past_key_values"
+        self.extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+        self.step = torch.compile(self._step, mode=mode, dynamic=False)
+        self.options = options
+        self.compiled_once = False
+
+    def forward(self, ids, position_ids, cache_position, attention_mask):
+        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache_position=cache_position, use_cache=True, **{self.cache_name: self.cache},
+                         **self.extra)
+        return out.logits[:, -1, :]
+
+    def _step(self, safety, matcher, state, ids, position_ids, cache_position, attention_mask, finished,
+              position, noise, eos, pad):
+        logits = self.forward(ids, position_ids, cache_position, attention_mask)
+        return self.pick(safety, matcher, state, logits, finished, position, noise, eos, pad)
+
+    def pick(self, safety, matcher, state, logits, finished, position, noise, eos, pad):
+        """Select and choose one token per row (the safety part of a step; ``_step`` adds the forward)."""
+        (k, temperature, do_sample, top_p, min_p, backend) = self.options
+        sel = safety.select(logits, position, k=k, temperature=temperature, backend=backend, record=False,
+                            matcher=matcher, state=state)
+        sel = sel.masked(~finished)
+        nxt = safety.choose(sel, do_sample=do_sample, top_p=top_p, min_p=min_p, noise=noise, record=False)
+        nxt = torch.where(finished, pad, nxt)
+        if matcher is not None:
+            state = matcher.advance(state, nxt)
+        hit_eos = (nxt.unsqueeze(1) == eos.unsqueeze(0)).any(dim=1)
+        posinf = torch.isposinf(sel.topk.values).any(dim=1) & ~finished
+        return (nxt, state, finished | hit_eos, posinf, sel.topk.values, sel.topk.indices, sel.topk.logsumexp,
+                sel.topk.all_banned, sel.ok, sel.dead, sel.ban_best, sel.ban_hit, sel.text_entity, sel.text_tokens,
+                sel.ban_entity)
+
+
+def _decoder(model, batch, length, device, options) -> _Decoder:
+    per_model = _DECODERS.setdefault(model, {})
+    key = (batch, length, str(device)) + options
+    dec = per_model.get(key)
+    if dec is None:
+        dec = per_model[key] = _Decoder(model, batch, length, device, options)
+    return dec
+
+
+@torch.no_grad()
+def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: int, do_sample: bool,
+                    temperature: float, top_k: int | None, top_p: float, min_p: float, eos: list, pad_token_id: int,
+                    stop_strings: list, generator, backend, fallback_id, reason_limit: str, ctx: int | None,
+                    check_every: int = CHECK_EVERY):
+    """The compiled loop behind ``fastsafe.generate(..., compile=True)``; arguments as there, already
+    validated. Returns ``(sequences, new_tokens, finish, events, T, compile_seconds)``."""
+    config = safety_config
+    if config.has_filter and config.matcher != "device":
+        config = dataclasses.replace(config, matcher="device")
+    B = len(rows)
+    T = max(len(r) for r in rows)
+    device = next(model.parameters()).device
+    Bb = batch_bucket(B)
+    Lb = cache_bucket(T + max_new_tokens, ctx)
+
+    # ---- prompts, left padded, plus the bucket's extra rows (one pad token each, finished from the start)
+    ids = torch.full((Bb, T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((Bb, Lb), dtype=torch.long)
+    for b in range(Bb):
+        r = rows[b] if b < B else [pad_token_id]
+        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r):T] = 1
+    mask[:, T:] = 1                                  # generated positions (causality hides the future ones)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask[:, :T].cumsum(-1) - 1).clamp(min=0)
+
+    # ---- the safety step, checked for host-only parts before anything runs
+    Vl = _logits_width(model)     # the logits' width (the eager loop reads it from the first logits)
+    safety = SafetyStep(config, tokenizer, vocab_size=Vl, device=device, fallback_id=fallback_id,
+                        eos_token_id=eos or None, logits_name="model's logits")
+    refuse(safety)
+    k = min(int(top_k) if top_k is not None else config.top_k, Vl)
+    options = (k, float(temperature if do_sample else 1.0), bool(do_sample), float(top_p), float(min_p), backend)
+    dec = _decoder(model, Bb, Lb, device, options)
+    dec.cache.reset()
+
+    # ---- prefill (eager: the prompt length varies)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache_position=torch.arange(T, device=device),
+                use_cache=True, **{dec.cache_name: dec.cache}, **dec.extra)
+    logits = out.logits[:, -1, :]
+    histories = [list(r) for r in rows] + [[pad_token_id]] * (Bb - B)
+    safety.start(histories)
+    eos_t = torch.tensor(eos if eos else [-1], dtype=torch.long, device=device)
+    pad_t = torch.tensor(pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(Bb, dtype=torch.bool, device=device)
+    finished[B:] = True
+    last_pos = pos[:, -1:].clone()
+    new_tokens: list[list[int]] = [[] for _ in range(B)]
+    finish = [reason_limit] * B
+    done = [False] * B
+    max_stop = max((len(s) for s in stop_strings), default=0)
+    pending: list = []                           # [Bb] token tensors since the last check
+    posinf_any = torch.zeros(Bb, dtype=torch.bool, device=device)
+    dead_any = torch.zeros(Bb, dtype=torch.bool, device=device)
+    compile_seconds = 0.0
+    cuda = device.type == "cuda"
+
+    def noise_for():                             # drawn outside the graph, as choose draws it eagerly
+        if not do_sample:
+            return None
+        return torch.empty(Bb, k, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
+
+    steps = 0
+    for step in range(max_new_tokens):
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        matcher = safety.matcher()               # a store's new version swaps in here, between two steps
+        state = safety.state
+        position = torch.tensor(step, dtype=torch.long, device=device)
+        if step == 0:
+            res = dec.pick(safety, matcher, state, logits, finished, position, noise_for(), eos_t, pad_t)
+        else:
+            last_pos = last_pos + 1
+            cache_position = torch.tensor([T + step - 1], dtype=torch.long, device=device)
+            args = (safety, matcher, state, nxt.unsqueeze(1), last_pos, cache_position, mask, finished, position,
+                    noise_for(), eos_t, pad_t)
+            if not dec.compiled_once:
+                t0 = time.perf_counter()
+                res = dec.step(*args)
+                compile_seconds = time.perf_counter() - t0
+                _STATS["compiles"] += 1
+                _STATS["compile_seconds"] += compile_seconds
+                dec.compiled_once = True
+            else:
+                res = dec.step(*args)
+            if cuda:                             # CUDA graph outputs are overwritten by the next replay
+                res = tuple(None if t is None else t.clone() for t in res)
+        (nxt, new_state, new_finished, posinf, values, indices, lse, all_banned, ok, dead, ban_best, ban_hit,
+         text_entity, text_tokens, ban_entity) = res
+        sel = StepSelection(topk=SafeTopK(values, indices, lse, all_banned), allowed=None,
+                            candidate_reward=None, ok=ok, dead=dead, ban_best=ban_best, ban_hit=ban_hit, ban_entity=ban_entity,
+                            text_entity=text_entity, text_tokens=text_tokens)
+        safety.record(sel, step)
+        safety.record_choice(sel, nxt, step)
+        if matcher is not None:
+            safety.adopt(nxt, new_state)
+        posinf_any |= posinf
+        dead_any |= dead
+        finished = new_finished
+        pending.append(nxt)
+        steps = step + 1
+        if steps % check_every == 0 or steps == max_new_tokens:
+            all_done = _check(pending, new_tokens, done, finish, eos, stop_strings, max_stop, tokenizer, B, steps,
+                              do_sample, posinf_any, dead_any, safety, finished)
+            pending = []
+            if all_done:
+                break
+            if config.on_event is not None:
+                safety.flush()
+
+    if pending:
+        _check(pending, new_tokens, done, finish, eos, stop_strings, max_stop, tokenizer, B, steps, do_sample,
+               posinf_any, dead_any, safety, finished)
+    safety.flush()
+    lengths = [len(t) for t in new_tokens]
+    events = sorted((e for e in safety.events if e.row < B and e.step < lengths[e.row]), key=lambda e: (e.step, e.row))
+    width = max(lengths, default=0)
+    gen = torch.full((B, width), pad_token_id, dtype=torch.long)
+    for r in range(B):
+        if new_tokens[r]:
+            gen[r, :lengths[r]] = torch.tensor(new_tokens[r], dtype=torch.long)
+    sequences = torch.cat([ids[:B].cpu(), gen], dim=1).to(device)
+    return sequences, new_tokens, finish, events, T, compile_seconds
+
+
+def _check(pending, new_tokens, done, finish, eos, stop_strings, max_stop, tokenizer, B, steps, do_sample,
+           posinf_any, dead_any, safety, finished) -> bool:
+    """The host check every few steps: append the new tokens of the rows still going, cut them at
+    EOS / a stop string, raise the errors the eager loop raises per step. True when every row is done."""
+    block = torch.stack(pending, dim=1).cpu().tolist()      # [Bb, n] - the one host read of these steps
+    if do_sample and bool(posinf_any[:B].any()):
+        bad = posinf_any[:B].nonzero().flatten().tolist()
+        raise ValueError(f"logits: the model gave +inf scores in rows {bad[:16]} before step {steps}; sampling "
+                         f"needs finite scores (a +inf makes the softmax NaN)")
+    safety.require_fallback(dead_any[:B])
+    eos_set = set(eos)
+    stop_rows = []
+    for r in range(B):
+        if done[r]:
+            continue
+        for t in block[r]:
+            new_tokens[r].append(t)
+            if t in eos_set:
+                finish[r], done[r] = "eos", True
+                break
+            if stop_strings and hits_stop(tokenizer, new_tokens[r], stop_strings, max_stop):
+                finish[r], done[r] = "stop_string", True
+                stop_rows.append(r)
+                break
+    if stop_rows:                                           # rows stopped by text: decode padding from now on
+        finished[torch.tensor(stop_rows, device=finished.device)] = True
+    return all(done)
+
+
+def hits_stop(tokenizer, tokens: list[int], stop_strings: list[str], max_stop: int) -> bool:
+    """True when the text of the last tokens contains one of ``stop_strings`` (the eager loop's rule too)."""
+    tail = tokenizer.decode(tokens[-(max_stop + 4):], skip_special_tokens=False)
+    return any(s in tail for s in stop_strings)
+
+
+def _logits_width(model) -> int:
+    from .models import logits_vocab_size
+    return int(logits_vocab_size(model))
