@@ -184,3 +184,35 @@ def test_config_builds_a_follower_only_with_a_store(tok, tmp_path):
     src = device_matcher_source(cfg, tok, vocab_size=len(tok), device="cpu")
     assert isinstance(src, LiveDeviceMatcher) and {e.phrase for e in src.current().entities} == {"kill", "bomb"}
     assert device_matcher_source(cfg, tok, vocab_size=len(tok), device="cpu") is src      # cached by content
+
+
+def test_uncompilable_store_entities_are_skipped_alone_like_the_host_matcher(tok):
+    from fastsafe.safety import PhraseMatcher, RiskEntity
+    V = len(tok)
+    ents = [RiskEntity(1, "fine words"), RiskEntity(3, "12 99999", "token_ids"), RiskEntity(4, "3 4", "token_ids"),
+            RiskEntity(5, r"(a)\1", "regex"), RiskEntity(6, "x+", "regex"), RiskEntity(7, "a b", "words"),
+            RiskEntity(8, "\u200b", "phrase"), RiskEntity(9, "nope", "token_ids"), RiskEntity(10, "kill")]
+    dm = DeviceMatcher.build(tok, entities=ents, vocab_size=V, skip_invalid=True, warn=False)
+    pm = PhraseMatcher.build(tok, entities=ents, vocab_size=V, skip_invalid=True, warn=False)
+    assert [(s.entity.id, s.reason) for s in dm.skipped] == [(s.entity.id, s.reason) for s in pm.skipped]
+    assert {s.entity.id for s in dm.skipped} == {3, 5, 7, 8, 9}
+    assert _kill_ban(dm, tok) and dm.has_regexes                             # the valid ones are in force
+    with pytest.raises(ValueError, match="outside the vocabulary"):            # without skip_invalid: raise
+        DeviceMatcher.build(tok, entities=ents[1:2], vocab_size=V)
+    with pytest.raises(ValueError, match="outside the vocabulary"):            # the caller's own config raises
+        DeviceMatcher.build(tok, token_id_phrases=[[V + 5]], vocab_size=V, skip_invalid=True)
+
+
+def test_a_bad_store_entity_does_not_stop_the_device_path_or_later_updates(tok, tmp_path):
+    db = tmp_path / "r.db"
+    store = RiskEntityStore(db)
+    store.add("unrelated words")
+    store.add("99999 5", kind="token_ids")                # valid ids, but not for this vocabulary
+    skipped = []
+    with pytest.warns(RuntimeWarning, match=r"not enforced.*99999 5.*outside the vocabulary"):
+        live = LiveDeviceMatcher(store, tok, vocab_size=len(tok), background=False, on_skip=skipped.append)
+    assert [s.entity.phrase for s in live.skipped] == ["99999 5"] and len(skipped) == 1
+    store.add("kill", category="violence", severity=3)     # an update after the bad entity
+    m = live.current()
+    assert m.version == store.version() and _kill_ban(m, tok) and live.last_error is None
+    assert len(skipped) == 1, "a skipped entity is reported once"

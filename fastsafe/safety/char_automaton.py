@@ -292,7 +292,7 @@ def entity_text(phrase: str) -> str:
 
 
 def build_char_automaton(phrases: list[str], values: list[int], priority: list[float], *,
-                         word_boundaries: bool = True, spaced: bool = True) -> CharAutomaton:
+                         word_boundaries: bool = True, spaced: bool = True, on_empty=None) -> CharAutomaton:
     """Build the DFA of the phrase entities.
 
     Args:
@@ -301,6 +301,7 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         priority: e.g. severity; where several entities end at one state the highest wins.
         word_boundaries: whole-word matching (``BND`` marks and the end check).
         spaced: also match single-word entities of 3-24 characters spelled with separators between the letters.
+        on_empty: called with the value of each phrase that folds to nothing (it is left out); default: raise.
 
     Phrases that fold to separators only (``"-"``, ``"..."``) would match every space; they are
     left out of the text check (their token variants are still banned) and listed in
@@ -315,7 +316,10 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
     for p, v, pr in zip(phrases, values, priority):
         f = entity_text(p)
         if not f:
-            raise ValueError(f"entity {p!r}: empty after normalisation (nothing to match)")
+            if on_empty is None:
+                raise ValueError(f"entity {p!r}: empty after normalisation (nothing to match)")
+            on_empty(v)
+            continue
         if all(c in SEPARATORS or c.isspace() for c in f):
             excluded.append(p)            # it would match every space: token bans only
             continue

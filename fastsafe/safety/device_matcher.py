@@ -53,15 +53,6 @@ STATE_WIDTH = 6
 _TOK, _CHR, _CTX, _CP, _NEED, _SHADOW = range(STATE_WIDTH)
 
 
-def _entities(phrases, token_id_phrases, regexes, entities) -> list[RiskEntity]:
-    """One entity list in PhraseMatcher's order: phrases, token-id phrases, regexes, store entities."""
-    ents = config_entities(phrases, token_id_phrases, regexes) + active_entities(entities)
-    for e in ents:
-        if e.kind not in ("phrase", "token_ids", "regex"):
-            raise ValueError(f"entity {e.phrase!r}: unknown kind {e.kind!r}")
-    return ents
-
-
 class DeviceMatcher:
     """Token-level bans and the text-level candidate check, as tables on one device.
 
@@ -77,7 +68,11 @@ class DeviceMatcher:
         max_token_chars: slots per token in the text table (``max_len``).
         text_excluded: phrases left out of the text check because they fold to separators only
             (``"-"``: they would match every space); their token variants are still banned.
+        skipped: the entities not in force (:class:`~fastsafe.safety.SkippedEntity`, with
+            ``skip_invalid=True``), each with the reason.
     """
+
+    skipped: list = []
 
     def __init__(self, *, entities, vocab_size, device, tok, char, slots, cp_classes, word_boundaries, version,
                  regex_matcher, ban_owners=None):
@@ -179,7 +174,7 @@ class DeviceMatcher:
     def build(cls, tokenizer, phrases: Iterable = (), *, vocab_size: int | None = None, device="cpu",
               token_id_phrases: Iterable = (), regexes: Iterable = (), entities: Iterable[RiskEntity] | None = None,
               eos_token_id=None, word_boundaries: bool = True, spaced: bool = True, version=None,
-              regex_window: int = 200) -> "DeviceMatcher":
+              regex_window: int = 200, skip_invalid: bool = False, warn: bool = True) -> "DeviceMatcher":
         """Build the tables and put them on ``device``.
 
         Args:
@@ -196,6 +191,10 @@ class DeviceMatcher:
             spaced: also match single-word entities of 3-24 characters spelled with separators between the letters.
             version: stored on the matcher.
             regex_window: characters of recent text a regex sees (host path).
+            skip_invalid: fail closed *per entity* for the ``entities`` rows (as
+                :meth:`PhraseMatcher.build`): one that cannot be compiled is left out and listed in
+                :attr:`skipped` (``phrases`` / ``token_id_phrases`` / ``regexes`` still raise).
+            warn: warn about the skipped entities (a ``RuntimeWarning``).
 
         Raises:
             ValueError: an entity empty after normalisation or that tokenises to nothing, token ids
@@ -220,31 +219,52 @@ class DeviceMatcher:
             device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device: expected a torch device, got {device!r}") from exc
-        ents = _entities(phrases, token_id_phrases, regexes, entities)
-        flat, lens, owners = banned_sequences(tokenizer, ents, vocab_size, eos_id_set(tokenizer, eos_token_id))
+        ents = config_entities(phrases, token_id_phrases, regexes)
+        n_config = len(ents)                 # ents[:n_config] raise on errors; the rest may be skipped
+        ents += active_entities(entities)
+        skipped: dict[int, str] = {}         # entity index -> reason (the shared rule of PhraseMatcher.build)
+
+        def fail(i: int, reason: str) -> None:
+            if i < n_config or not skip_invalid:
+                raise ValueError(f"entity {ents[i].phrase!r}: {reason}")
+            skipped.setdefault(i, reason)
+        for i, e in enumerate(ents):
+            if e.kind not in ("phrase", "token_ids", "regex"):
+                fail(i, f"unknown kind {e.kind!r}")
+        flat, lens, owners = banned_sequences(tokenizer, ents, vocab_size, eos_id_set(tokenizer, eos_token_id),
+                                              fail=fail)
         tok = build_token_automaton(flat, lens, vocab_size)
         ban_owners = ban_owner_table(tok, flat, lens, owners, [e.severity for e in ents])
         owner: dict[str, int] = {}
         for i, e in enumerate(ents):
-            if e.kind == "phrase":
+            if e.kind == "phrase" and i not in skipped:
                 old = owner.get(e.phrase)
                 if old is None or ents[old].severity < e.severity:
                     owner[e.phrase] = i
         char = slots = cpc = None
         if owner:
             char = build_char_automaton(list(owner), list(owner.values()), [ents[i].severity for i in owner.values()],
-                                        word_boundaries=word_boundaries, spaced=spaced)
+                                        word_boundaries=word_boundaries, spaced=spaced,
+                                        on_empty=(lambda i: fail(i, "empty after folding (nothing to match)"))
+                                        if skip_invalid else None)
             slots = token_slots(tokenizer, vocab_size, char.alphabet)
             cpc = char.alphabet.codepoint_classes()
         regex_matcher = None
-        rx = [e for e in ents if e.kind == "regex"]
+        rx = [i for i, e in enumerate(ents) if e.kind == "regex"]
+        from .matcher import PhraseMatcher, SkippedEntity, warn_skipped   # the host reference holds the regex check
         if rx:
-            from .matcher import PhraseMatcher    # the host reference holds the regex check
-            regex_matcher = PhraseMatcher.build(tokenizer, entities=rx, vocab_size=vocab_size,
-                                                regex_window=regex_window)
-        return cls(entities=ents, vocab_size=vocab_size, device=device, tok=tok, char=char, slots=slots,
-                   cp_classes=cpc, word_boundaries=word_boundaries, version=version, regex_matcher=regex_matcher,
-                   ban_owners=ban_owners)
+            regex_matcher = PhraseMatcher.build(tokenizer, entities=[ents[i] for i in rx], vocab_size=vocab_size,
+                                                regex_window=regex_window, skip_invalid=True, warn=False)
+            where = {id(ents[i]): i for i in rx}
+            for x in regex_matcher.skipped:
+                fail(where[id(x.entity)], x.reason)
+        m = cls(entities=ents, vocab_size=vocab_size, device=device, tok=tok, char=char, slots=slots,
+                cp_classes=cpc, word_boundaries=word_boundaries, version=version, regex_matcher=regex_matcher,
+                ban_owners=ban_owners)
+        m.skipped = [SkippedEntity(ents[i], why) for i, why in sorted(skipped.items())]
+        if m.skipped and warn:
+            warn_skipped(m.skipped)
+        return m
 
     @classmethod
     def from_store(cls, store, tokenizer, **kwargs) -> "DeviceMatcher":

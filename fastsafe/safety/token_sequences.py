@@ -124,25 +124,39 @@ def encode_variants(tokenizer, variants: Sequence[str]) -> tuple[np.ndarray, np.
 
 
 def banned_sequences(tokenizer, entities: list[RiskEntity], vocab_size: int, eos_ids: set[int],
-                     forms: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     forms: dict | None = None, fail=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR ``(flat, lens, owner)`` of every banned token sequence; ``owner`` indexes ``entities``.
 
     Phrase entities are owned by the entity of highest severity among those with the same text.
 
+    Args:
+        fail: ``fail(i, reason)`` is called for an entity that cannot be compiled (it then has no
+            sequence); it may raise. Default: raise ``ValueError`` naming the entity.
+
     Raises:
-        ValueError: a phrase entity that normalises or tokenises to nothing, a token-id entity with
-            ids outside ``[0, vocab_size)`` (each names the entity).
+        ValueError: (default ``fail``) a phrase entity that normalises or tokenises to nothing, a
+            token-id entity with ids outside ``[0, vocab_size)`` (each names the entity).
     """
     from . import phrase_variants    # public; the variant rule is shared with PhraseMatcher
 
+    if fail is None:
+        def fail(i: int, reason: str) -> None:
+            raise ValueError(f"entity {entities[i].phrase!r}: {reason}")
     owner: dict[str, int] = {}
     deleet: dict[str, list[str]] = {}
     for i, e in enumerate(entities):
         if e.kind != "phrase":
             continue
-        f = (forms or {}).get(e.phrase) or entity_forms(e.phrase.strip())
+        f = (forms or {}).get(e.phrase)
+        if f is None:
+            try:
+                f = entity_forms(e.phrase.strip())
+            except Exception as exc:  # noqa: BLE001 - any text a store holds must not stop the build
+                fail(i, f"cannot be normalised ({type(exc).__name__}: {exc})")
+                continue
         if not f[0]:
-            raise ValueError(f"entity {e.phrase!r}: empty after normalisation (nothing to match)")
+            fail(i, "empty after normalisation (nothing to match)")
+            continue
         deleet[e.phrase] = f[1]
         old = owner.get(e.phrase)
         if old is None or entities[old].severity < e.severity:
@@ -162,7 +176,10 @@ def banned_sequences(tokenizer, entities: list[RiskEntity], vocab_size: int, eos
     nonempty = lens > 0
     got = np.bincount(text_phrase[nonempty], minlength=len(phrases)) > 0
     if len(phrases) and not got.all():
-        raise ValueError(f"entity {phrases[int(np.nonzero(~got)[0][0])]!r}: tokenises to nothing with this tokenizer")
+        empty = {phrases[j] for j in np.nonzero(~got)[0].tolist()}
+        for i, e in enumerate(entities):
+            if e.kind == "phrase" and e.phrase in empty:
+                fail(i, "tokenises to nothing with this tokenizer")
     unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
     bad = flat >= vocab_size
     if unk is not None:
@@ -176,10 +193,15 @@ def banned_sequences(tokenizer, entities: list[RiskEntity], vocab_size: int, eos
     extra_seqs, extra_vals = [], []
     for i, e in enumerate(entities):
         if e.kind == "token_ids":
-            seq = e.token_ids()
+            try:
+                seq = e.token_ids()
+            except ValueError:
+                fail(i, "expected space-separated token ids")
+                continue
             bad = [t for t in seq if t < 0 or t >= vocab_size]
-            if bad:
-                raise ValueError(f"entity {e.phrase!r}: token ids {bad} outside the vocabulary [0, {vocab_size})")
+            if not seq or bad:
+                fail(i, f"token ids {bad} outside the vocabulary [0, {vocab_size})" if bad else "no token ids")
+                continue
             extra_seqs.append(seq)
             extra_vals.append(i)
     if extra_seqs:
