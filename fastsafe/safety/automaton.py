@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Trie", "build_trie", "failure_links", "dense_transitions", "propagate_best", "goto_lookup"]
+__all__ = ["Trie", "build_trie", "failure_links", "dense_transitions", "propagate_best", "goto_lookup",
+           "sorted_search", "sorted_unique"]
 
 
 @dataclass
@@ -75,12 +76,37 @@ def build_trie(flat: np.ndarray, lens: np.ndarray, alphabet: int) -> Trie:
     return Trie(parent, symbol, depth, node_of, keys, int(alphabet), np.asarray(level_starts, np.int64))
 
 
+def sorted_search(keys: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(keys, needles)``, with the needles sorted first when there are many.
+
+    Binary searches in needle order hit the cache far more often (numpy narrows each search from
+    the previous one): about 3x faster for 10^5+ needles in 10^6+ keys, sort included.
+    """
+    if len(needles) < 4096:
+        return np.searchsorted(keys, needles)
+    order = np.argsort(needles)
+    out = np.empty(len(needles), np.int64)
+    out[order] = np.searchsorted(keys, needles[order])
+    return out
+
+
+def sorted_unique(x: np.ndarray) -> np.ndarray:
+    """``np.unique(x)`` of a 1-D integer array by one sort (numpy 2's hashing unique is ~10x slower here)."""
+    s = np.sort(np.asarray(x))
+    if len(s) == 0:
+        return s
+    keep = np.empty(len(s), bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 def goto_lookup(trie: Trie, nodes: np.ndarray, syms: np.ndarray) -> np.ndarray:
     """The child of each ``nodes[i]`` along ``syms[i]``, or -1."""
     key = np.asarray(nodes, np.int64) * trie.alphabet + np.asarray(syms, np.int64)
     if len(trie.keys) == 0:
         return np.full(len(key), -1, np.int64)
-    idx = np.minimum(np.searchsorted(trie.keys, key), len(trie.keys) - 1)
+    idx = np.minimum(sorted_search(trie.keys, key), len(trie.keys) - 1)
     return np.where(trie.keys[idx] == key, idx + 1, -1)
 
 
@@ -113,9 +139,9 @@ def dense_transitions(trie: Trie, fail: np.ndarray, dtype=np.int32) -> np.ndarra
     delta = np.zeros((N, A), dtype)
     ls = trie.level_starts
     for d in range(len(ls) - 1):
-        v = np.arange(ls[d], ls[d + 1])
-        if d > 0:
-            delta[v] = delta[fail[v]]
+        lo, hi = ls[d], ls[d + 1]
+        if d > 0:    # rows of depth d copy their failure rows (all of smaller depth: no overlap)
+            np.take(delta, fail[lo:hi], axis=0, out=delta[lo:hi], mode="clip")
         if d + 1 < len(ls) - 1:
             c = np.arange(ls[d + 1], ls[d + 2])
             delta[trie.parent[c], trie.symbol[c]] = c

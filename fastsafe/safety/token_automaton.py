@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .automaton import build_trie, failure_links
+from .automaton import build_trie, failure_links, sorted_unique
 
 __all__ = ["TokenAutomaton", "build_token_automaton"]
 
@@ -61,12 +61,14 @@ class TokenAutomaton:
 
 def _pairs(tokens: np.ndarray, owners: np.ndarray):
     """Group (owner, token) into (owner, word, and-mask) pairs, sorted by owner then word."""
-    word = tokens // 32
-    key = np.unique(owners * (1 << 20) + word * 32 + tokens % 32)   # distinct (owner, token)
+    key = sorted_unique(owners * (1 << 20) + tokens)    # distinct (owner, token), sorted
     own, rest = key >> 20, key & ((1 << 20) - 1)
     w, bit = rest // 32, rest % 32
-    ow = own * (1 << 16) + w
-    uniq, start = np.unique(ow, return_index=True)
+    ow = own * (1 << 16) + w                             # non-decreasing along key
+    first = np.ones(len(ow), bool)
+    first[1:] = ow[1:] != ow[:-1]
+    start = np.nonzero(first)[0]
+    uniq = ow[start]
     bits = np.left_shift(np.int64(1), bit)
     m = np.add.reduceat(bits, start) if len(bits) else bits     # distinct bits: sum == OR
     mask = (~m & 0xFFFFFFFF).astype(np.uint32).view(np.int32)

@@ -107,9 +107,26 @@ def _char_len(lead: int) -> int:
     return 0        # continuation or invalid lead
 
 
-def bytes_slots(b: bytes, alphabet: CharAlphabet) -> tuple[bytes, list[int], bytes]:
+def bytes_slots(b: bytes, alphabet: CharAlphabet, memo: dict | None = None) -> tuple[bytes, list[int], bytes]:
     """``(head, classes, tail)`` of one token's bytes: leading UTF-8 continuation bytes, the classes
-    of its complete characters (runs shortened, see the module docstring), an unfinished character."""
+    of its complete characters (runs shortened, see the module docstring), an unfinished character.
+
+    ``memo`` (character -> its classes) may be shared between calls with one alphabet (build speed)."""
+    if memo is None:
+        memo = {}
+
+    def char_classes(ch: str) -> list[int]:
+        cl = memo.get(ch)
+        if cl is None:
+            cl = memo[ch] = alphabet.classes(fold_char(ch))
+        return cl
+
+    if b.isascii():                         # no partial characters: the common case, quickly
+        try:
+            out = [c for ch in b.decode("ascii") for c in memo[ch]]
+        except KeyError:
+            out = [c for ch in b.decode("ascii") for c in char_classes(ch)]
+        return b"", _shorten(out, alphabet), b""
     i, n = 0, len(b)
     while i < n and 0x80 <= b[i] <= 0xBF and i < 3:
         i += 1
@@ -134,8 +151,15 @@ def bytes_slots(b: bytes, alphabet: CharAlphabet) -> tuple[bytes, list[int], byt
             out.append(OTHER_NONWORD)
             i += 1
             continue
-        out.extend(alphabet.classes(fold_char(ch)))
+        out.extend(char_classes(ch))
         i += L
+    return head, _shorten(out, alphabet), tail
+
+
+def _shorten(out: list[int], alphabet: CharAlphabet) -> list[int]:
+    """Drop the slots of runs that cannot change the automaton (see the module docstring)."""
+    if all(a != b and not (a in (SEP, PSEP) and b in (SEP, PSEP)) for a, b in zip(out, out[1:])):
+        return out                          # no two neighbours alike: nothing to drop
     res: list[int] = []
     cap = alphabet.run_cap
     for c in out:
@@ -147,7 +171,7 @@ def bytes_slots(b: bytes, alphabet: CharAlphabet) -> tuple[bytes, list[int], byt
         if alphabet.is_word[c] and not alphabet.plain_repeat[c] and len(res) >= 3 and res[-1] == res[-2] == res[-3] == c:
             continue
         res.append(c)
-    return head, res, tail
+    return res
 
 
 def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet) -> dict[str, np.ndarray]:
@@ -161,7 +185,8 @@ def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet) -> dict[str,
         characters or an unfinished one (it ends a pending character)}``, each ``[V + 1]`` int64.
     """
     V = int(vocab_size)
-    parts = [bytes_slots(b, alphabet) for b in token_bytes(tokenizer, V)]
+    memo = {chr(i): alphabet.classes(fold_char(chr(i))) for i in range(128)}
+    parts = [bytes_slots(b, alphabet, memo) for b in token_bytes(tokenizer, V)]
     L = max([len(p[1]) for p in parts] + [1])
     none = alphabet.num_classes
     slots = np.full((V + 1, L), none, np.int32)
