@@ -78,6 +78,8 @@ def test_opcheck_token_logps():
     rh, rw = torch.randn(M, H, generator=g), torch.randn(V, H, generator=g)
     torch.library.opcheck(ops.token_logps_torch.default, (h, w, b, t, rh, rw, None, 0.9, 3, True))
     torch.library.opcheck(ops.token_logps_torch.default, (h, w, None, t, None, None, None, 1.0, 4, False))
+    rows = torch.tensor([5, 0, 2, 6])       # the tokens as rows of h (no packed copy)
+    torch.library.opcheck(ops.token_logps_torch.default, (h, w, b, t[rows], rh, rw, None, 0.9, 3, True, rows))
     lp, kl, ent, lse, ref_lse, mean_z = ops.token_logps_torch.default(h, w, b, t, rh, rw, None, 0.9, 3, True)
     gs = tuple(torch.randn(M, generator=g) for _ in range(3))
     torch.library.opcheck(ops.token_logps_torch_backward.default,

@@ -126,23 +126,25 @@ def test_active_mask_equals_ignore_index_and_is_packed():
 
 
 def test_packing_skips_inactive_rows():
-    """Cost scales with active tokens: only the active rows reach the chunked Function."""
+    """Cost scales with active tokens: only the active rows reach the chunked Function (as
+    row indices into the hidden states: no packed copy)."""
     hidden, weight, b, targets, *_ = make_inputs(2, 50, 8, 13, ignore_frac=0.0)
     active = torch.zeros(2, 50, dtype=torch.bool)
     active[0, :3] = True
     seen = {}
     orig = ChunkedTokenLogps.forward
 
-    def spy(ctx, h, *args):
-        seen["rows"] = h.shape[0]
-        return orig(ctx, h, *args)
+    def spy(ctx, h, weight, bias, targets, *args):
+        seen["rows"] = targets.shape[0]
+        seen["index"] = args[-1].tolist()
+        return orig(ctx, h, weight, bias, targets, *args)
 
     ChunkedTokenLogps.forward = staticmethod(spy)
     try:
         token_logps(hidden, weight, targets, b, active=active)
     finally:
         ChunkedTokenLogps.forward = staticmethod(orig)
-    assert seen["rows"] == 3
+    assert seen["rows"] == 3 and seen["index"] == [0, 1, 2]
 
 
 def test_two_dim_hidden_and_non_contiguous():
@@ -218,9 +220,11 @@ def test_chunked_path_never_allocates_full_logits():
 
 def test_default_chunk_size_bounds():
     assert default_chunk_size(10, 50) == 10
-    assert default_chunk_size(100000, 151936) == 110
+    assert default_chunk_size(100000, 151936) == 1                # 1 MiB fp32 tiles on the CPU
+    assert default_chunk_size(100000, 4096) == 64
+    assert default_chunk_size(100000, 151936, "cuda") == 110      # 64 MiB on a GPU
     assert default_chunk_size(100000, 10) == 4096
-    assert default_chunk_size(100000, 10**9) == 16
+    assert default_chunk_size(100000, 10**9) == 1
 
 
 def test_cpu_dispatch_defaults_to_torch_even_under_interpreter(monkeypatch):

@@ -2,11 +2,14 @@
 
 ``token_logps`` never builds the ``[N*T, V]`` logits. Two backends compute it:
 
-- ``torch``: a chunked PyTorch path (any device; the default on CPU tensors). The forward walks
-  the active tokens in chunks of ``chunk_size`` rows; the backward recomputes the logits in tiles
-  of at most 4096 vocabulary columns and about ``chunk_size * V`` elements. Extra memory is
-  O(chunk_size x V) plus the fp32 gradient accumulators (``[M, H]`` for the hidden states and
-  ``[min(V, 4096), H]`` for the weight chunk being summed); no ``[V, H]`` fp32 buffer.
+- ``torch``: a tiled PyTorch path (any device; the default on CPU tensors). Forward and backward
+  walk ``[tokens, vocabulary]`` tiles of at most 4096 vocabulary columns and about
+  ``chunk_size * V`` elements (1 MiB of fp32 by default on the CPU); the forward folds each tile
+  into running per-token partials (online logsumexp), the backward recomputes the tile's logits.
+  Extra memory: a few tiles, the fp32 hidden-state gradient accumulator (``[M, H]``) and, for a
+  low-precision weight, one ``[min(V, 4096), H]`` fp32 buffer (an fp32 weight's gradient is
+  accumulated in place in the output); no ``[V, H]`` fp32 copy, no packed copy of the hidden
+  states (the active rows are indexed tile by tile).
 - ``triton``: Triton kernels (``kernels/token_logps.py``) that tile tokens and vocabulary with an
   online logsumexp, forward and backward, accumulating gradients in fp32. The default on CUDA
   tensors; on the CPU only when asked for with ``backend="triton"`` and ``TRITON_INTERPRET=1``.
@@ -29,13 +32,21 @@ from .token_logps_vocab_parallel import vocab_shard
 __all__ = ["token_logps", "token_logps_backend", "default_chunk_size", "TOKEN_LOGPS_BACKENDS"]
 
 TOKEN_LOGPS_BACKENDS = OPS["token_logps"].backends
-# Elements of one [chunk, V] fp32 buffer in the chunked path (64 MiB); a few such buffers live at once.
-_CHUNK_ELEMENTS = 1 << 24
+# Elements of one [ct, cv] tile of the torch path (chunk_size * V): 1 MiB of fp32 on the CPU (the
+# tile stays in cache; measured fastest on the CPU, 2**16..2**24 tried), 64 MiB on a GPU (fewer,
+# larger kernels). A few tiles are alive at once.
+_TILE_ELEMENTS = {"cpu": 1 << 18}
+_TILE_ELEMENTS_OTHER = 1 << 24
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
-    """Rows per chunk of the torch path: about 2**24 logits per chunk, between 16 and 4096 rows."""
-    c = max(16, min(4096, _CHUNK_ELEMENTS // max(1, vocab_size)))
+def default_chunk_size(num_tokens: int, vocab_size: int, device_type: str = "cpu") -> int:
+    """``chunk_size`` of the torch path: rows of ``vocab_size`` logits per tile, between 1 and 4096.
+
+    A tile holds about ``chunk_size * vocab_size`` logits (``2**18`` on the CPU, ``2**24`` on
+    other devices), cut into at most 4096 vocabulary columns (:func:`backward_tile`).
+    """
+    budget = _TILE_ELEMENTS.get(device_type, _TILE_ELEMENTS_OTHER)
+    c = max(1, min(4096, budget // max(1, vocab_size)))
     return max(1, min(c, num_tokens))
 
 
@@ -60,59 +71,91 @@ def token_logps_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> 
 # ----------------------------------------------------------------------------------------------
 
 def _chunk_logits(h, weight, bias, inv_temp, acc):
-    z = h @ weight.t()
-    if bias is not None:
-        z = z + bias
+    """``(h @ weight.T + bias) / temperature`` in ``acc``: one new ``[rows, cols]`` buffer (two for a
+    low-precision ``h``: the product, then its ``acc`` copy)."""
+    z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
     z = z.to(acc)
     if inv_temp != 1.0:
-        z = z * inv_temp
+        z.mul_(inv_temp)
     return z
 
 
-def chunked_partials(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature: float,
-                     chunk_size: int, want_entropy: bool):
-    """Per-token partials of the torch path over ``weight``'s rows, chunk by chunk of tokens.
+def _rows(x, rows, s, e):
+    """Rows ``s:e`` of the packed tokens: ``x[s:e]``, or ``x[rows[s:e]]`` when ``rows`` indexes ``x``."""
+    return x[s:e] if rows is None else x.index_select(0, rows[s:e])
 
-    ``targets`` are row indices into ``weight``; one outside ``[0, V)`` (a target held by another
-    rank's shard) adds nothing to ``t``. Returns ``(m, s, t, ez, rm, rs, rd)`` as ``[M, 1]``
-    tensors of the accumulation dtype (``ez`` None without ``want_entropy``, the ``r*`` None
-    without ``ref_hidden``), the input of :func:`~fastsafe.training.token_logps_merge.merge_partials`.
+
+def _fold(run, tile, first):
+    """Merge a vocabulary tile's ``(max, sums...)`` partials into the running ones, in place."""
+    m_run, sums_run = run
+    m_tile, sums_tile = tile
+    if first:
+        m_run.copy_(m_tile)
+        for a, b in zip(sums_run, sums_tile):
+            a.copy_(b)
+        return
+    m_new = torch.maximum(m_run, m_tile)
+    keep, add = torch.exp(m_run - m_new), torch.exp(m_tile - m_new)
+    for a, b in zip(sums_run, sums_tile):
+        a.mul_(keep).add_(b * add)
+    m_run.copy_(m_new)
+
+
+def chunked_partials(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature: float,
+                     chunk_size: int, want_entropy: bool, rows=None):
+    """Per-token partials of the torch path over ``weight``'s rows, tile by tile.
+
+    Tiles are ``backward_tile(M, V, chunk_size)``: at most 4096 vocabulary columns and about
+    ``chunk_size * V`` elements; each tile's partials are folded into running ``[M]`` partials
+    (online logsumexp), so the extra memory is a few tiles, whatever ``V``. ``targets`` are row
+    indices into ``weight``; one outside ``[0, V)`` (a target held by another rank's shard) adds
+    nothing to ``t``. ``rows`` (optional ``[M]`` int64) says which rows of ``hidden`` /
+    ``ref_hidden`` are the ``M`` tokens (no packed copy is made). Returns ``(m, s, t, ez, rm, rs,
+    rd)`` as ``[M, 1]`` tensors of the accumulation dtype (``ez`` None without ``want_entropy``, the
+    ``r*`` None without ``ref_hidden``), the input of
+    :func:`~fastsafe.training.token_logps_merge.merge_partials`.
     """
-    M = hidden.shape[0]
+    M = targets.shape[0]
     V = weight.shape[0]
     acc = acc_dtype(hidden)
     inv_temp = 1.0 / temperature
     want_kl = ref_hidden is not None
 
     def buf(on=True):
-        return torch.empty(M, 1, dtype=acc, device=hidden.device) if on else None
+        return torch.zeros(M, dtype=acc, device=hidden.device) if on else None
 
     m, s, t, ez = buf(), buf(), buf(), buf(want_entropy)
     rm, rs, rd = buf(want_kl), buf(want_kl), buf(want_kl)
     zero = torch.zeros((), dtype=acc, device=hidden.device)
-    for c0 in range(0, M, chunk_size):
-        c1 = min(M, c0 + chunk_size)
-        z = _chunk_logits(hidden[c0:c1], weight, bias, inv_temp, acc)
-        c_m = z.amax(dim=1, keepdim=True)
-        e = torch.exp(z - c_m)
-        m[c0:c1] = c_m
-        s[c0:c1] = e.sum(1, keepdim=True)
-        tgt = targets[c0:c1, None]
-        inside = (tgt >= 0) & (tgt < V)
-        t[c0:c1] = torch.where(inside, z.gather(1, tgt.clamp(0, V - 1)), zero)
-        if want_entropy:
-            ez[c0:c1] = (e.mul_(z)).sum(1, keepdim=True)
-        del e
-        if want_kl:
-            zr = _chunk_logits(ref_hidden[c0:c1], ref_weight, ref_bias, inv_temp, acc)
-            r_m = zr.amax(dim=1, keepdim=True)
-            er = torch.exp(zr - r_m)
-            rm[c0:c1] = r_m
-            rs[c0:c1] = er.sum(1, keepdim=True)
-            rd[c0:c1] = (er * zr.sub_(z)).sum(1, keepdim=True)
-            del zr, er
-        del z
-    return m, s, t, ez, rm, rs, rd
+    cv, ct = backward_tile(M, V, chunk_size)
+    for v0 in range(0, V, cv):
+        v1 = min(V, v0 + cv)
+        w_c = weight[v0:v1]
+        b_c = None if bias is None else bias[v0:v1]
+        for c0 in range(0, M, ct):
+            c1 = min(M, c0 + ct)
+            z = _chunk_logits(_rows(hidden, rows, c0, c1), w_c, b_c, inv_temp, acc)     # [ct, cv]
+            c_m = z.amax(dim=1)
+            e = torch.sub(z, c_m[:, None]).exp_()
+            local = targets[c0:c1] - v0
+            inside = (local >= 0) & (local < v1 - v0)
+            t[c0:c1] += torch.where(inside, z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None])[:, 0], zero)
+            sums = [e.sum(1)]
+            if want_entropy:
+                sums.append(e.mul_(z).sum(1))
+            del e
+            _fold((m[c0:c1], [x[c0:c1] for x in (s, ez) if x is not None]), (c_m, sums), v0 == 0)
+            if want_kl:
+                zr = _chunk_logits(_rows(ref_hidden, rows, c0, c1), ref_weight[v0:v1],
+                                   None if ref_bias is None else ref_bias[v0:v1], inv_temp, acc)
+                r_m = zr.amax(dim=1)
+                er = torch.sub(zr, r_m[:, None]).exp_()
+                r_sums = [er.sum(1), er.mul_(zr.sub_(z)).sum(1)]
+                del zr, er
+                _fold((rm[c0:c1], [rs[c0:c1], rd[c0:c1]]), (r_m, r_sums), v0 == 0)
+            del z
+    col = [None if x is None else x[:, None] for x in (m, s, t, ez, rm, rs, rd)]
+    return tuple(col)
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
@@ -120,8 +163,15 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
     ``forward(hidden [M, H], weight [V, H], bias [V] | None, targets [M], ref_hidden [M, H] | None,
     ref_weight [V, H] | None, ref_bias [V] | None, temperature, chunk_size, want_entropy,
-    group=None)`` returns ``(logp [M], kl [M] | empty, entropy [M] | empty)`` in float32 (float64
-    for float64 inputs). The reference side is constant: it gets no gradient.
+    group=None, rows=None)`` returns ``(logp [M], kl [M] | empty, entropy [M] | empty)`` in float32
+    (float64 for float64 inputs). The reference side is constant: it gets no gradient. With
+    ``rows`` (``[M]`` int64), ``hidden`` / ``ref_hidden`` are ``[M_all, H]`` and the tokens are their
+    rows ``rows``: nothing is copied, and the hidden-state gradient is ``[M_all, H]`` (0 elsewhere).
+
+    Memory: the forward and the backward walk ``[ct, cv]`` tiles (:func:`backward_tile`), a few
+    alive at once; the backward accumulates the weight gradient in place in its output (fp32
+    weights; one ``[cv, H]`` fp32 buffer otherwise) and the hidden-state gradient in one ``[M, H]``
+    buffer of the accumulation dtype.
 
     With a process ``group``, ``weight`` / ``bias`` (and ``ref_weight`` / ``ref_bias``) are this
     rank's rows of a vocabulary-parallel lm_head and ``targets`` are relative to this rank's first
@@ -131,13 +181,13 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
-                temperature, chunk_size, want_entropy, group=None):
+                temperature, chunk_size, want_entropy, group=None, rows=None):
         want_kl = ref_hidden is not None
         parts = chunked_partials(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
-                                 temperature, chunk_size, want_entropy)
+                                 temperature, chunk_size, want_entropy, rows)
         lp, kl, ent, lse, ref_lse, mean_z = merge_partials(*parts, group=group)
         ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
-                              lse, ref_lse, mean_z)
+                              lse, ref_lse, mean_z, rows)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         ctx.want_kl = want_kl
@@ -152,8 +202,9 @@ class ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_kl, g_ent):
         (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
-         lse, ref_lse, mean_z) = ctx.saved_tensors
-        M, H = hidden.shape
+         lse, ref_lse, mean_z, *rest) = ctx.saved_tensors
+        rows = rest[0] if rest else None
+        M, H = targets.shape[0], hidden.shape[1]
         V = weight.shape[0]
         acc = acc_dtype(hidden)
         low = hidden.dtype != acc
@@ -163,10 +214,11 @@ class ChunkedTokenLogps(torch.autograd.Function):
         use_kl = ctx.want_kl and g_kl is not None
         use_ent = ctx.want_entropy and g_ent is not None
         dev = hidden.device
-        # Gradients are accumulated in fp32 (fp64 for fp64 inputs): grad_hidden in an [M, H]
-        # buffer over the vocabulary chunks, grad_weight per vocabulary chunk ([Cv, H]) over the
-        # token chunks, so no [V, H] fp32 buffer is needed.
-        grad_h = torch.zeros(M, H, dtype=acc, device=dev) if need_h else None
+        # Gradients are accumulated in fp32 (fp64 for fp64 inputs): grad_hidden in one buffer over
+        # the vocabulary chunks (hidden's rows: [M_all, H] with rows=), grad_weight per vocabulary
+        # chunk over the token tiles, in place in the output when the weight is in the
+        # accumulation dtype (else in one [cv, H] buffer): no [V, H] fp32 copy.
+        grad_h = torch.zeros(hidden.shape[0], H, dtype=acc, device=dev) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = torch.empty(V, dtype=acc, device=dev) if need_b else None
         if M == 0 or not (need_h or need_w or need_b) or (g_lp is None and not use_kl and not use_ent):
@@ -179,19 +231,23 @@ class ChunkedTokenLogps(torch.autograd.Function):
             gl = None if g_lp is None else g_lp.to(acc)
             gk = g_kl.to(acc) if use_kl else None
             ge = g_ent.to(acc) if use_ent else None
+            w_in_place = need_w and weight.dtype == acc
             for v0 in range(0, V, cv):
                 v1 = min(V, v0 + cv)
                 w_c = weight[v0:v1]
                 b_c = None if bias is None else bias[v0:v1]
                 w_c_acc = w_c.to(acc) if (need_h and low) else w_c
-                acc_w = torch.zeros(v1 - v0, H, dtype=acc, device=dev) if need_w else None
-                acc_b = torch.zeros(v1 - v0, dtype=acc, device=dev) if need_b else None
+                if w_in_place:
+                    acc_w = grad_w[v0:v1].zero_()
+                else:
+                    acc_w = torch.zeros(v1 - v0, H, dtype=acc, device=dev) if need_w else None
+                acc_b = grad_b[v0:v1].zero_() if need_b else None
                 for s in range(0, M, ct):
                     e = min(M, s + ct)
-                    h = hidden[s:e]
+                    h = _rows(hidden, rows, s, e)
                     z = _chunk_logits(h, w_c, b_c, inv_temp, acc)            # [ct, cv]
                     if use_ent:
-                        p = torch.exp(z - lse[s:e, None])
+                        p = torch.sub(z, lse[s:e, None]).exp_()
                         z.sub_(mean_z[s:e, None]).mul_(p)                      # p * (z - E_p[z])
                     else:
                         p = z.sub_(lse[s:e, None]).exp_()                      # in place: z is not needed
@@ -199,7 +255,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
                     coef = -gl[s:e] if gl is not None else torch.zeros(e - s, dtype=acc, device=dev)
                     if use_kl:
                         coef = coef + gk[s:e]
-                        zr = _chunk_logits(ref_hidden[s:e], ref_weight[v0:v1],
+                        zr = _chunk_logits(_rows(ref_hidden, rows, s, e), ref_weight[v0:v1],
                                            None if ref_bias is None else ref_bias[v0:v1], inv_temp, acc)
                         pr = zr.sub_(ref_lse[s:e, None]).exp_()
                     if use_ent:
@@ -220,17 +276,19 @@ class ChunkedTokenLogps(torch.autograd.Function):
                     if acc_b is not None:
                         acc_b.add_(dz.sum(0))
                     if need_h:
-                        grad_h[s:e].addmm_(dz, w_c_acc)
+                        if rows is None:
+                            grad_h[s:e].addmm_(dz, w_c_acc)
+                        else:
+                            grad_h.index_add_(0, rows[s:e], dz @ w_c_acc)
                     if need_w:
                         acc_w.addmm_(dz.t(), h.to(acc) if low else h)
                     del dz
-                if need_w:
+                if need_w and not w_in_place:
                     grad_w[v0:v1] = acc_w.to(weight.dtype)
-                if acc_b is not None:
-                    grad_b[v0:v1] = acc_b
         reduce_hidden_grad(grad_h, getattr(ctx, "group", None))
         return (None if grad_h is None else grad_h.to(hidden.dtype), grad_w,
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None, None,
+                None)
 
 
 def backward_tile(num_tokens: int, vocab_size: int, chunk_size: int):
@@ -320,7 +378,8 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         return_kl: also return the full-vocabulary ``KL(pi_ref || pi)`` per position, computed
             from logsumexps (needs ``ref_hidden``). Differentiable w.r.t. the policy side.
         return_entropy: also return the policy entropy per position (differentiable).
-        chunk_size: rows per chunk of the torch path (default :func:`default_chunk_size`).
+        chunk_size: the torch path's tile size in rows of ``V`` logits (default
+            :func:`default_chunk_size`: 1 MiB tiles on the CPU).
         backend: ``None`` (Triton on CUDA, torch on CPU; ``FASTSAFE_BACKEND`` overrides, see
             :mod:`fastsafe.ops.dispatch`), ``"torch"`` or ``"triton"``.
         process_group: vocabulary parallelism (a column-parallel lm_head, as in Megatron or
@@ -454,7 +513,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         lp, kl, ent = TritonTokenLogps.apply(h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
                                              temperature, bool(return_entropy), group)
     else:
-        C = chunk_size if chunk_size is not None else default_chunk_size(max(M, 1), V)
+        C = chunk_size if chunk_size is not None else default_chunk_size(max(M, 1), V, hidden.device.type)
         lp, kl, ent = ChunkedTokenLogps.apply(h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
                                               temperature, C, bool(return_entropy), group)
 

@@ -83,8 +83,8 @@ def _fresh(outs):
 
 def _fwd_fake(backend):
     def fake(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, *rest):
-        want_entropy = rest[-1]
-        M = hidden.shape[0]
+        want_entropy = rest[1] if backend == "torch" else rest[0]       # torch: chunk_size, want_entropy[, rows]
+        M = targets.shape[0]
         dt = _acc(hidden, backend)
         kl_n = M if ref_hidden is not None else 0
         ent_n = M if want_entropy else 0
@@ -93,10 +93,10 @@ def _fwd_fake(backend):
 
 
 def _torch_fwd(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, chunk_size,
-               want_entropy):
+               want_entropy, rows=None):
     ctx = _Ctx()
     lp, kl, ent = ChunkedTokenLogps.forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
-                                     temperature, chunk_size, want_entropy)
+                                            temperature, chunk_size, want_entropy, None, rows)
     return _fresh((lp, kl, ent) + tuple(ctx.saved_tensors[7:10]))
 
 
@@ -113,8 +113,8 @@ def _grads(res, hidden):
 
 
 def _torch_bwd(g_lp, g_kl, g_ent, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse,
-               ref_lse, mean_z, temperature, chunk_size, want_kl, want_entropy, need_h, need_w, need_b):
-    ctx = _Ctx((hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z),
+               ref_lse, mean_z, temperature, chunk_size, want_kl, want_entropy, need_h, need_w, need_b, rows=None):
+    ctx = _Ctx((hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z, rows),
                (need_h, need_w, need_b) + (False,) * 7, temperature=temperature, chunk_size=chunk_size,
                want_kl=want_kl, want_entropy=want_entropy, group=None)   # no process group: one device
     return _grads(ChunkedTokenLogps.backward(ctx, g_lp, g_kl, g_ent), hidden)
@@ -129,6 +129,8 @@ def _triton_bwd(g_lp, g_kl, g_ent, hidden, weight, bias, targets, ref_hidden, re
 
 
 def _bwd_fake(g_lp, g_kl, g_ent, hidden, weight, bias, *rest):
+    if rest and not isinstance(rest[-1], bool):     # the torch op's trailing rows
+        rest = rest[:-1]
     need_h, need_w, need_b = rest[-3:]
     gh = hidden.new_empty(hidden.shape) if need_h else hidden.new_empty((0,))
     gw = torch.empty_like(weight) if need_w else hidden.new_empty((0,))
@@ -138,11 +140,14 @@ def _bwd_fake(g_lp, g_kl, g_ent, hidden, weight, bias, *rest):
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature = inputs[:8]
-    want_entropy = inputs[-1]
+    torch_op = len(inputs) >= 10           # (..., chunk_size, want_entropy[, rows]); triton: (..., want_entropy)
+    want_entropy = inputs[9] if torch_op else inputs[8]
+    rows = inputs[10] if len(inputs) == 11 else None
     lp, kl, ent, lse, ref_lse, mean_z = output
-    ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z)
+    ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z,
+                          rows)
     ctx.temperature = temperature
-    ctx.chunk_size = inputs[8] if len(inputs) == 10 else None
+    ctx.chunk_size = inputs[8] if torch_op else None
     ctx.want_kl = ref_hidden is not None
     ctx.want_entropy = bool(want_entropy)
     ctx.set_materialize_grads(False)       # an output nobody uses (often the entropy) costs no backward work
@@ -155,11 +160,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(backend):
     def backward(ctx, g_lp, g_kl, g_ent, *unused):
-        hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z = ctx.saved_tensors
+        hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, mean_z, rows = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = bool(need_b and bias is not None)
         acc = _acc(hidden, backend)
-        M = hidden.shape[0]
+        M = targets.shape[0]
         # outputs without a gradient (not used by the loss) are left out of the backward pass
         use_kl = ctx.want_kl and g_kl is not None
         use_ent = ctx.want_entropy and g_ent is not None
@@ -171,14 +176,15 @@ def _backward(backend):
         if backend == "torch":
             args = args + (ctx.chunk_size,)
         op = _OPS[backend][1]
-        gh, gw, gb = op(*args, use_kl, use_ent, bool(need_h), bool(need_w), need_b)
+        flags = (use_kl, use_ent, bool(need_h), bool(need_w), need_b)
+        gh, gw, gb = op(*args, *flags, rows) if backend == "torch" else op(*args, *flags)
         return ((gh if need_h else None), (gw if need_w else None), (gb if need_b else None)) + \
             (None,) * (len(ctx.needs_input_grad) - 3)
     return backward
 
 
-_LIB.define(f"token_logps_torch({_TORCH_ARGS}, int chunk_size, bool want_entropy) -> {_OUTS}")
-_LIB.define(f"token_logps_torch_backward({_BWD_ARGS}, int chunk_size, {_BWD_FLAGS}) -> {_GRADS}")
+_LIB.define(f"token_logps_torch({_TORCH_ARGS}, int chunk_size, bool want_entropy, Tensor? rows=None) -> {_OUTS}")
+_LIB.define(f"token_logps_torch_backward({_BWD_ARGS}, int chunk_size, {_BWD_FLAGS}, Tensor? rows=None) -> {_GRADS}")
 _LIB.define(f"token_logps_triton({_TORCH_ARGS}, bool want_entropy) -> {_OUTS}")
 _LIB.define(f"token_logps_triton_backward({_BWD_ARGS}, {_BWD_FLAGS}) -> {_GRADS}")
 for _name, _fn in (("token_logps_torch", _torch_fwd), ("token_logps_torch_backward", _torch_bwd)):
@@ -201,11 +207,12 @@ _OPS = {
 
 
 def token_logps_op(backend: str, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
-                   temperature: float, chunk_size: int, want_entropy: bool):
+                   temperature: float, chunk_size: int, want_entropy: bool, rows=None):
     """``(lp, kl, entropy)`` of packed tokens through the op of ``backend`` (``"torch"`` or ``"triton"``).
 
     Shapes as in :class:`~fastsafe.training.token_logps.ChunkedTokenLogps` (``hidden [M, H]``,
-    ``targets [M]`` int64 in ``[0, V)``); ``chunk_size`` is used by the torch path only.
+    ``targets [M]`` int64 in ``[0, V)``); ``chunk_size`` is used by the torch path only, and so is
+    ``rows`` (``[M]`` int64: the tokens are these rows of ``hidden [M_all, H]`` / ``ref_hidden``).
 
     Example:
         >>> h, w = torch.randn(6, 16), torch.randn(50, 16, requires_grad=True)
@@ -215,11 +222,14 @@ def token_logps_op(backend: str, hidden, weight, bias, targets, ref_hidden, ref_
         (torch.Size([6]), 0, 0)
     """
     if backend == "triton":
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+            ref_hidden = None if ref_hidden is None else ref_hidden.index_select(0, rows)
         outs = _OPS["triton"][0](hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature,
                                  want_entropy)
     else:
         outs = _OPS["torch"][0](hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature,
-                                chunk_size, want_entropy)
+                                chunk_size, want_entropy, rows)
     return outs[0], outs[1], outs[2]
 
 
@@ -303,7 +313,7 @@ def run_token_logps(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_b
         h_act = torch.where(keep, h2, 0)
         t_act = torch.where(valid, flat_t, 0).long()
         rh_act = None if rh2 is None else torch.where(keep, rh2, 0)
-        C = chunk_size if chunk_size is not None else default_chunk_size(max(M_all, 1), V)
+        C = chunk_size if chunk_size is not None else default_chunk_size(max(M_all, 1), V, hidden.device.type)
         lp, kl, ent = token_logps_op(chosen, h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
                                      temperature, C, bool(return_entropy))
         # every position ran: zero the inactive ones (outputs not asked for may be empty: left as they are)
@@ -312,18 +322,13 @@ def run_token_logps(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_b
     else:
         if active is not None:
             valid = valid & (active.reshape(-1) != 0)
-        if bool(valid.all()):
-            idx = None
-            h_act, t_act, rh_act = h2, flat_t.long(), rh2
-        else:
-            idx = valid.nonzero().squeeze(1)
-            h_act = h2.index_select(0, idx)
-            t_act = flat_t.index_select(0, idx).long()
-            rh_act = None if rh2 is None else rh2.index_select(0, idx)
-        M = h_act.shape[0]
-        h_act = h_act if h_act.stride(-1) == 1 else h_act.contiguous()
-        C = chunk_size if chunk_size is not None else default_chunk_size(max(M, 1), V)
-        lp, kl, ent = token_logps_op(chosen, h_act, weight, bias, t_act, rh_act, ref_weight, ref_bias,
-                                     temperature, C, bool(return_entropy))
+        # The active tokens: their rows of h2 (indexed tile by tile in the op, no packed copy).
+        idx = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+        t_act = flat_t.long() if idx is None else flat_t.index_select(0, idx).long()
+        M = t_act.shape[0]
+        h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
+        C = chunk_size if chunk_size is not None else default_chunk_size(max(M, 1), V, hidden.device.type)
+        lp, kl, ent = token_logps_op(chosen, h2, weight, bias, t_act, rh2, ref_weight, ref_bias,
+                                     temperature, C, bool(return_entropy), idx)
 
     return unpack_outputs(lp, kl, ent, idx, M_all, out_shape, return_kl, return_entropy)
