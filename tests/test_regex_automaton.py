@@ -1,0 +1,74 @@
+"""Regular regex entities as one search DFA (fastsafe.safety.regex_automaton) against RE2 on random texts."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fastsafe.safety.normalize import light_normalize
+from fastsafe.safety.regex import compile_regex
+from fastsafe.safety.regex_automaton import compile_regexes
+
+PATTERNS = [r"\d{3}-\d{4}", r"(?i)bad(word)+", r"a.c", r"(x|y)z+", r"[^ab]{2}q", r"kill (you|him)", r"(?i)ssn:? ?\d+",
+            r"ab|b", r"aaa", r"x+y+x+"]
+ALPHABET = "abcqxyz0123456789-: BADWORDkilyouhmsnSN\t\u00a0\uff11\u200b"
+
+
+def _re2_new_match(pattern: str, light: str, t0: int) -> bool:
+    """RE2: does some match of ``pattern`` end after position ``t0`` of ``light``?"""
+    anchored = compile_regex(f"(?:{pattern})\\z")
+    return any(anchored.search(light[:e]) is not None for e in range(t0 + 1, len(light) + 1))
+
+
+def _host_finditer(pattern: str, light: str, t0: int) -> bool:
+    """The host path's rule: a non-empty finditer match ending after ``t0``."""
+    return any(m.end() > t0 and m.end() > m.start() for m in compile_regex(pattern).finditer(light))
+
+
+def _dfa_new_match(dfa, prefix: str, new: str) -> int:
+    state, _ = dfa.run(prefix)
+    _, hits = dfa.run(new, state)
+    return next((h for h in hits if h >= 0), -1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dfa_equals_re2_on_random_texts(seed):
+    rng = random.Random(seed)
+    dfa = compile_regexes(PATTERNS, list(range(len(PATTERNS))))
+    assert not dfa.host
+    blocked = host_more = 0
+    for _ in range(400):
+        prefix = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 12)))
+        new = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 4)))
+        lp, lf = light_normalize(prefix), light_normalize(prefix + new)
+        t0 = len(lp) if lf.startswith(lp) else len(lp) - 1          # a trailing space merged with the new one
+        want = [j for j, p in enumerate(PATTERNS) if _re2_new_match(p, lf, t0)]
+        got = _dfa_new_match(dfa, prefix, new)
+        assert (got >= 0) == bool(want), (prefix, new, want, got)
+        if want:
+            assert got == want[0] or got in want, (prefix, new, want, got)
+            blocked += 1
+        host = any(_host_finditer(p, lf, t0) for p in PATTERNS)
+        assert not host or got >= 0                                  # the host path never blocks more
+        host_more += (got >= 0) and not host
+    assert blocked > 20
+    print(f"blocked {blocked}/400; blocked by the DFA rule but not by the host's finditer rule: {host_more}")
+
+
+def test_patterns_that_are_not_regular_here_stay_on_the_host_path():
+    dfa = compile_regexes([r"\bfoo\b", r"^abc", r"\pL+x", r"abc"], [3, 4, 5, 6])
+    assert [v for v, _ in dfa.host] == [3, 4, 5] and dfa.values == [6]
+    assert all(reason for _, reason in dfa.host)
+    assert dfa.first_match("xxabc") == (6, 4)
+
+
+def test_a_state_budget_sends_what_does_not_fit_to_the_host():
+    dfa = compile_regexes([r"abc", r"(a|b)...........(a|b)"], [0, 1], max_states=50)
+    assert dfa.values == [0] and dfa.host[0][0] == 1 and "exceed 50 states" in dfa.host[0][1]
+
+
+def test_whitespace_runs_read_as_one_space_and_invisible_characters_as_nothing():
+    dfa = compile_regexes([r"kill you"], [0])
+    assert dfa.first_match("kill \t\u00a0 you") is not None
+    assert dfa.first_match("ki\u200bll you") is not None
+    assert dfa.first_match("killyou") is None
