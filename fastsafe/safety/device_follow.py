@@ -38,6 +38,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
@@ -47,6 +48,23 @@ import torch
 from .device_matcher import DeviceMatcher
 
 __all__ = ["LiveDeviceMatcher", "FixedDeviceMatcher", "RowStates"]
+
+
+@contextlib.contextmanager
+def _side_stream(device, after=None):
+    """Background work on a CUDA device runs on a stream of its own (never on the decoding stream,
+    which may be capturing a CUDA graph), after the event ``after`` (recorded by the decoding thread
+    when it handed the inputs over), and is finished before it is handed back."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device=device)
+    if after is not None:
+        stream.wait_event(after)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
 
 
 class FixedDeviceMatcher:
@@ -118,7 +136,9 @@ class LiveDeviceMatcher:
         self._last_poll = time.monotonic()
 
     def _build(self) -> DeviceMatcher:
-        return DeviceMatcher.from_store(self.store, self.tokenizer, skip_invalid=True, warn=False, **self.build_kwargs)
+        with _side_stream(self.build_kwargs.get("device")):
+            return DeviceMatcher.from_store(self.store, self.tokenizer, skip_invalid=True, warn=False,
+                                            **self.build_kwargs)
 
     @property
     def skipped(self) -> list:
@@ -232,6 +252,10 @@ class _Job:
         self.error: Exception | None = None
         self.done = threading.Event()
         ops = list(log)
+        self._inputs = None                     # CUDA: the decoding stream's point where the inputs are ready
+        if matcher.device.type == "cuda":
+            self._inputs = torch.cuda.Event()
+            self._inputs.record()
         if background:
             threading.Thread(target=self._run, args=(start, ops), name="fastsafe-row-states", daemon=True).start()
         else:
@@ -239,7 +263,7 @@ class _Job:
 
     def _run(self, start, ops) -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _side_stream(self.matcher.device, self._inputs):
                 self.state = _replay(self.matcher, self.matcher.state_from_histories(start), ops)
         except Exception as exc:  # noqa: BLE001 - reported by RowStates.poll; the old matcher stays
             self.error = exc
