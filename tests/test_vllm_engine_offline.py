@@ -114,6 +114,11 @@ top_k = 3
 """
 
 
+def baseline_plan() -> dict:
+    """The plain-vLLM plan (the server tests compare with it too; it runs once per session)."""
+    return _plan((), _jobs(adapter=False))
+
+
 def _plan(processors, jobs):
     engine = dict(harness.ENGINE, **harness.SMALL_KV_CACHE, model=harness.model_path())
     if processors:
@@ -140,7 +145,7 @@ def _vocab_size() -> int:
 
 @pytest.fixture(scope="module")
 def baseline():
-    return harness.run_plan_cached(_plan((), _jobs(adapter=False)))
+    return harness.run_plan_cached(baseline_plan())
 
 
 @pytest.fixture(scope="module")

