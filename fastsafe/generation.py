@@ -152,7 +152,7 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
              min_p: float = 0.0, eos_token_id=None, pad_token_id: int | None = None, stop_strings=None,
              seed: int | None = None, generator: torch.Generator | None = None, attention_mask=None,
              chat: bool = False, add_special_tokens: bool = True, backend: str | None = None,
-             compile: bool = False, check_every: int = 8) -> GenerationResult:
+             compile: bool | dict = False, check_every: int = 8) -> GenerationResult:
     """Safe generation with fastsafe's KV-cached loop and the fused top-k op.
 
     Args:
@@ -184,7 +184,8 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             on CUDA). Same knobs; the filters run on the device matcher (``matcher="host"`` is
             run as ``"device"``); regex entities and reward models are refused (they need the
             host inside a step). The first call per bucket pays the compile
-            (``GenerationResult.compile_seconds``).
+            (``GenerationResult.compile_seconds``). A dict is passed to ``torch.compile`` (e.g.
+            ``{"backend": "aot_eager"}``, ``{"mode": "max-autotune"}``).
         check_every: with ``compile=True``, steps between the host checks of EOS / stop strings /
             events (rows that finish in between decode padding; outputs are cut exactly).
 
@@ -264,7 +265,9 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             if max_new_tokens < 1:
                 raise ValueError(f"prompts: a {T}-token prompt fills the model's context of {ctx}; nothing can be generated")
 
-    if compile:
+    if compile is not False and compile is not None:
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile: expected a bool or a dict of torch.compile options, got {type(compile).__name__}")
         if isinstance(check_every, bool) or not isinstance(check_every, numbers.Integral) or check_every < 1:
             raise ValueError(f"check_every: expected an int >= 1, got {check_every!r}")
         if generator is not None and generator.device != device:
@@ -274,7 +277,8 @@ def generate(model, tokenizer, prompts, config: SafetyConfig | None = None, *, m
             model, tokenizer, rows, config, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos=eos, pad_token_id=pad_token_id,
             stop_strings=stop_strings, generator=generator, backend=backend, fallback_id=fallback_id,
-            reason_limit=reason_limit, ctx=ctx, check_every=int(check_every))
+            reason_limit=reason_limit, ctx=ctx, check_every=int(check_every),
+            compile_options=compile if isinstance(compile, dict) else None)
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else [""] * B
         return GenerationResult(sequences=sequences, texts=texts, events=events, prompt_length=T,
                                 finish_reasons=finish, new_tokens=new_tokens, compile_seconds=seconds)

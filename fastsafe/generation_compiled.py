@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+import types
 import weakref
 
 import torch
@@ -108,16 +109,18 @@ def _static_cache(model, batch: int, length: int, device, dtype):
 class _Decoder:
     """The static cache and the compiled step of one (model, batch bucket, cache bucket, options)."""
 
-    def __init__(self, model, batch: int, length: int, device, options: tuple):
+    def __init__(self, model, batch: int, length: int, device, options: tuple, compile_options: dict):
         self.model = model
         self.batch, self.length = batch, length
         self.cache = _static_cache(model, batch, length, device, next(model.parameters()).dtype)
         self.cache_name = cache_argument(model) or "past_key_values"
         self.extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
-        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-        self.step = torch.compile(self._step, mode=mode, dynamic=False)
+        kw = {"dynamic": False}
+        if torch.device(device).type == "cuda":
+            kw["mode"] = "reduce-overhead"
+        kw.update(compile_options)
+        self.step = torch.compile(_own_code(self._step, f"decode_step_b{batch}_l{length}"), **kw)
         self.options = options
-        self.compiled_once = False
 
     def forward(self, ids, position_ids, cache_position, attention_mask):
         out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -147,20 +150,34 @@ class _Decoder:
                 sel.ban_entity)
 
 
-def _decoder(model, batch, length, device, options) -> _Decoder:
+def _own_code(method, name: str):
+    """``method`` with a code object of its own: dynamo keeps its compiled graphs (and its recompile
+    limit) per code object, so each decoder's step is cached apart from the other buckets'."""
+    fn = method.__func__
+    code = fn.__code__.replace(co_name=name)
+    return types.MethodType(types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__),
+                            method.__self__)
+
+
+def _decoder(model, batch, length, device, options, compile_options: dict) -> _Decoder:
     per_model = _DECODERS.setdefault(model, {})
-    key = (batch, length, str(device)) + options
+    key = (batch, length, str(device)) + options + tuple(sorted((k, repr(v)) for k, v in compile_options.items()))
     dec = per_model.get(key)
     if dec is None:
-        dec = per_model[key] = _Decoder(model, batch, length, device, options)
+        dec = per_model[key] = _Decoder(model, batch, length, device, options, compile_options)
     return dec
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 @torch.no_grad()
 def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: int, do_sample: bool,
                     temperature: float, top_k: int | None, top_p: float, min_p: float, eos: list, pad_token_id: int,
                     stop_strings: list, generator, backend, fallback_id, reason_limit: str, ctx: int | None,
-                    check_every: int = CHECK_EVERY):
+                    check_every: int = CHECK_EVERY, compile_options: dict | None = None):
     """The compiled loop behind ``fastsafe.generate(..., compile=True)``; arguments as there, already
     validated. Returns ``(sequences, new_tokens, finish, events, T, compile_seconds)``."""
     config = safety_config
@@ -190,7 +207,7 @@ def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: in
     refuse(safety)
     k = min(int(top_k) if top_k is not None else config.top_k, Vl)
     options = (k, float(temperature if do_sample else 1.0), bool(do_sample), float(top_p), float(min_p), backend)
-    dec = _decoder(model, Bb, Lb, device, options)
+    dec = _decoder(model, Bb, Lb, device, options, dict(compile_options or {}))
     dec.cache.reset()
 
     # ---- prefill (eager: the prompt length varies)
@@ -233,15 +250,13 @@ def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: in
             cache_position = torch.tensor([T + step - 1], dtype=torch.long, device=device)
             args = (safety, matcher, state, nxt.unsqueeze(1), last_pos, cache_position, mask, finished, position,
                     noise_for(), eos_t, pad_t)
-            if not dec.compiled_once:
-                t0 = time.perf_counter()
-                res = dec.step(*args)
-                compile_seconds = time.perf_counter() - t0
-                _STATS["compiles"] += 1
-                _STATS["compile_seconds"] += compile_seconds
-                dec.compiled_once = True
-            else:
-                res = dec.step(*args)
+            before, t0 = _graphs(), time.perf_counter()
+            res = dec.step(*args)
+            if _graphs() != before:              # this call compiled (first call, or a guard failed)
+                seconds = time.perf_counter() - t0
+                compile_seconds += seconds
+                _STATS["compiles"] += _graphs() - before
+                _STATS["compile_seconds"] += seconds
             if cuda:                             # CUDA graph outputs are overwritten by the next replay
                 res = tuple(None if t is None else t.clone() for t in res)
         (nxt, new_state, new_finished, posinf, values, indices, lse, all_banned, ok, dead, ban_best, ban_hit,
