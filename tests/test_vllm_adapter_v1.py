@@ -4,7 +4,6 @@ Runs where vLLM is installed (.venv-vllm); skipped elsewhere. The real engine is
 """
 from __future__ import annotations
 
-import random
 import time
 from types import SimpleNamespace
 
@@ -29,13 +28,23 @@ allow_opt_out = true
 [policy.strict]
 phrases = ["lazy dog", "bomb"]
 top_k = 5
+
+[policy.debias]
+tsdi = "bias.safetensors"
+tsdi_scale = 2.0
 """
+
+
+def write_policies(folder, V):
+    from fastsafe import TSDIBias
+    TSDIBias(torch.randn(6, V, generator=torch.Generator().manual_seed(0))).save(folder / "bias.safetensors")
+    (folder / "p.toml").write_text(POLICIES)
 
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     tok = tiny_tokenizer()
-    (tmp_path / "p.toml").write_text(POLICIES)
+    write_policies(tmp_path, len(tok))
     monkeypatch.setenv("FASTSAFE_VLLM_POLICIES", str(tmp_path / "p.toml"))
     monkeypatch.setattr(worker, "load_tokenizer", lambda cfg: tok)
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=8), speculative_config=None,
@@ -52,27 +61,49 @@ def params(**fs):
     return SamplingParams(extra_args={"fastsafe": fs} if fs else None)
 
 
-def check_step(proc, logits, reqs, rng):
-    """apply() equals the per-row reference; then every row 'samples' and vLLM appends to its output list."""
+def check_step(proc, logits, row_reqs, g):
+    """apply() equals the per-row reference; then every row 'samples' and vLLM appends to its output list.
+
+    ``row_reqs[r]`` is the test's own record of the request in batch row ``r`` (its prompt, output list and
+    the slot it was admitted to), kept apart from the processor's bookkeeping so a lost move shows.
+    """
     rows = proc.rows
-    B = logits.shape[0]
-    slots = [int(proc._row_slot[r]) for r in range(B)]
-    hist = {s: (reqs[s]["prompt"] + reqs[s]["out"], len(reqs[s]["out"])) for s in slots if s >= 0}
+    slots = [-1 if q is None else q["slot"] for q in row_reqs]
+    hist = {}
+    for q in row_reqs:
+        if q is not None:
+            known = [t for t in q["out"] if t != -1]
+            hist[q["slot"]] = (q["prompt"] + known, len(known))
     want = reference(rows, logits, hist, slots)
     got = proc.apply(logits.clone())
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    for r in range(B):
-        s = slots[r]
-        if s >= 0:
-            probs = torch.softmax(got[r], -1)
-            reqs[s]["out"].append(int(torch.multinomial(probs, 1, generator=rng)))
+    for r, q in enumerate(row_reqs):
+        if q is not None:           # the row "samples": mostly the script (walks into the entities), else a draw
+            script = q["script"]
+            if torch.rand(1, generator=g).item() < 0.7:
+                q["out"].append(script[(len(q["out"]) + q["slot"] * 3) % len(script)])
+            else:
+                q["out"].append(int(torch.multinomial(torch.softmax(got[r], -1), 1, generator=g)))
     return got
 
 
+def admit(proc, added):
+    """Apply an ``added`` list and return the test's records of those requests (slot taken once, at admission)."""
+    proc.update_state(BatchUpdate(batch_size=max(a[0] for a in added) + 1, removed=[], added=added, moved=[]))
+    script = enc(proc.rows.tokenizer, SCRIPT)
+    return [{"prompt": prompt, "out": out, "slot": int(proc._row_slot[row]), "script": script}
+            for row, _, prompt, out in added]
+
+
+#: What the rows "generate": text that keeps walking into the policies' entities.
+SCRIPT = " make a bomb and kill the process the lazy dog bomb the quick brown fox hello world"
+
+
 def boosted(tok, B, V, g):
+    """Random logits where the tokens that complete entities are the likely ones (so the rules fire)."""
     logits = torch.randn(B, V, generator=g) * 2
-    for w in (" bomb", " dog", " kill", "omb", " brown"):
-        logits[:, enc(tok, w)[0]] += 6
+    for w in (" bomb", " dog", " kill", "omb", " brown", " world"):
+        logits[:, enc(tok, w)] += 6
     return logits
 
 
@@ -87,72 +118,77 @@ def test_rows_added_moved_swapped_removed_readded(setup):
     proc, tok, _ = setup
     V = len(tok)
     g = torch.Generator().manual_seed(0)
-    rng = random.Random(0)
-    reqs = {}
-
-    def add(row, p, prompt):
-        out: list[int] = []
-        return (row, p, enc(tok, prompt), out)
-
-    added = [add(0, params(), "How to make a"), add(1, params(policy="strict"), "over the lazy"),
-             add(2, params(policy="none"), "make a"), add(3, params(banned_phrases=["quick brown"]), "the quick"),
-             add(4, params(policy="strict"), "the lazy")]
-    proc.update_state(BatchUpdate(batch_size=5, removed=[], added=added, moved=[]))
-    for row, p, prompt, out in added:
-        reqs[int(proc._row_slot[row])] = {"prompt": prompt, "out": out}
+    added = [(0, params(), enc(tok, "How to make a"), []), (1, params(policy="strict"), enc(tok, "over the lazy"), []),
+             (2, params(policy="none"), enc(tok, "make a"), []),
+             (3, params(banned_phrases=["quick brown"]), enc(tok, "the quick"), []),
+             (4, params(policy="strict"), enc(tok, "the lazy"), [])]
+    batch = admit(proc, added)
     for _ in range(3):
-        check_step(proc, boosted(tok, 5, V, g), reqs, g)
+        check_step(proc, boosted(tok, 5, V, g), batch, g)
         proc.update_state(None)
-    # swap 0 <-> 3, then remove row 1 and condense 4 -> 1 (vLLM's order: removed, added, moved)
+    # swap 0 <-> 3
     proc.update_state(BatchUpdate(batch_size=5, removed=[], added=[], moved=[(0, 3, MoveDirectionality.SWAP)]))
-    check_step(proc, boosted(tok, 5, V, g), reqs, g)
-    gone = int(proc._row_slot[1])
-    preempted = reqs[gone]
+    batch[0], batch[3] = batch[3], batch[0]
+    check_step(proc, boosted(tok, 5, V, g), batch, g)
+    # remove row 1 and condense 4 -> 1 (vLLM's order: removed, added, moved)
+    preempted = batch[1]
     proc.update_state(BatchUpdate(batch_size=4, removed=[1], added=[],
                                   moved=[(4, 1, MoveDirectionality.UNIDIRECTIONAL)]))
-    assert proc._row_slot[4] == -1
+    batch = [batch[0], batch[4], batch[2], batch[3]]
     for _ in range(2):
-        check_step(proc, boosted(tok, 4, V, g), reqs, g)
+        check_step(proc, boosted(tok, 4, V, g), batch, g)
         proc.update_state(None)
     # the preempted request comes back (recompute): vLLM re-adds it with its prompt and output so far
-    again = (4, params(policy="strict"), preempted["prompt"], preempted["out"])
-    proc.update_state(BatchUpdate(batch_size=5, removed=[], added=[again], moved=[]))
-    reqs[int(proc._row_slot[4])] = preempted
+    (again,) = admit(proc, [(4, params(policy="strict"), preempted["prompt"], preempted["out"])])
+    batch.append(again)
     for _ in range(3):
-        check_step(proc, boosted(tok, 5, V, g), reqs, g)
+        check_step(proc, boosted(tok, 5, V, g), batch, g)
         proc.update_state(None)
     proc.rows.audit.drain(wait=True)
     c = proc.rows.audit.counts
     assert c["default"]["token_ban"] + c["strict"]["token_ban"] > 0
-    assert c["none"]["token_ban"] > 0 or True        # request-only phrases count under "none" when they fire
-    assert rng is not None
 
 
 def test_async_placeholders_and_discarded_tokens(setup):
     proc, tok, _ = setup
     V = len(tok)
     g = torch.Generator().manual_seed(3)
-    out_a, out_b = [], enc(tok, " the")           # b was preempted with one output token already
-    added = [(0, params(), enc(tok, "How to make"), out_a), (1, params(policy="strict"), enc(tok, "the lazy"), out_b)]
-    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=added, moved=[]))
-    reqs = {int(proc._row_slot[r]): {"prompt": p, "out": o} for r, _, p, o in added}
-    check_step(proc, boosted(tok, 2, V, g), reqs, g)
-    for step in range(4):
+    out_a, out_b, out_c = [], enc(tok, " the"), []     # b was preempted with one output token already
+    batch = admit(proc, [(0, params(), enc(tok, "How to make"), out_a),
+                         (1, params(policy="strict"), enc(tok, "the lazy"), out_b),
+                         (2, params(policy="debias"), enc(tok, "I will"), out_c)])     # TSDI: positions count
+    outs = (out_a, out_b, out_c)
+    check_step(proc, boosted(tok, 3, V, g), batch, g)
+    for _ in range(4):
         # async scheduling: the runner appends a -1 placeholder at update_state time ...
-        real = [o[-1] for o in (out_a, out_b)]
-        for o in (out_a, out_b):
+        real = [o[-1] for o in outs]
+        for o in outs:
             o[-1] = -1
         proc.update_state(None)
         # ... and writes the sampled ids in right before the logits processors run
-        out_a[-1], out_b[-1] = real
-        check_step(proc, boosted(tok, 2, V, g), reqs, g)
+        for o, t in zip(outs, real):
+            o[-1] = t
+        check_step(proc, boosted(tok, 3, V, g), batch, g)
+    # a placeholder still unresolved at apply: not fed (nor counted as a position), fed once resolved
+    real = [o[-1] for o in outs]
+    for o in outs:
+        o[-1] = -1
+    check_step(proc, boosted(tok, 3, V, g), batch, g)
+    for o, t in zip(outs, real):
+        o.pop()                                     # check_step sampled after the placeholder: drop that,
+        o[-1] = t                                   # and resolve the placeholder
+    check_step(proc, boosted(tok, 3, V, g), batch, g)
     # a KV-load failure discards the last two ids of a (the list shrinks); then it goes on
     del out_a[-2:]
     proc.update_state(None)
-    check_step(proc, boosted(tok, 2, V, g), reqs, g)
-    # the list is rewritten to the same length with other ids: detected by the last id seen
-    out_b[-1] = (out_b[-1] + 1) % V
-    check_step(proc, boosted(tok, 2, V, g), reqs, g)
+    check_step(proc, boosted(tok, 3, V, g), batch, g)
+    # an id the state has already seen (out_a[-2]; out_a[-1] is not fed yet) is rewritten to " make", and the
+    # new id is " a": " bomb" completes "make a bomb" and must be banned
+    make, a, bomb = enc(tok, " make a bomb")
+    assert out_a[-2] != make
+    out_a[-2], out_a[-1] = make, a
+    got = check_step(proc, boosted(tok, 3, V, g), batch, g)
+    assert torch.isneginf(got[0, bomb])
 
 
 def test_parallel_sampling_children_keep_their_own_states(setup):
@@ -162,11 +198,9 @@ def test_parallel_sampling_children_keep_their_own_states(setup):
     p = params(policy="strict")
     prompt = enc(tok, "over the lazy")
     outs = [[], [], []]                           # n = 3: vLLM adds each child as its own request
-    added = [(i, p, prompt, outs[i]) for i in range(3)]
-    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=added, moved=[]))
-    reqs = {int(proc._row_slot[i]): {"prompt": prompt, "out": outs[i]} for i in range(3)}
+    batch = admit(proc, [(i, p, prompt, outs[i]) for i in range(3)])
     for _ in range(4):
-        check_step(proc, boosted(tok, 3, V, g), reqs, g)
+        check_step(proc, boosted(tok, 3, V, g), batch, g)
     assert len({tuple(o) for o in outs}) > 1      # sampled apart, each followed exactly (check_step)
 
 

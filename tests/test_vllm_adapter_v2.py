@@ -21,7 +21,7 @@ from vllm import SamplingParams  # noqa: E402
 from fastsafe.integrations.vllm import worker  # noqa: E402
 from tests.test_matcher import tiny_tokenizer  # noqa: E402
 from tests.test_vllm_adapter_rows import reference  # noqa: E402
-from tests.test_vllm_adapter_v1 import POLICIES, boosted, enc, params  # noqa: E402
+from tests.test_vllm_adapter_v1 import boosted, enc, params, write_policies  # noqa: E402
 
 
 def _flush(t) -> None:
@@ -89,7 +89,7 @@ class Runner:
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     tok = tiny_tokenizer()
-    (tmp_path / "p.toml").write_text(POLICIES)
+    write_policies(tmp_path, len(tok))
     monkeypatch.setenv("FASTSAFE_VLLM_POLICIES", str(tmp_path / "p.toml"))
     monkeypatch.setattr(worker, "load_tokenizer", lambda cfg: tok)
     run = Runner(monkeypatch, tok)

@@ -51,11 +51,10 @@ class SafetyLogitsProcessorV2(LogitsProcessor):
 
     # ------------------------------------------------------------------ admission
     def add_request(self, req_idx: int, sampling_params) -> bool:
-        """Admit the request in slot ``req_idx`` (its previous occupant's state is dropped)."""
+        """Admit the request in slot ``req_idx`` (everything of its previous occupant is overwritten)."""
         rows = self.rows
         if rows is None:
             return False
-        rows.release(req_idx)
         f = rows.admit(req_idx, args_of(sampling_params, self.policies, rows.logger))
         self._filtered[req_idx] = f
         if f:
