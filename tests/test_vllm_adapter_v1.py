@@ -259,3 +259,64 @@ def test_store_hot_swap_in_a_running_batch(tmp_path, monkeypatch):
         assert time.monotonic() < deadline
     got = proc.apply(x.clone())
     assert torch.isneginf(got[0, dog])                           # banned from the next step on, same request
+
+
+def _proc(tmp_path, monkeypatch, policies_toml, tok, capacity=4):
+    (tmp_path / "p.toml").write_text(policies_toml)
+    monkeypatch.setenv("FASTSAFE_VLLM_POLICIES", str(tmp_path / "p.toml"))
+    monkeypatch.setattr(worker, "load_tokenizer", lambda cfg: tok)
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity), speculative_config=None,
+                          model_config=SimpleNamespace(get_vocab_size=lambda: len(tok)))
+    from fastsafe.integrations.vllm import SafetyLogitsProcessor
+    return SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
+
+
+def test_audit_log_lines_and_metrics(tmp_path, monkeypatch):
+    import logging
+
+    from fastsafe.integrations.vllm import metrics
+    tok = tiny_tokenizer()
+    proc = _proc(tmp_path, monkeypatch, '[policy.default]\nphrases = ["make a bomb"]\ntop_k = 5\n', tok)
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: lines.append(rec.getMessage())
+    log = proc.rows.logger
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[
+            (0, params(), enc(tok, "How to make a"), []),        # " bomb" next: a token ban
+            (1, params(), enc(tok, "How to make a b"), [])],     # "omb" next: only the text check sees it
+            moved=[]))
+        before = metrics()["policies"].get("default", {}).get("token_ban", 0)
+        x = torch.zeros(2, len(tok))
+        x[0, enc(tok, " bomb")[0]] = 9.0
+        x[1, enc(tok, "omb")[0]] = 9.0
+        got = proc.apply(x)
+        assert torch.isneginf(got[0, enc(tok, " bomb")[0]]) and torch.isneginf(got[1, enc(tok, "omb")[0]])
+        proc.update_state(None)                                  # between steps: finished records are counted
+        proc.rows.audit.drain(wait=True)
+        proc.rows.audit.log_summary()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert any("policy=default rule=token_ban request=0 row=0" in m and "token=' bomb' entity='make a bomb'" in m
+               for m in lines), lines
+    assert any("rule=text_match request=1 row=1" in m and "entity='make a bomb'" in m for m in lines), lines
+    assert any(m.startswith("fastsafe: interventions: default token_ban=1 text_match=1") for m in lines), lines
+    snap = metrics()
+    assert snap["policies"]["default"]["token_ban"] == before + 1 and snap["steps"] >= 1
+
+
+def test_regex_entities_on_the_host_path(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    proc = _proc(tmp_path, monkeypatch, '[policy.rx]\nregexes = ["quick\\\\s+brown"]\ntop_k = 5\n', tok)
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[
+        (0, params(policy="rx"), enc(tok, "the quick"), [])], moved=[]))
+    brown = enc(tok, " brown")[0]
+    x = torch.zeros(1, len(tok))
+    x[0, brown] = 9.0
+    got = proc.apply(x)
+    assert torch.isneginf(got[0, brown]) and int(got[0].argmax()) != brown
+    assert proc.rows.audit.counts["rx"]["regex"] == 1

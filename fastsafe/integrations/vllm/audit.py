@@ -107,7 +107,7 @@ class Audit:
     def record(self, rule: str, policy: str, step: int, rows, seqs, data: torch.Tensor, matcher=None) -> None:
         """Keep one step's device record.
 
-        ``data`` by rule: ``token_ban`` ``[b, 2]`` (best token, hit), ``all_banned_fallback`` ``[b]``
+        ``data`` by rule: ``token_ban`` ``[b, 3]`` (best token, hit, entity id or -1), ``all_banned_fallback`` ``[b]``
         (hit), ``text_match`` ``[b, 2k]`` (candidate ids, entity ids with -1 = none). ``rows`` /
         ``seqs``: the host row indices and request numbers of its ``b`` rows.
         """
@@ -150,7 +150,9 @@ class Audit:
         events = []
         if rec.rule == "token_ban":
             for i in h[:, 1].nonzero().flatten().tolist():
-                events.append((i, int(h[i, 0]), None))
+                e = int(h[i, 2])
+                ent = rec.matcher.entity(e) if e >= 0 and rec.matcher is not None else None
+                events.append((i, int(h[i, 0]), None if ent is None else ent.phrase))
         elif rec.rule == "all_banned_fallback":
             for i in h.nonzero().flatten().tolist():
                 events.append((i, None, None))

@@ -328,11 +328,20 @@ class SafetyRows:
                 pos = positions if pr.all_rows else positions.index_select(0, pr.rows)
                 x.sub_(pr.scale * pr.table.index_select(0, pos.clamp(0, L - 1)))
             best = x.argmax(dim=-1)
-            best_before = x.gather(1, best[:, None]).squeeze(1)
+            best_ok = torch.isfinite(x.gather(1, best[:, None]).squeeze(1))
             text_groups = []
             for g in pr.groups:
                 st = self._state(g.matcher).index_select(0, g.slots)
                 allowed = unpack_bitmask(g.matcher.banned_bitmask(st), self.vocab_size)
+                b = best if g.local is None else best.index_select(0, g.local)
+                hit = ~allowed.gather(1, b[:, None]).squeeze(1) & (best_ok if g.local is None else
+                                                                    best_ok.index_select(0, g.local))
+                if g.matcher.alphabet is not None:    # the entity the banned token completes (text check of it)
+                    ent = g.matcher.check_candidates(st, b[:, None])[1][:, 0].to(torch.int64)
+                else:
+                    ent = torch.full_like(b, -1)
+                self.audit.record("token_ban", pr.name, self.step, g.host_rows, g.seqs,
+                                  torch.stack([b, hit.to(torch.int64), ent], dim=1), g.matcher)
                 if g.local is None:
                     x.masked_fill_(~allowed, _NEG_INF)
                 else:
@@ -341,9 +350,6 @@ class SafetyRows:
                     x.index_copy_(0, g.local, sub)
                 if g.matcher.has_text_rules:
                     text_groups.append((g, st))
-            hit = torch.isneginf(x.gather(1, best[:, None]).squeeze(1)) & torch.isfinite(best_before)
-            self.audit.record("token_ban", pr.name, self.step, pr.host_rows, pr.seqs,
-                              torch.stack([best, hit.to(torch.int64)], dim=1))
             if text_groups:
                 vals, cands = x.topk(pr.top_k, dim=-1)
                 ok = torch.isfinite(vals)
