@@ -38,7 +38,7 @@ def backend_required():
 # Declared test dependencies (pyproject's `test` extra) must not be skipped away: with
 # FASTSAFE_REQUIRE_TEST_DEPS=1 (set by .ci/run) a `pytest.importorskip` of one of them that
 # fails is a failure, so a broken install (e.g. datasets not importing) cannot pass CI as skips.
-_OPTIONAL_TEST_DEPS = {"deepspeed", "liger_kernel"}      # heavy extras the suite uses where present
+_OPTIONAL_TEST_DEPS = {"deepspeed", "liger_kernel", "vllm"}   # heavy extras the suite uses where present (vllm: .venv-vllm)
 
 
 def _missing_required_module(longrepr) -> str | None:
