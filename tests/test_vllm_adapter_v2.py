@@ -125,9 +125,10 @@ def test_v2_slots_reordered_rows_declined_requests_and_refill(setup):
     b, ub = run.add(proc, "b", enc(tok, "over the lazy"), p=params(policy="strict"))
     c, uc = run.add(proc, "c", enc(tok, "make a"), p=params(policy="none"))
     d, ud = run.add(proc, "d", enc(tok, "the quick"), p=params(policy="none", banned_phrases=["quick brown"]))
-    assert (ua, ub, uc, ud) == (True, True, False, True)          # declined: its rows are left alone
+    t, ut = run.add(proc, "t", enc(tok, "I will"), p=params(policy="debias", tsdi_scale=-0.5))   # TSDI by position
+    assert (ua, ub, uc, ud, ut) == (True, True, False, True, True)    # declined: its rows are left alone
     run.staged(proc)
-    layouts = [[a, b, c, d], [d, c, a, b], [b, a], [c, d, b, a]]  # rows are reordered every step; some not scheduled
+    layouts = [[a, b, c, d, t], [d, t, c, a, b], [b, a], [c, t, d, b, a]]   # reordered every step; some not scheduled
     for slots in layouts:
         got, logits = step(proc, run, slots, g)
         if c in slots:
@@ -164,3 +165,32 @@ def test_v2_validate_params(setup):
     validate(params(policy="strict"))
     with pytest.raises(VLLMValidationError, match="unknown policy"):
         validate(SamplingParams(extra_args={"fastsafe_policy": "lenient"}))
+
+
+def test_v2_store_hot_swap(tmp_path, monkeypatch):
+    from fastsafe import RiskEntityStore
+    tok = tiny_tokenizer()
+    store = RiskEntityStore(tmp_path / "risk.db")
+    store.add("bomb")
+    (tmp_path / "p.toml").write_text('[policy.default]\nstore = "risk.db"\ntop_k = 5\n')
+    monkeypatch.setenv("FASTSAFE_VLLM_POLICIES", str(tmp_path / "p.toml"))
+    monkeypatch.setenv("FASTSAFE_VLLM_POLL_INTERVAL", "0")
+    monkeypatch.setattr(worker, "load_tokenizer", lambda cfg: tok)
+    run = Runner(monkeypatch, tok)
+    from fastsafe.integrations.vllm import SafetyLogitsProcessorV2
+    proc = SafetyLogitsProcessorV2(run.cfg, run.lp_state)
+    a, _ = run.add(proc, "a", enc(tok, "over the"), enc(tok, " lazy"))
+    run.staged(proc)
+    dog = enc(tok, " dog")[0]
+    x = torch.zeros(1, len(tok))
+    x[0, dog] = 5.0
+    assert int(proc.apply(x.clone(), run.ctx([a])).argmax()) == dog
+    store.add("lazy dog")
+    follower = proc.rows.built["default"].follower
+    import time
+    deadline = time.monotonic() + 60
+    while proc.rows.matchers_of(a)[0].version != store.version():
+        run.staged(proc)                       # between steps: poll, swap when built, re-derive on the device
+        follower.wait(5)
+        assert time.monotonic() < deadline
+    assert torch.isneginf(proc.apply(x.clone(), run.ctx([a]))[0, dog])

@@ -123,9 +123,6 @@ class SafetyRows:
                                             logger=logger)
         self.request_matchers = RequestMatchers(tokenizer, vocab_size=self.vocab_size, device=self.device,
                                                 eos_token_id=self.eos_token_id)
-        fb = torch.full((self.vocab_size,), _NEG_INF, dtype=torch.float32, device=self.device)
-        fb[self.eos_token_id] = 0.0
-        self._fallback_row = fb
         self.audit = Audit(list(self.policies) + [OPT_OUT], logger, text=self.text, log_interval=log_interval)
         # host bookkeeping per slot
         self.slot_args = [None] * self.capacity
@@ -375,10 +372,9 @@ class SafetyRows:
                 dead = ~ok.any(dim=-1)
             else:
                 dead = torch.isneginf(x.amax(dim=-1))
-            x = torch.where(dead[:, None], self._fallback_row, x)
+            x.masked_fill_(dead[:, None], _NEG_INF)           # a dead row: EOS only (never token 0)
+            x[:, self.eos_token_id] = torch.where(dead, 0.0, x[:, self.eos_token_id])
             self.audit.record("all_banned_fallback", pr.name, self.step, pr.host_rows, pr.seqs, dead)
-            if pr.all_rows:
-                logits.copy_(x)
-            else:
-                logits.index_copy_(0, pr.rows, x.to(logits.dtype))
+            if not pr.all_rows:
+                logits.index_copy_(0, pr.rows, x)
         return logits
