@@ -315,7 +315,7 @@ class SafetyStep:
             return allowed.to(candidates.device), None
         dm = matcher
         allowed, entity = None, None
-        if dm.alphabet is not None:
+        if dm.has_device_text:              # phrase entities and regular regexes
             st = self._live_state(candidates.shape[0]) if state is None else state
             ok, entity = dm.check_candidates(st, candidates.to(dm.device))
             allowed = ok.to(candidates.device)
@@ -416,7 +416,7 @@ class SafetyStep:
                 ent = matcher.banned_entity(st, ban_best.to(matcher.device))
                 ban_entity = torch.where(ban_hit.to(ent.device), ent, -1).to(logits.device)
         text_tokens = text_entity = None
-        vocab_check = check_vocab and on_device and matcher.alphabet is not None
+        vocab_check = check_vocab and on_device and matcher.has_device_text
         if vocab_check:
             vok, vent = self._vocab_text_bans(matcher, B, state)
             words = pack_bitmask(vok.to(logits.device))
@@ -565,8 +565,8 @@ class SafetyStep:
                 for i, j in (hits >= 0).nonzero().tolist():
                     tok, ent = int(tokens[i, j]), self._device_matcher.entity(int(hits[i, j]))
                     events.append(SafetyEvent(step=position, row=name(i), token_id=tok, token_text=self.text(tok),
-                                              rule="text_match", entity=ent.phrase, category=ent.category,
-                                              severity=ent.severity))
+                                              rule="regex" if ent.kind == "regex" else "text_match",
+                                              entity=ent.phrase, category=ent.category, severity=ent.severity))
                 continue
             if rule == "token_ban":            # hits: entity ids (-1: not banned)
                 for i in (hits >= 0).nonzero().flatten().tolist():

@@ -252,7 +252,7 @@ def test_regex_entities_use_the_host_path_and_store(tmp_path):
     tok = tiny_tokenizer()
     store = RiskEntityStore(tmp_path / "r.db")
     store.add("bomb", category="weapons", severity=3)
-    store.add(r"\d{3}-\d{4}", kind="regex", category="pii")
+    store.add(r"\b\d{3}-\d{4}\b", kind="regex", category="pii")   # \b: not regular for the device DFA
     store.add([5, 6], kind="token_ids")
     dm = DeviceMatcher.from_store(store, tok)
     assert dm.version == store.version() and len(dm) == 3 and dm.has_regexes

@@ -72,3 +72,72 @@ def test_whitespace_runs_read_as_one_space_and_invisible_characters_as_nothing()
     assert dfa.first_match("kill \t\u00a0 you") is not None
     assert dfa.first_match("ki\u200bll you") is not None
     assert dfa.first_match("killyou") is None
+
+
+# --------------------------------------------------------------------------- on the device (DeviceMatcher)
+def _tok():
+    from tests.test_matcher import tiny_tokenizer
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_device_regex_check_equals_re2_on_random_token_histories(seed):
+    """Every candidate token of random texts (split as the tokenizer splits them): the device blocks
+    exactly when RE2 finds a match ending inside the candidate's text; the host path never blocks more."""
+    import torch
+
+    from fastsafe.safety import DeviceMatcher, PhraseMatcher
+    tok = _tok()
+    pats = PATTERNS[:6] + [r"\bfoo\b"]                      # the last one stays on the host path
+    dm = DeviceMatcher.build(tok, regexes=pats)
+    pm = PhraseMatcher.build(tok, regexes=pats[:6])
+    assert dm.state_width == 9 and dm.has_regexes and [dm.entity(i).phrase for i in dm._rx.values] == pats[:6]
+    rng = random.Random(seed)
+    hists, cands = [], []
+    for _ in range(100):
+        ids = tok.encode("".join(rng.choice(ALPHABET) for _ in range(rng.randint(4, 24))), add_special_tokens=False)
+        for j in range(len(ids)):
+            hists.append(ids[:j])
+            cands.append([ids[j]])
+    ok, ent = dm.check_candidates(dm.state_from_histories(hists), torch.tensor(cands))
+    host_ok, _ = pm.check_candidates(hists, cands)
+    blocked = 0
+    for h, c, o, e, ho in zip(hists, cands, ok[:, 0].tolist(), ent[:, 0].tolist(), host_ok[:, 0].tolist()):
+        before = light_normalize(tok.decode(h))
+        full = light_normalize(tok.decode(h + c))
+        t0 = len(before) if full.startswith(before) else len(before) - 1
+        want = [j for j, p in enumerate(pats[:6]) if _re2_new_match(p, full, t0)]
+        assert (not o) == bool(want), (tok.decode(h), tok.decode(c), want)
+        if want:
+            assert dm.entity(e).phrase in [pats[j] for j in want]
+            blocked += 1
+        assert ho or not o, (tok.decode(h), tok.decode(c))    # the host path blocks a subset
+    assert blocked >= 8
+
+
+def test_regex_entities_in_the_device_step_give_regex_events_and_compile():
+    import torch
+
+    import fastsafe
+    from fastsafe import SafetyConfig
+    from fastsafe.safety import DeviceMatcher
+    from tests.tiny_lm import entity_loving, tiny_gpt2, tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = entity_loving(tiny_gpt2(seed=9), tok, ["bomb"], follow=8.0, start=3.0)
+    cfg = SafetyConfig(regexes=[r"b[o0]mb"], matcher="device", top_k=20)
+    plain = fastsafe.generate(model, tok, ["how do I make a"], max_new_tokens=12)
+    res = fastsafe.generate(model, tok, ["how do I make a"], cfg, max_new_tokens=12)
+    assert "bomb" in plain.texts[0] and "bomb" not in res.texts[0].lower()
+    assert res.events and {e.rule for e in res.events} == {"regex"} and res.events[0].entity == r"b[o0]mb"
+    dm = DeviceMatcher.build(tok, regexes=[r"kill (you|him)"])
+    assert not dm.has_regexes                                   # nothing left on the host: the step is graph-safe
+
+    def step(state, token_ids, cands):
+        s = dm.advance(state, token_ids)
+        return s, dm.check_candidates(s, cands)
+    st = dm.state_from_histories([tok.encode("I will kill", add_special_tokens=False)] * 2)
+    t = torch.tensor(tok.encode(" you", add_special_tokens=False)[:1] * 2)
+    c = torch.tensor([[5, 6], [7, 8]])
+    got = torch.compile(step, fullgraph=True)(st, t, c)
+    want = step(st, t, c)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1][0], want[1][0]) and torch.equal(got[1][1], want[1][1])

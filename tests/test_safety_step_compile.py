@@ -28,7 +28,7 @@ def _step(tok, beyond="none", **kw):
 def test_host_parts_name_what_cannot_be_compiled(tok):
     assert _step(tok).graph_safe
     host = SafetyStep(SafetyConfig(banned_phrases=["bomb"]), tok, vocab_size=len(tok), device="cpu")
-    regex = SafetyStep(SafetyConfig(regexes=["b.mb"], matcher="device"), tok, vocab_size=len(tok), device="cpu")
+    regex = SafetyStep(SafetyConfig(regexes=[r"\bb.mb"], matcher="device"), tok, vocab_size=len(tok), device="cpu")
     assert not host.graph_safe and "host matcher" in host.host_parts[0]
     assert not regex.graph_safe and "regex" in regex.host_parts[0]
 

@@ -20,11 +20,19 @@ Two automata, both on the device:
 
 The state is one ``[B, 6]`` int64 tensor: token state, character state, character context (previous
 class and its run length), a partial UTF-8 character (codepoint bits, bytes still needed), and the
-character state before the current run's first repeat (for stretched letters).
+character state before the current run's first repeat (for stretched letters); ``[B, 9]``
+(:attr:`DeviceMatcher.state_width`) when regular regex entities run on the device too (one search
+DFA in three more columns: :mod:`~fastsafe.safety.regex_automaton`).
 :meth:`advance`, :meth:`banned_bitmask` and :meth:`check_candidates` read no tensor back to the host
 and have no data-dependent Python control flow, so a step compiles whole
-(``torch.compile(fullgraph=True)``) and can be captured in a CUDA graph. Regex entities are the one
-host part: :meth:`host_regex_check`.
+(``torch.compile(fullgraph=True)``) and can be captured in a CUDA graph. Regexes that are not
+regular there are the one host part: :meth:`host_regex_check`.
+
+The step runs on native kernels where the extension has them (:attr:`DeviceMatcher.backend`
+``"cpp"`` on the CPU, ``"cuda"`` on a GPU: the torch ops of
+:mod:`~fastsafe.safety.device_matcher_ops`, one thread per row or candidate, early exits), else on
+the tensor program written here (``"torch"``), which is their reference and the fallback
+(``FASTSAFE_BACKEND=device_matcher:torch`` forces it; :meth:`DeviceMatcher.with_backend`).
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import torch
 from ..ops.dispatch import backend_for
 from .char_automaton import BND, CP_LIMIT, NUM_SPECIAL, OTHER_NONWORD, SQ2, SQ3, action_tables, build_char_automaton
 from .ban_owners import ban_owner_table, banned_entity
+from .regex_automaton import REGEX_COLUMNS, RegexTables, device_regexes, regex_step, regex_token_tables
 from .entity_list import active_entities, config_entities, eos_id_set
 from .store import RiskEntity
 from .token_automaton import build_token_automaton
@@ -75,7 +84,7 @@ class DeviceMatcher:
     skipped: list = []
 
     def __init__(self, *, entities, vocab_size, device, tok, char, slots, cp_classes, word_boundaries, version,
-                 regex_matcher, ban_owners=None):
+                 regex_matcher, ban_owners=None, regex=None):
         self.entities = entities
         self.vocab_size = int(vocab_size)
         self.version = version
@@ -155,6 +164,9 @@ class DeviceMatcher:
             text_native = [i32([[0] * NUM_SPECIAL]), i32([-1]), i32([-1])] + [one] * 3 + [i32([[NUM_SPECIAL]])] + \
                 [one] * 8
         self.device = self._goto_keys.device
+        # regular regex entities: one search DFA in three more state columns (fastsafe.safety.regex_automaton)
+        self._rx = RegexTables(regex[0], regex[1], dev) if regex is not None else None
+        self.state_width = STATE_WIDTH + (REGEX_COLUMNS if self._rx is not None else 0)
         # which entity each token ban completes (token_ban events; see fastsafe.safety.ban_owners)
         keys, owner, sev = ban_owners if ban_owners is not None else ([np.iinfo(np.int64).max], [-1], [0])
         self._owner_keys, self._owner_ids, self._owner_sev = t(keys), t(owner, torch.int32), t(sev, torch.int32)
@@ -174,7 +186,8 @@ class DeviceMatcher:
     def build(cls, tokenizer, phrases: Iterable = (), *, vocab_size: int | None = None, device="cpu",
               token_id_phrases: Iterable = (), regexes: Iterable = (), entities: Iterable[RiskEntity] | None = None,
               eos_token_id=None, word_boundaries: bool = True, spaced: bool = True, version=None,
-              regex_window: int = 200, skip_invalid: bool = False, warn: bool = True) -> "DeviceMatcher":
+              regex_window: int = 200, skip_invalid: bool = False, warn: bool = True,
+              device_regex: bool = True) -> "DeviceMatcher":
         """Build the tables and put them on ``device``.
 
         Args:
@@ -184,7 +197,8 @@ class DeviceMatcher:
                 embedding is padded (ids past the tokenizer have no text).
             device: device of the tables (and of every state and id passed in later).
             token_id_phrases: id lists banned verbatim (``NoBadWordsLogitsProcessor`` semantics).
-            regexes: patterns checked on the host by :meth:`host_regex_check` only.
+            regexes: patterns (RE2 syntax); the regular ones are checked on the device by
+                :meth:`check_candidates` (``device_regex``), the rest on the host by :meth:`host_regex_check`.
             entities: :class:`RiskEntity` rows (e.g. ``store.entities()``); inactive ones are skipped.
             eos_token_id: single-token sequences equal to these are never banned (default: the tokenizer's).
             word_boundaries: text matches must be whole words.
@@ -195,6 +209,9 @@ class DeviceMatcher:
                 :meth:`PhraseMatcher.build`): one that cannot be compiled is left out and listed in
                 :attr:`skipped` (``phrases`` / ``token_id_phrases`` / ``regexes`` still raise).
             warn: warn about the skipped entities (a ``RuntimeWarning``).
+            device_regex: check the regular regexes on the device (one search DFA, three more state
+                columns: :attr:`state_width` 9); False (or patterns that are not regular there) keeps
+                them on the host RE2 path.
 
         Raises:
             ValueError: an entity empty after normalisation or that tokenises to nothing, token ids
@@ -252,15 +269,28 @@ class DeviceMatcher:
         regex_matcher = None
         rx = [i for i, e in enumerate(ents) if e.kind == "regex"]
         from .matcher import PhraseMatcher, SkippedEntity, warn_skipped   # the host reference holds the regex check
+        from .regex import compile_regex
+        regex = None
         if rx:
-            regex_matcher = PhraseMatcher.build(tokenizer, entities=[ents[i] for i in rx], vocab_size=vocab_size,
-                                                regex_window=regex_window, skip_invalid=True, warn=False)
-            where = {id(ents[i]): i for i in rx}
-            for x in regex_matcher.skipped:
-                fail(where[id(x.entity)], x.reason)
+            valid = []
+            for i in rx:
+                try:
+                    compile_regex(ents[i].phrase)          # RE2 decides what a regex entity may be
+                except (ValueError, TypeError) as exc:
+                    fail(i, str(exc).removeprefix("phrase: "))
+                    continue
+                valid.append(i)
+            dfa = device_regexes([ents[i].phrase for i in valid], valid) if device_regex and tokenizer is not None \
+                else None
+            host_rx = valid if dfa is None else [v for v, _ in dfa.host]
+            if host_rx:
+                regex_matcher = PhraseMatcher.build(tokenizer, entities=[ents[i] for i in host_rx],
+                                                    vocab_size=vocab_size, regex_window=regex_window, warn=False)
+            if dfa is not None and dfa.values:
+                regex = (dfa, regex_token_tables(tokenizer, vocab_size, dfa))
         m = cls(entities=ents, vocab_size=vocab_size, device=device, tok=tok, char=char, slots=slots,
                 cp_classes=cpc, word_boundaries=word_boundaries, version=version, regex_matcher=regex_matcher,
-                ban_owners=ban_owners)
+                ban_owners=ban_owners, regex=regex)
         m.skipped = [SkippedEntity(ents[i], why) for i, why in sorted(skipped.items())]
         if m.skipped and warn:
             warn_skipped(m.skipped)
@@ -287,16 +317,23 @@ class DeviceMatcher:
     @property
     def nbytes(self) -> dict:
         """Memory of the tables in bytes: ``{"token": ..., "text": ..., "total": ...}``."""
-        return {"token": int(self._tok_bytes), "text": int(self._char_bytes),
-                "total": int(self._tok_bytes + self._char_bytes)}
+        text = int(self._char_bytes) + (self._rx.nbytes if self._rx is not None else 0)
+        return {"token": int(self._tok_bytes), "text": text, "total": int(self._tok_bytes) + text}
 
     @property
     def has_text_rules(self) -> bool:
         """True when candidates get a text-level check (phrase entities or regexes)."""
-        return self.alphabet is not None or self.has_regexes
+        return self.has_device_text or self.has_regexes
+
+    @property
+    def has_device_text(self) -> bool:
+        """True when :meth:`check_candidates` checks something (phrase entities or regular regexes)."""
+        return self.alphabet is not None or self._rx is not None
 
     @property
     def has_regexes(self) -> bool:
+        """True when some regex entities are checked on the host (:meth:`host_regex_check`): those
+        that are not regular for the device DFA (see :mod:`~fastsafe.safety.regex_automaton`)."""
         return self._regex_matcher is not None
 
     @property
@@ -356,8 +393,8 @@ class DeviceMatcher:
     def _check_state(self, state) -> None:
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"state: expected a torch.Tensor from initial_state/advance, got {type(state).__name__}")
-        if state.dim() != 2 or state.shape[1] != STATE_WIDTH or state.dtype != torch.int64:
-            raise ValueError(f"state: expected an int64 tensor [B, {STATE_WIDTH}], got {state.dtype} "
+        if state.dim() != 2 or state.shape[1] != self.state_width or state.dtype != torch.int64:
+            raise ValueError(f"state: expected an int64 tensor [B, {self.state_width}], got {state.dtype} "
                              f"{list(state.shape)}")
         if state.device != self.device:
             raise ValueError(f"state: expected a tensor on {self.device} (the matcher's device), got {state.device}")
@@ -378,7 +415,7 @@ class DeviceMatcher:
         """``[batch_size, 5]`` int64 state of empty histories, on :attr:`device`."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size: expected a non-negative int, got {batch_size!r}")
-        s = torch.zeros(batch_size, STATE_WIDTH, dtype=torch.int64, device=self.device)
+        s = torch.zeros(batch_size, self.state_width, dtype=torch.int64, device=self.device)
         s[:, _CTX] = OTHER_NONWORD * 4       # start of text: as after a non-word character
         s[:, _SHADOW] = -1
         return s
@@ -584,6 +621,10 @@ class DeviceMatcher:
 
     def _step(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """:meth:`advance` after validation, on the matcher's backend."""
+        if self._rx is not None and state.shape[1] > STATE_WIDTH:    # + the regex columns (a torch program)
+            base = self._step(state[:, :STATE_WIDTH].contiguous(), token_ids)
+            cols, _ = regex_step(self._rx, state[:, STATE_WIDTH:], token_ids.to(torch.int64), self.vocab_size)
+            return torch.cat([base, cols], dim=1)
         if self._backend != "torch":
             return advance_op(state.contiguous(), token_ids.to(torch.int64).contiguous(), self._native_tables,
                               self._native_meta)
@@ -604,10 +645,19 @@ class DeviceMatcher:
         """
         self._check_state(state)
         self._check_ids("cand_ids", cand_ids, 2, state.shape[0])
+        base = state[:, :STATE_WIDTH].contiguous() if self._rx is not None else state
         if self._backend != "torch":
-            return check_candidates_op(state.contiguous(), cand_ids.to(torch.int64).contiguous(),
-                                       self._native_tables, self._native_meta)
-        return self._check_candidates(state, cand_ids)
+            ok, hit = check_candidates_op(base.contiguous(), cand_ids.to(torch.int64).contiguous(),
+                                          self._native_tables, self._native_meta)
+        else:
+            ok, hit = self._check_candidates(base, cand_ids)
+        if self._rx is not None:             # regular regexes: the DFA over each candidate's characters
+            c = cand_ids.to(torch.int64)
+            cols = state[:, STATE_WIDTH:].unsqueeze(1).expand(-1, c.shape[1], -1)
+            _, rhit = regex_step(self._rx, cols, c, self.vocab_size)
+            hit = torch.where(hit >= 0, hit, rhit.to(hit.dtype))
+            ok = ok & (rhit < 0)
+        return ok, hit
 
     def _check_candidates(self, state: torch.Tensor, cand_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The tensor program of :meth:`check_candidates` (the reference of the native kernels)."""

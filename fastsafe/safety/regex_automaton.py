@@ -18,8 +18,15 @@ host path (RE2 ``finditer`` over the last ``regex_window`` characters plus the c
 subset of that: its non-overlapping leftmost matches are matches, and its window is a part of the
 whole history; the DFA may block a few more, never fewer (tested against RE2 on random texts).
 
-Device use (not wired into the step yet): a ``[V, max_len]`` table of each token's light-normalised
-character classes and one more state column, advanced like the character automaton's.
+On the device (:class:`~fastsafe.safety.DeviceMatcher`, ``device_regex=True``): a ``[V, max_len]``
+table of each token's light-normalised character classes (:func:`regex_token_tables`; a character
+split across tokens is assembled from the tokens' UTF-8 heads and tails, as for the phrase
+automaton) and three more state columns (DFA state, partial character, bytes it needs), moved by
+:func:`regex_step`, a tensor program of its own beside the phrase automaton's step (the native
+kernels copy these columns through; the matcher runs this part in torch after them). Whitespace
+and patterns that use ``\\w \\W \\s \\S`` (ASCII classes in RE2) stay on the host path too
+(:func:`device_regexes`). Limit: per-character NFKC does not compose a base letter and a combining
+mark the way ``light_normalize`` of the whole text does.
 
 Example:
     >>> dfa = compile_regexes([r"\\d{3}-\\d{4}", r"(?i)bad(word)+"], [0, 1])
@@ -28,14 +35,16 @@ Example:
 """
 from __future__ import annotations
 
-import unicodedata
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .normalize import light_normalize
 
-__all__ = ["RegexDFA", "compile_regexes", "MAX_STATES"]
+__all__ = ["RegexDFA", "compile_regexes", "device_regexes", "regex_token_tables", "RegexTables", "regex_step",
+           "MAX_STATES", "REGEX_COLUMNS"]
 
 #: Patterns whose addition would grow the combined DFA past this many states stay on the host.
 MAX_STATES = 20000
@@ -197,3 +206,163 @@ def _determinize(fsms, values, max_states):
         rows.append(row)
         i += 1
     return np.asarray(rows, np.int32).reshape(len(order), K), np.asarray(acc, np.int32), char_class
+
+
+# ---------------------------------------------------------------------------------------------- device
+#: Columns the regex DFA adds to a DeviceMatcher state: DFA state, partial UTF-8 character bits, bytes it needs.
+REGEX_COLUMNS = 3
+
+#: Pattern features whose RE2 meaning differs from interegular's (ASCII vs Unicode classes): host path.
+_HOST_ONLY = ("\\w", "\\W", "\\s", "\\S")
+
+
+def device_regexes(patterns: list[str], values: list[int], *, max_states: int = MAX_STATES) -> RegexDFA:
+    """:func:`compile_regexes` for the device step: also leaves ``\\w \\W \\s \\S`` patterns on the host
+    (RE2 reads them as ASCII classes)."""
+    keep = [(p, v) for p, v in zip(patterns, values) if not any(x in p for x in _HOST_ONLY)]
+    dfa = compile_regexes([p for p, _ in keep], [v for _, v in keep], max_states=max_states)
+    dfa.host = sorted(dfa.host + [(v, "\\w / \\s classes are ASCII in RE2") for p, v in zip(patterns, values)
+                                  if any(x in p for x in _HOST_ONLY)])
+    return dfa
+
+
+@functools.lru_cache(maxsize=1)
+def _light_codepoints() -> tuple[np.ndarray, np.ndarray]:
+    """``(first, second)`` ``[CP_LIMIT]`` int32: the first two characters of each codepoint's
+    light-normalised form (-1: none; surrogates have none). Computed once per process."""
+    from .char_automaton import CP_LIMIT
+    first = np.full(CP_LIMIT, -1, np.int32)
+    second = np.full(CP_LIMIT, -1, np.int32)
+    for c in range(CP_LIMIT):
+        if 0xD800 <= c < 0xE000:
+            continue
+        ch = chr(c)
+        t = " " if ch.isspace() else light_normalize(ch)
+        if t:
+            first[c] = ord(t[0])
+            if len(t) > 1:
+                second[c] = ord(t[1])
+    return first, second
+
+
+def regex_token_tables(tokenizer, vocab_size: int, dfa: RegexDFA) -> dict[str, np.ndarray]:
+    """Each token's light-normalised character classes for the device, plus its split characters.
+
+    Returns ``{"slots": [V + 1, L] int32 (``K`` = none), "head_n", "head_bits", "tail_n",
+    "tail_bits", "tail_need", "body": [V + 1] int64 (as :func:`~fastsafe.safety.token_chars.token_slots`),
+    "cp0", "cp1": [CP_LIMIT] int32 the classes of the first two characters of each codepoint (K: none)}``.
+    """
+    from .char_automaton import CP_LIMIT
+    from .token_chars import token_bytes
+    K = dfa.num_classes
+    V = int(vocab_size)
+    rows, heads, tails, bodies = [], [], [], []
+    for b in token_bytes(tokenizer, V) + [b""]:
+        i = 0
+        while i < len(b) and 0x80 <= b[i] <= 0xBF:         # continuation bytes of a character split before
+            i += 1
+        head = b[:i]
+        j, k = len(b), len(b) - 1
+        while k >= i and 0x80 <= b[k] <= 0xBF:
+            k -= 1
+        if k >= i and b[k] >= 0xC0:
+            need = 2 if b[k] < 0xE0 else 3 if b[k] < 0xF0 else 4
+            if len(b) - k < need:
+                j = k                                      # an unfinished character at the end
+        text = b[i:j].decode("utf-8", "replace")
+        rows.append(dfa.classes(text))
+        bodies.append(j > i)
+        heads.append(head)
+        tails.append(b[j:])
+    L = max([len(r) for r in rows] + [1])
+    slots = np.full((V + 1, L), K, np.int32)
+    f = {k: np.zeros(V + 1, np.int64) for k in ("head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body")}
+    for t, (r, head, tail) in enumerate(zip(rows, heads, tails)):
+        slots[t, :len(r)] = r
+        if head:
+            f["head_n"][t] = len(head)
+            bits = 0
+            for x in head:
+                bits = (bits << 6) | (x & 0x3F)
+            f["head_bits"][t] = bits
+        if tail:
+            lead = tail[0]
+            bits = lead & (0x1F if lead < 0xE0 else 0x0F if lead < 0xF0 else 0x07)
+            for x in tail[1:]:
+                bits = (bits << 6) | (x & 0x3F)
+            f["tail_n"][t] = len(tail)
+            f["tail_bits"][t] = bits
+            f["tail_need"][t] = (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4) - len(tail)
+        f["body"][t] = int(bodies[t] or bool(tail))       # complete characters (or a new unfinished one)
+    first, second = _light_codepoints()
+    table = np.zeros(0x110000, np.int32)                 # codepoint of a light-normalised character -> class
+    for ch, k in dfa.char_class.items():
+        table[ord(ch)] = k
+    table[[c for c in range(0x3000) if chr(c).isspace()]] = _SPACE
+    cp = np.stack([np.where(first >= 0, table[np.maximum(first, 0)], K),
+                   np.where(second >= 0, table[np.maximum(second, 0)], K)], axis=1).astype(np.int32)
+    f["slots"] = slots
+    f["cp0"], f["cp1"] = cp[:, 0].copy(), cp[:, 1].copy()
+    return f
+
+
+class RegexTables:
+    """The regex DFA and its token tables as tensors on one device (what :func:`regex_step` reads)."""
+
+    def __init__(self, dfa: RegexDFA, tables: dict, device):
+        t = lambda a, dt=torch.int64: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)  # noqa: E731
+        S, K = dfa.delta.shape
+        self.classes = K
+        ext = np.concatenate([dfa.delta, np.arange(S, dtype=np.int32)[:, None]], axis=1)   # column K: no character
+        self.delta = t(ext.reshape(-1), torch.int32)
+        self.accept = t(dfa.accept, torch.int32)
+        self.slots = t(tables["slots"], torch.int32)
+        for name in ("head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body"):
+            setattr(self, name, t(tables[name]))
+        self.cp0 = t(tables["cp0"], torch.int32)
+        self.cp1 = t(tables["cp1"], torch.int32)
+        self.values = list(dfa.values)
+        self.host = list(dfa.host)
+        self.nbytes = sum(x.nbytes for x in (self.delta, self.accept, self.slots, self.head_n, self.head_bits,
+                                              self.tail_n, self.tail_bits, self.tail_need, self.body, self.cp0, self.cp1))
+
+
+def regex_step(rt: RegexTables, cols: torch.Tensor, ids: torch.Tensor, vocab_size: int):
+    """Feed tokens ``ids`` through the regex DFA: ``(new cols [..., 3] int64, hit [...] int64)``.
+
+    ``cols``: the rows' regex columns (DFA state, partial character bits, bytes it still needs),
+    ``[B, 3]`` or broadcast to ``ids`` (``[B, k, 3]`` for candidates); ``hit`` is the entity of the
+    first match that ends inside the token (-1: none). A tensor program (no host read, fixed loop
+    count): the step of the native kernels can call it beside theirs.
+    """
+    from .char_automaton import CP_LIMIT
+    s, cp, need = cols[..., 0], cols[..., 1], cols[..., 2]
+    K = rt.classes
+    row = torch.where((ids >= 0) & (ids < vocab_size), ids, vocab_size)
+    hit = torch.full_like(s, -1)
+
+    def feed(s, hit, c):
+        s = rt.delta[s * (K + 1) + c].to(torch.int64)
+        acc = rt.accept[s].to(torch.int64)
+        return s, torch.where((hit < 0) & (acc >= 0) & (c != K), acc, hit)
+
+    hn, hb = rt.head_n[row], rt.head_bits[row]
+    done = (need > 0) & (hn >= need)
+    full = (cp << (6 * need)) | (hb >> (6 * (hn - need).clamp(min=0)))
+    big = full >= CP_LIMIT
+    cpi = full.clamp(0, CP_LIMIT - 1)
+    c0 = torch.where(done, torch.where(big, 0, rt.cp0[cpi].to(torch.int64)), K)
+    c1 = torch.where(done & ~big, rt.cp1[cpi].to(torch.int64), K)
+    partial = (need > hn) & (hn > 0)
+    cp = torch.where(partial, (cp << (6 * hn)) | hb, cp)
+    need = torch.where(partial, need - hn, need)
+    s, hit = feed(s, hit, c0)
+    s, hit = feed(s, hit, c1)
+    slots = rt.slots[row].to(torch.int64)
+    for j in range(slots.shape[-1]):
+        s, hit = feed(s, hit, slots[..., j])
+    body = rt.body[row] > 0
+    tn = rt.tail_n[row]
+    cp = torch.where(tn > 0, rt.tail_bits[row], torch.where(body | done, 0, cp))
+    need = torch.where(tn > 0, rt.tail_need[row], torch.where(body | done, 0, need))
+    return torch.stack([s, cp, need], dim=-1), hit
