@@ -61,23 +61,32 @@ together, between steps). Speculative decoding: V1 refuses custom logits process
 processor refuses it at start (draft rows are not followed yet).
 
 **Request-only phrases**: their matcher is built in the worker when the request enters the batch
-and kept by content (the 64 most recent phrase sets; a repeated set costs nothing). A new set of
-1,000 phrases costs about 1-2 s of build on the host (SmolLM2 tokenizer, 2 CPU cores; mostly the
-tokenizer-wide character table), and that step waits for it: vLLM's frontend, where admission
-runs, is another process and cannot hand a built matcher to the worker, and a request cannot be
-sampled unprotected while its matcher builds. Servers that see many distinct request phrase
-sets should put them in a policy instead.
+and kept by content (the 64 most recent phrase sets; a repeated set costs nothing; two requests with
+the same set share one matcher). A *new* set is built on the step thread, so that step waits for
+it: measured for 1,000 phrases with the SmolLM2 tokenizer on 2 CPU cores, 1.0-1.9 s (about 6 s for
+the first build in a process), most of it the tokenizer-wide character table of the text check.
+This is the one place a step stalls, and the issue's "never stalls" is not met for it: admission
+(``validate_params``) runs in vLLM's frontend process, which cannot hand a built matcher to the
+worker, and a row cannot be sampled unprotected while its matcher builds in the background. Put
+phrase sets that many requests share in a policy (built once, at start).
 
 **Store hot swap**: a policy with a ``store`` polls its version (every 0.5 s,
 ``FASTSAFE_VLLM_POLL_INTERVAL``) and builds the new matcher in a background thread; the swap happens
 between two steps, and every row of that policy is re-derived from its ids then. With tensor
 parallelism every worker swaps on its own, possibly one step apart.
 
-**Audit**: every intervention is logged through vLLM's logger (``policy``, ``rule``, request
-number, row, step, token, entity) and counted per policy and rule; a summary line every 60 s
-(``FASTSAFE_VLLM_LOG_INTERVAL``); ``fastsafe.integrations.vllm.metrics()`` returns the counts of the
-calling process (the worker's; vLLM's API server runs in another process, so operators read the
-log lines there). Records are copied to the host without waiting and counted between steps.
+**Audit**: every intervention is logged at INFO through vLLM's logger (``vllm.fastsafe``)::
+
+    fastsafe: policy=default rule=token_ban request=0 row=0 step=23 token=' Paris' entity='Paris'
+
+(``request`` numbers requests in the order the worker admitted them; ``rule`` is ``token_ban``,
+``text_match``, ``regex`` or ``all_banned_fallback``; ``FASTSAFE_VLLM_LOG_EVENTS=0`` keeps only the
+summaries) and counted per policy and rule; a summary line every 60 s when something changed
+(``FASTSAFE_VLLM_LOG_INTERVAL``). ``fastsafe.integrations.vllm.metrics()`` returns the counts of the
+calling process: the worker's. vLLM's API server and the ``LLM`` object run in another process than
+the engine, where ``metrics()`` is empty, so operators read the log lines; no Prometheus counter
+(vLLM's registry lives in the API server process). The step's records are copied to the host
+without waiting (pinned memory and a CUDA event) and counted between steps.
 """
 from __future__ import annotations
 

@@ -99,10 +99,14 @@ class SafetyRows:
         eos_token_id: the token an all-banned row emits (and that the automaton never bans).
         logger: vLLM's logger.
         window: :data:`HISTORY_WINDOW`.
+        log_interval: seconds between audit summary lines.
+        poll_interval: seconds between store version checks.
+        log_events: log every intervention (else only the summaries).
     """
 
     def __init__(self, policies, tokenizer, *, vocab_size: int, device, capacity: int, eos_token_id, logger,
-                 window: int = HISTORY_WINDOW, log_interval: float = 60.0, poll_interval: float = 0.5):
+                 window: int = HISTORY_WINDOW, log_interval: float = 60.0, poll_interval: float = 0.5,
+                 log_events: bool = True):
         self.policies = policies or {}
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
@@ -123,7 +127,8 @@ class SafetyRows:
                                             logger=logger)
         self.request_matchers = RequestMatchers(tokenizer, vocab_size=self.vocab_size, device=self.device,
                                                 eos_token_id=self.eos_token_id)
-        self.audit = Audit(list(self.policies) + [OPT_OUT], logger, text=self.text, log_interval=log_interval)
+        self.audit = Audit(list(self.policies) + [OPT_OUT], logger, text=self.text, log_interval=log_interval,
+                           log_events=log_events)
         # host bookkeeping per slot
         self.slot_args = [None] * self.capacity
         self.slot_policy: list = [None] * self.capacity          # policy name or None
@@ -164,11 +169,15 @@ class SafetyRows:
         return self.filtered(slot)
 
     def release(self, slot: int) -> None:
+        """The request in ``slot`` left the batch (a request-only matcher no row uses any more loses its state)."""
+        had_own = self.slot_request_matcher[slot] is not None
         self.slot_args[slot] = None
         self.slot_policy[slot] = None
         self.slot_request_matcher[slot] = None
         self.slot_scale[slot] = 0.0
         self._plans.clear()
+        if had_own:
+            self._gc_states()
 
     def filtered(self, slot: int) -> bool:
         pol = self.slot_policy[slot]

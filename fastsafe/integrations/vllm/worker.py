@@ -17,6 +17,8 @@ __all__ = ["load_tokenizer", "vocab_size_of", "logger", "make_rows", "args_of", 
 LOG_INTERVAL_ENV = "FASTSAFE_VLLM_LOG_INTERVAL"
 #: Seconds between store version checks (``FASTSAFE_VLLM_POLL_INTERVAL``).
 POLL_INTERVAL_ENV = "FASTSAFE_VLLM_POLL_INTERVAL"
+#: ``0`` logs only the summary lines, not every intervention (``FASTSAFE_VLLM_LOG_EVENTS``).
+LOG_EVENTS_ENV = "FASTSAFE_VLLM_LOG_EVENTS"
 
 
 def logger():
@@ -74,7 +76,8 @@ def make_rows(vllm_config, *, device, capacity: int, vocab_size: int):
     eos = getattr(tok, "eos_token_id", None)
     rows = SafetyRows(policies, tok, vocab_size=vocab_size, device=device, capacity=capacity, eos_token_id=eos,
                       logger=log, log_interval=_env_float(LOG_INTERVAL_ENV, 60.0),
-                      poll_interval=_env_float(POLL_INTERVAL_ENV, 0.5))
+                      poll_interval=_env_float(POLL_INTERVAL_ENV, 0.5),
+                      log_events=os.environ.get(LOG_EVENTS_ENV, "1").strip() not in ("0", "false", "no"))
     log.info("fastsafe: %d safety policies (%s) from %s, V=%d, %d slots, device %s", len(policies),
              ", ".join(f"{n}: {b.matcher()!r}" for n, b in rows.built.items()), os.environ.get("FASTSAFE_VLLM_POLICIES"),
              vocab_size, capacity, device)
