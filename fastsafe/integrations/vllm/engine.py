@@ -153,6 +153,7 @@ class SafetyRows:
 
         The slot's states must then be derived (:meth:`derive`) before its next step.
         """
+        replaced_own = self.slot_request_matcher[slot] is not None     # V2 reuses slots without a release
         self.slot_args[slot] = args
         self.slot_seq[slot] = self._next_seq
         self._next_seq += 1
@@ -166,6 +167,8 @@ class SafetyRows:
             scale = self.policies[pol].tsdi_scale if args.tsdi_scale is None else args.tsdi_scale
         self.slot_scale[slot] = scale
         self._plans.clear()
+        if replaced_own:
+            self._gc_states()
         return self.filtered(slot)
 
     def release(self, slot: int) -> None:
