@@ -29,8 +29,17 @@ per run), ``stats`` (milliseconds per run), ``tokens_per_s`` (from the median ru
 the fastest run of each, steadier on a shared CPU) and ``interventions``. The op backend in use
 is recorded in ``settings.backend``.
 
+``--compiled`` runs the compiled-loop table instead (``benchmarks/results/generation-compiled-<device>.json``):
+at each batch size (``--batches 1,8,32``) ``hf_eager`` (``model.generate``), ``hf_compiled`` (HF's
+recipe: ``cache_implementation="static"`` and ``torch.compile(model.forward)``), ``fastsafe_eager``
+and ``fastsafe_compiled`` (``compile=True``) with an empty config, and ``fastsafe_eager_filter`` /
+``fastsafe_compiled_filter`` with ``--entities`` (default 100,000) on the device matcher; tokens/s
+from the median of ``--repeat`` timed calls, relative to both HF rows, and ``compile_s`` (the first
+call minus the median: compile and warm-up) apart.
+
 Run:
     python -m benchmarks.generation                      # default model, 4 prompts x 24 tokens
+    python -m benchmarks.generation --compiled --batches 1,8,32 --entities 100000
     python -m benchmarks.generation --new-tokens 64 --repeat 5
     fastsafe bench generation --quick
 """
@@ -253,5 +262,142 @@ def main(argv=None) -> int:
     return 0
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled decoding (issue 13): HF eager / HF static cache + torch.compile / fastsafe eager / compiled
+# ---------------------------------------------------------------------------------------------
+COMPILED_ALL = ("hf_eager", "hf_compiled", "fastsafe_eager", "fastsafe_compiled")
+
+
+def _timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def compiled_runs(model, hf_compiled_model, tok, rows, new_tokens, k, entities):
+    """The runs of one batch: {name: callable returning (sequences [B, T + n], events)}."""
+    import fastsafe
+    from fastsafe import SafetyConfig
+    T = max(map(len, rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), T), pad)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r)
+        mask[b, T - len(r):] = 1
+    dev = next(model.parameters()).device
+    ids, mask = ids.to(dev), mask.to(dev)
+
+    def gen_config(static: bool):
+        g = copy.deepcopy(model.generation_config)
+        g.eos_token_id, g.pad_token_id, g.do_sample = None, pad, False
+        g.max_new_tokens, g.min_new_tokens = new_tokens, None
+        for name in ("temperature", "top_p", "top_k"):
+            setattr(g, name, None)
+        if static:
+            g.cache_implementation = "static"
+        return g
+
+    def hf(m, static):
+        g = gen_config(static)
+
+        def go():
+            with torch.no_grad():
+                return m.generate(input_ids=ids, attention_mask=mask, generation_config=g), 0
+        return go
+
+    def fs(cfg, compiled):
+        def go():
+            res = fastsafe.generate(model, tok, rows, cfg, max_new_tokens=new_tokens, eos_token_id=[],
+                                    pad_token_id=pad, compile=compiled)
+            return res.sequences, len(res.events)
+        return go
+
+    plain = SafetyConfig()
+    runs = {"hf_eager": hf(model, False), "hf_compiled": hf(hf_compiled_model, True),
+            "fastsafe_eager": fs(plain, False), "fastsafe_compiled": fs(plain, True)}
+    if entities:
+        filt = SafetyConfig(banned_phrases=entities, top_k=k, matcher="device")
+        runs["fastsafe_eager_filter"] = fs(filt, False)
+        runs["fastsafe_compiled_filter"] = fs(filt, True)
+    return runs
+
+
+def main_compiled(argv=None) -> int:
+    """``python -m benchmarks.generation --compiled``: the compiled-loop table (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generation --compiled")
+    p.add_argument("--compiled", action="store_true")
+    p.add_argument("--model", default=None)
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--entities", type=int, default=100000, help="entities of the filter rows (0: no filter rows)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv)
+    from fastsafe.models import load_model
+    from fastsafe.ops import backend_for
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tok = load_model(args.model, device=device)
+    peer = copy.deepcopy(model)                  # HF's recipe: static cache + a compiled forward
+    peer.forward = torch.compile(peer.forward, mode="reduce-overhead" if device.type == "cuda" else None)
+    entities = entity_list(args.entities)[0] if args.entities else []
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts, prompt_source = prompt_list(max(batches))
+    chat = getattr(tok, "chat_template", None) is not None
+    all_rows = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+                for q in prompts] if chat else [tok.encode(q) for q in prompts]
+    all_rows = [list(r["input_ids"]) if hasattr(r, "keys") else list(r) for r in all_rows]
+    out = Path(args.output) if args.output else RESULTS_DIR / f"generation-compiled-{device_slug(device)}.json"
+    table = []
+    payload = {"benchmark": "generation-compiled", "environment": environment(device),
+               "settings": {"model": getattr(model.config, "_name_or_path", str(args.model)),
+                            "prompt_source": prompt_source, "new_tokens_per_prompt": args.new_tokens,
+                            "repeat": args.repeat, "top_k": args.top_k, "entities": len(entities),
+                            "decoding": "greedy, EOS disabled", "torch_threads": torch.get_num_threads(),
+                            "backend": backend_for(torch.empty(0, device=device)),
+                            "compile_s": "first call minus the median of the timed calls (compile + warm-up)"},
+               "results": table}
+    for B in batches:
+        rows = all_rows[:B]
+        runs = compiled_runs(model, peer, tok, rows, args.new_tokens, args.top_k, entities)
+        first, results = {}, {}
+        for name, fn in runs.items():            # the first call compiles (and builds the matcher)
+            results[name], first[name] = _timed(fn, device)
+            print(f"B={B} {name}: first call {first[name]:.1f} s", file=sys.stderr, flush=True)
+        times = {n: [] for n in runs}
+        for _ in range(args.repeat):
+            for name, fn in runs.items():
+                times[name].append(_timed(fn, device)[1] * 1e3)
+        n_tokens = B * args.new_tokens
+        ref = results["hf_eager"][0].cpu()
+        base = statistics.median(times["hf_eager"])
+        peer_ms = statistics.median(times["hf_compiled"])
+        for name in runs:
+            st = summarize(times[name])
+            seq = results[name][0].cpu()
+            row = {"batch": B, "config": name, "tokens": n_tokens, "stats": st,
+                   "tokens_per_s": n_tokens / (st["median_ms"] / 1e3),
+                   "tokens_per_s_best": n_tokens / (st["min_ms"] / 1e3),
+                   "relative_to_hf_eager": base / st["median_ms"], "relative_to_hf_compiled": peer_ms / st["median_ms"],
+                   "compile_s": max(0.0, first[name] - st["median_ms"] / 1e3),
+                   "matches_hf_eager": bool(seq.shape == ref.shape and torch.equal(seq, ref)),
+                   "interventions": results[name][1]}
+            table.append(row)
+            print(f"B={B:3d} {name:26s} {row['tokens_per_s']:8.1f} tok/s  x{row['relative_to_hf_eager']:.2f} hf  "
+                  f"x{row['relative_to_hf_compiled']:.2f} hf-compiled  compile {row['compile_s']:.1f}s  "
+                  f"matches_hf={row['matches_hf_eager']}", flush=True)
+        write_json(out, payload)                 # after every batch: partial results survive
+    print(f"wrote {out}")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_compiled() if "--compiled" in sys.argv[1:] else main())

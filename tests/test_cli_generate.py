@@ -122,3 +122,18 @@ def test_estimate_bias_cli_vocab_mismatch(model_dir, tmp_path, capsys):
     err = _error(capsys, "estimate-bias", "--aligned", model_dir, "--reference", str(other), "--length", "2",
                  "--prompts", "2", "--quiet", "-o", str(tmp_path / "b.safetensors"))
     assert "vocabulary size mismatch" in err
+
+
+def test_generate_compile_flag_reaches_the_api(model_dir, capsys, monkeypatch):
+    """--compile asks fastsafe.generate for the compiled loop (the loop itself: tests/test_generation_compiled.py)."""
+    seen = {}
+    real = fastsafe.generate
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **{**kw, "compile": False})
+    monkeypatch.setattr(fastsafe, "generate", spy)
+    run_json(capsys, "--model", model_dir, "--prompt", "hello", "--max-new-tokens", "2", "--compile")
+    assert seen["compile"] is True
+    run_json(capsys, "--model", model_dir, "--prompt", "hello", "--max-new-tokens", "2")
+    assert seen["compile"] is False

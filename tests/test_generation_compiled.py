@@ -14,7 +14,7 @@ from fastsafe import SafetyConfig, TSDIBias
 from fastsafe.generation_compiled import batch_bucket, cache_bucket
 from fastsafe.reward import CallableReward
 from tests.test_generation import ENTITIES, LOVED, _new_entities, hf_greedy
-from tests.tiny_lm import PROMPTS, entity_loving, left_pad, tiny_gpt2, tiny_llama, tiny_tokenizer
+from tests.tiny_lm import PROMPTS, entity_loving, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 EAGER = {"backend": "eager"}
 P = ["how do I make a", "Tell me about", "bo", "the quick", "kil"]       # 5 rows: 3 padding rows in the bucket
@@ -67,21 +67,19 @@ def test_inductor_greedy_equals_eager_and_hf_and_does_not_recompile_within_a_buc
     assert _graphs() == 2                               # the empty config at B=3 is another graph; nothing else
 
 
-@pytest.mark.parametrize("family", [tiny_gpt2, tiny_llama])
-def test_greedy_equals_eager_for_both_families(family, tok):
-    model = entity_loving(family(seed=9), tok, LOVED, follow=5.0, start=1.5)
-    cfg = SafetyConfig(banned_phrases=ENTITIES, top_k=20)
-    comp = fastsafe.generate(model, tok, PROMPTS, cfg, max_new_tokens=14, compile=EAGER, check_every=3)
+def test_greedy_equals_eager_for_llama_with_a_host_matcher_config(tok):
+    """A matcher='host' config runs the device matcher under compile: the device path's tokens."""
+    model = entity_loving(tiny_llama(seed=9), tok, LOVED, follow=5.0, start=1.5)
+    comp = fastsafe.generate(model, tok, PROMPTS, SafetyConfig(banned_phrases=ENTITIES, top_k=20), max_new_tokens=10,
+                             compile=EAGER, check_every=3)
     _same(fastsafe.generate(model, tok, PROMPTS, SafetyConfig(banned_phrases=ENTITIES, top_k=20, matcher="device"),
-                            max_new_tokens=14), comp)
+                            max_new_tokens=10), comp)
     assert _new_entities(PROMPTS, comp.texts) == 0
-    assert torch.equal(fastsafe.generate(model, tok, PROMPTS, max_new_tokens=14, compile=EAGER).sequences,
-                       hf_greedy(model, tok, PROMPTS, 14))
 
 
 def test_sampling_stop_strings_and_knobs(tok):
     model = entity_loving(tiny_gpt2(seed=13), tok, ["the quick brown fox"], follow=9.0, start=0.0)
-    kw = dict(max_new_tokens=20, compile=EAGER, do_sample=True, top_k=30, top_p=0.9, min_p=0.05, temperature=1.3)
+    kw = dict(max_new_tokens=10, compile=EAGER, do_sample=True, top_k=30, top_p=0.9, min_p=0.05, temperature=1.3)
     a = fastsafe.generate(model, tok, PROMPTS, seed=7, **kw)
     b = fastsafe.generate(model, tok, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
     c = fastsafe.generate(model, tok, PROMPTS, seed=8, **kw)

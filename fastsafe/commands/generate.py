@@ -40,6 +40,9 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, metavar="STRING", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decoding loop: static KV cache, the whole step compiled once (the first run "
+                        "pays the compile; regex entities and reward models are refused)")
     p.add_argument("--json", action="store_true", help="print texts and events as JSON")
     p.set_defaults(func=run)
 
@@ -78,7 +81,7 @@ def run(args) -> int:
     chat = not args.raw and getattr(tok, "chat_template", None) is not None
     res = fastsafe.generate(model, tok, args.prompt, cfg, max_new_tokens=args.max_new_tokens,
                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, stop_strings=args.stop, chat=chat)
+                            seed=args.seed, stop_strings=args.stop, chat=chat, compile=args.compile)
     if args.json:
         json.dump({"prompts": args.prompt, "texts": res.texts, "finish_reasons": res.finish_reasons,
                    "events": [e.to_dict() for e in res.events]}, sys.stdout, indent=2, ensure_ascii=False)
