@@ -320,3 +320,20 @@ def test_regex_entities_on_the_host_path(tmp_path, monkeypatch):
     got = proc.apply(x)
     assert torch.isneginf(got[0, brown]) and int(got[0].argmax()) != brown
     assert proc.rows.audit.counts["rx"]["regex"] == 1
+
+
+def test_regular_regexes_on_the_device_path(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    proc = _proc(tmp_path, monkeypatch, '[policy.rx]\nregexes = ["quick +brown"]\ntop_k = 5\n', tok)
+    dm = proc.rows.built["rx"].matcher()
+    if dm.has_regexes or not getattr(dm, "has_device_text", False):
+        pytest.skip("this DeviceMatcher checks regexes on the host only")
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[
+        (0, params(policy="rx"), enc(tok, "the quick"), [])], moved=[]))
+    brown = enc(tok, " brown")[0]
+    x = torch.zeros(1, len(tok))
+    x[0, brown] = 9.0
+    got = proc.apply(x)
+    assert torch.isneginf(got[0, brown])
+    proc.rows.audit.drain(wait=True)
+    assert proc.rows.audit.counts["rx"]["text_match"] == 1 and proc.rows.audit.counts["rx"]["regex"] == 0

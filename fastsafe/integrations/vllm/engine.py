@@ -51,6 +51,11 @@ def to_device(values, dtype, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _device_text(matcher) -> bool:
+    """True when the matcher's text check runs on the device (phrases, or regexes compiled to a DFA)."""
+    return bool(getattr(matcher, "has_device_text", matcher.alphabet is not None))
+
+
 class _Group:
     """The rows of one policy that one matcher checks."""
     __slots__ = ("matcher", "key", "slots", "rows", "local", "host_rows", "seqs")
@@ -345,7 +350,7 @@ class SafetyRows:
                 b = best if g.local is None else best.index_select(0, g.local)
                 hit = ~allowed.gather(1, b[:, None]).squeeze(1) & (best_ok if g.local is None else
                                                                     best_ok.index_select(0, g.local))
-                if g.matcher.alphabet is not None:    # the entity the banned token completes (text check of it)
+                if _device_text(g.matcher):           # the entity the banned token completes (text check of it)
                     ent = g.matcher.check_candidates(st, b[:, None])[1][:, 0].to(torch.int64)
                 else:
                     ent = torch.full_like(b, -1)
@@ -365,7 +370,7 @@ class SafetyRows:
                 for g, st in text_groups:
                     c = cands if g.local is None else cands.index_select(0, g.local)
                     okg = torch.ones_like(c, dtype=torch.bool)
-                    if g.matcher.alphabet is not None:
+                    if _device_text(g.matcher):
                         okg, ent = g.matcher.check_candidates(st, c)
                         self.audit.record("text_match", pr.name, self.step, g.host_rows, g.seqs,
                                           torch.cat([c, ent.to(torch.int64)], dim=1), g.matcher)
