@@ -218,13 +218,16 @@ def test_chunked_path_never_allocates_full_logits():
     assert biggest(lambda: token_logps(h, w, t, chunk_size=C)) <= 4 * C * V * 4 + 2 * V * H * 4 < full / 5
 
 
-def test_default_chunk_size_bounds():
+def test_default_chunk_size_bounds(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert default_chunk_size(10, 50) == 10
-    assert default_chunk_size(100000, 151936) == 1                # 1 MiB fp32 tiles on the CPU
+    assert default_chunk_size(100000, 151936) == 1                # 1 MiB fp32 tiles on the CPU, one thread
     assert default_chunk_size(100000, 4096) == 64
     assert default_chunk_size(100000, 151936, "cuda") == 110      # 64 MiB on a GPU
     assert default_chunk_size(100000, 10) == 4096
     assert default_chunk_size(100000, 10**9) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert default_chunk_size(100000, 4096) == 1024               # 16 MiB with several threads
 
 
 def test_cpu_dispatch_defaults_to_torch_even_under_interpreter(monkeypatch):

@@ -4,7 +4,8 @@
 
 - ``torch``: a tiled PyTorch path (any device; the default on CPU tensors). Forward and backward
   walk ``[tokens, vocabulary]`` tiles of at most 4096 vocabulary columns and about
-  ``chunk_size * V`` elements (1 MiB of fp32 by default on the CPU); the forward folds each tile
+  ``chunk_size * V`` elements (by default 1 MiB of fp32 on the CPU with one thread, 16 MiB with
+  more); the forward folds each tile
   into running per-token partials (online logsumexp), the backward recomputes the tile's logits.
   Extra memory: a few tiles, the fp32 hidden-state gradient accumulator (``[M, H]``) and, for a
   low-precision weight, one ``[min(V, 4096), H]`` fp32 buffer (an fp32 weight's gradient is
@@ -32,20 +33,27 @@ from .token_logps_vocab_parallel import vocab_shard
 __all__ = ["token_logps", "token_logps_backend", "default_chunk_size", "TOKEN_LOGPS_BACKENDS"]
 
 TOKEN_LOGPS_BACKENDS = OPS["token_logps"].backends
-# Elements of one [ct, cv] tile of the torch path (chunk_size * V): 1 MiB of fp32 on the CPU (the
-# tile stays in cache; measured fastest on the CPU, 2**16..2**24 tried), 64 MiB on a GPU (fewer,
-# larger kernels). A few tiles are alive at once.
-_TILE_ELEMENTS = {"cpu": 1 << 18}
+# Elements of one [ct, cv] tile of the torch path (chunk_size * V). On the CPU with one thread,
+# 1 MiB of fp32: the tile stays in cache (V=65536, NT=2048 fwd+bwd: 1.2 s vs 2.3 s at 4 MiB and
+# 2.8 s at 64 MiB). With several intra-op threads every small op is a parallel region whose
+# barrier costs more than the op (badly so on a shared machine), so tiles are 16 MiB there. GPUs:
+# 64 MiB (fewer, larger kernels). A few tiles are alive at once.
+_TILE_ELEMENTS_CPU_ONE_THREAD = 1 << 18
+_TILE_ELEMENTS_CPU_THREADS = 1 << 22
 _TILE_ELEMENTS_OTHER = 1 << 24
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int, device_type: str = "cpu") -> int:
     """``chunk_size`` of the torch path: rows of ``vocab_size`` logits per tile, between 1 and 4096.
 
-    A tile holds about ``chunk_size * vocab_size`` logits (``2**18`` on the CPU, ``2**24`` on
-    other devices), cut into at most 4096 vocabulary columns (:func:`backward_tile`).
+    A tile holds about ``chunk_size * vocab_size`` logits, cut into at most 4096 vocabulary
+    columns (:func:`backward_tile`): ``2**18`` (1 MiB fp32) on the CPU with one torch thread,
+    ``2**22`` with more, ``2**24`` on other devices.
     """
-    budget = _TILE_ELEMENTS.get(device_type, _TILE_ELEMENTS_OTHER)
+    if device_type == "cpu":
+        budget = _TILE_ELEMENTS_CPU_ONE_THREAD if torch.get_num_threads() == 1 else _TILE_ELEMENTS_CPU_THREADS
+    else:
+        budget = _TILE_ELEMENTS_OTHER
     c = max(1, min(4096, budget // max(1, vocab_size)))
     return max(1, min(c, num_tokens))
 
@@ -379,7 +387,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             from logsumexps (needs ``ref_hidden``). Differentiable w.r.t. the policy side.
         return_entropy: also return the policy entropy per position (differentiable).
         chunk_size: the torch path's tile size in rows of ``V`` logits (default
-            :func:`default_chunk_size`: 1 MiB tiles on the CPU).
+            :func:`default_chunk_size`: 1 MiB fp32 tiles on the CPU with one thread).
         backend: ``None`` (Triton on CUDA, torch on CPU; ``FASTSAFE_BACKEND`` overrides, see
             :mod:`fastsafe.ops.dispatch`), ``"torch"`` or ``"triton"``.
         process_group: vocabulary parallelism (a column-parallel lm_head, as in Megatron or
