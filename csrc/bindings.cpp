@@ -198,7 +198,7 @@ Result safe_topk_cuda_op(const at::Tensor& logits, int64_t k, const OptTensor& b
 // ---------------------------------------------------------------------------------- device matcher
 // Tables in the order of fastsafe.safety.device_matcher_ops.NATIVE_TABLES; meta = [V, chain_depth,
 // ban_depth, has_text, classes, word_boundaries].
-constexpr size_t kMatcherTableCount = 27;
+constexpr size_t kMatcherTableCount = fastsafe::kMatcherTableCount;
 
 void check_table(const at::Tensor& x, const char* name, at::ScalarType dtype, int64_t dim, const at::Tensor& state) {
   TORCH_CHECK_VALUE(x.device() == state.device(), "tables: ", name, " expected on the state's device ", state.device(),
@@ -218,7 +218,7 @@ fastsafe::MatcherTables matcher_tables(const std::vector<at::Tensor>& tb, const 
                                        const at::Tensor& state) {
   TORCH_CHECK_VALUE(tb.size() == kMatcherTableCount, "tables: expected ", kMatcherTableCount, " tensors, got ",
                     tb.size());
-  TORCH_CHECK_VALUE(meta.size() == 6, "meta: expected 6 ints [V, chain_depth, ban_depth, has_text, classes, "
+  TORCH_CHECK_VALUE(meta.size() == fastsafe::kMatcherMetaCount, "meta: expected 6 ints [V, chain_depth, ban_depth, has_text, classes, "
                     "word_boundaries], got ", meta.size());
   static const char* names[kMatcherTableCount] = {
       "goto_keys", "goto_next", "chain_next", "ban_first", "ban_next", "ban_off", "ban_cnt", "heavy_id", "ban_word",
@@ -228,72 +228,34 @@ fastsafe::MatcherTables matcher_tables(const std::vector<at::Tensor>& tb, const 
     const bool two_d = i == 10 || i == 12 || i == 18;
     check_table(tb[i], names[i], i == 0 ? at::kLong : at::kInt, two_d ? 2 : 1, state);
   }
-  fastsafe::MatcherTables t;
-  const int64_t V = meta[0];
+  const int64_t V = meta[0], W = (V + 31) / 32, C = meta[4];
   TORCH_CHECK_VALUE(V >= 1 && V <= (int64_t{1} << 20), "meta: expected 1 <= V <= 2^20, got ", V);
-  TORCH_CHECK_VALUE(meta[1] >= 1 && meta[2] >= 0 && meta[4] >= 6, "meta: expected chain_depth >= 1, ban_depth >= 0 "
-                    "and classes >= 6, got ", meta[1], ", ", meta[2], ", ", meta[4]);
-  t.vocab = V;
-  t.words = (V + 31) / 32;
-  t.n_goto = tb[0].numel();
-  check_size(tb[1], names[1], 0, t.n_goto);
-  t.tok_states = tb[2].numel();
-  check_size(tb[3], names[3], 0, t.tok_states);
-  t.n_ban = tb[4].numel();
-  for (int i = 5; i <= 7; ++i) check_size(tb[i], names[i], 0, t.n_ban);
-  t.n_pairs = tb[8].numel();
-  check_size(tb[9], names[9], 0, t.n_pairs);
-  check_size(tb[10], names[10], 1, t.words);
-  t.n_heavy = tb[10].size(0);
-  check_size(tb[11], names[11], 0, t.words);
-  t.chain_depth = static_cast<int32_t>(meta[1]);
-  t.ban_depth = static_cast<int32_t>(meta[2]);
-  t.has_text = meta[3] != 0;
-  t.classes = static_cast<int32_t>(meta[4]);
-  t.word_boundaries = meta[5] != 0;
-  const int64_t C = t.classes;
-  t.char_states = tb[12].size(0);
-  t.max_len = static_cast<int32_t>(tb[18].size(1));
-  if (t.has_text) {  // without text rules the kernels read none of these (placeholders of one element)
+  TORCH_CHECK_VALUE(meta[1] >= 1 && meta[2] >= 0 && C >= 6 && C < (1 << 15), "meta: expected chain_depth >= 1, "
+                    "ban_depth >= 0 and 6 <= classes < 2^15, got ", meta[1], ", ", meta[2], ", ", C);
+  check_size(tb[1], names[1], 0, tb[0].numel());                              // goto_next
+  check_size(tb[3], names[3], 0, tb[2].numel());                              // ban_first
+  for (int i = 5; i <= 7; ++i) check_size(tb[i], names[i], 0, tb[4].numel());  // ban_off, ban_cnt, heavy_id
+  check_size(tb[9], names[9], 0, tb[8].numel());                              // ban_mask
+  check_size(tb[10], names[10], 1, W);
+  check_size(tb[11], names[11], 0, W);
+  if (meta[3] != 0) {  // without text rules the kernels read none of these (placeholders of one element)
     check_size(tb[12], names[12], 1, C);
-    check_size(tb[13], names[13], 0, t.char_states);
-    check_size(tb[14], names[14], 0, t.char_states);
+    check_size(tb[13], names[13], 0, tb[12].size(0));
+    check_size(tb[14], names[14], 0, tb[12].size(0));
     for (int i = 15; i <= 17; ++i) check_size(tb[i], names[i], 0, 4 * C * (C + 1));
     check_size(tb[18], names[18], 0, V + 1);
     for (int i = 19; i <= 24; ++i) check_size(tb[i], names[i], 0, V + 1);
     check_size(tb[25], names[25], 0, fastsafe::kCpLimit);
     check_size(tb[26], names[26], 0, fastsafe::kCpLimit);
   }
-  t.goto_keys = tb[0].data_ptr<int64_t>();
-  const int32_t* p[kMatcherTableCount];
-  for (size_t i = 1; i < kMatcherTableCount; ++i) p[i] = tb[i].data_ptr<int32_t>();
-  t.goto_next = p[1];
-  t.chain_next = p[2];
-  t.ban_first = p[3];
-  t.ban_next = p[4];
-  t.ban_off = p[5];
-  t.ban_cnt = p[6];
-  t.heavy_id = p[7];
-  t.ban_word = p[8];
-  t.ban_mask = p[9];
-  t.heavy_rows = p[10];
-  t.base = p[11];
-  t.delta = p[12];
-  t.out_word = p[13];
-  t.out_now = p[14];
-  t.act_ctx = p[15];
-  t.act_sym = p[16];
-  t.act_flags = p[17];
-  t.slots = p[18];
-  t.head_n = p[19];
-  t.head_bits = p[20];
-  t.tail_n = p[21];
-  t.tail_bits = p[22];
-  t.tail_need = p[23];
-  t.body = p[24];
-  t.cp0 = p[25];
-  t.cp1 = p[26];
-  return t;
+  const void* ptr[kMatcherTableCount];
+  int64_t numel[kMatcherTableCount], cols[kMatcherTableCount];
+  for (size_t i = 0; i < kMatcherTableCount; ++i) {
+    ptr[i] = tb[i].data_ptr();
+    numel[i] = tb[i].numel();
+    cols[i] = tb[i].dim() == 2 ? tb[i].size(1) : 0;
+  }
+  return fastsafe::make_matcher_tables(ptr, numel, cols, meta.data());
 }
 
 void check_state(const at::Tensor& state) {

@@ -32,7 +32,7 @@ void matcher_banned_bitmask_cpu(const MatcherTables& t, const int64_t* state, in
     int32_t* row = words + b * W;
     std::memcpy(row, t.base, static_cast<size_t>(W) * sizeof(int32_t));
     const int64_t s = clamp64(state[b * width + kStTok], 0, t.tok_states - 1);
-    apply_bans(t, s, row, 0, W);
+    apply_bans(t, s, row);
   }
 }
 

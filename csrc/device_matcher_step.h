@@ -80,6 +80,62 @@ struct MatcherTables {
   const int32_t* cp1 = nullptr;
 };
 
+// Tables in the order of fastsafe.safety.device_matcher_ops.NATIVE_TABLES (0: int64, the rest
+// int32; 10 heavy_rows, 12 delta and 18 slots are 2-D) and meta = [V, chain_depth, ban_depth,
+// has_text, classes, word_boundaries].
+constexpr int kMatcherTableCount = 27;
+constexpr int kMatcherMetaCount = 6;
+
+// The tables struct from raw pointers, element counts and (2-D tables) column counts. Sizes are
+// checked by the caller (bindings.cpp: matcher_tables).
+inline MatcherTables make_matcher_tables(const void* const* ptr, const int64_t* numel, const int64_t* cols,
+                                         const int64_t* meta) {
+  MatcherTables t;
+  t.vocab = meta[0];
+  t.words = (meta[0] + 31) / 32;
+  t.chain_depth = static_cast<int32_t>(meta[1]);
+  t.ban_depth = static_cast<int32_t>(meta[2]);
+  t.has_text = meta[3] != 0;
+  t.classes = static_cast<int32_t>(meta[4]);
+  t.word_boundaries = meta[5] != 0;
+  auto i32 = [&](int i) { return static_cast<const int32_t*>(ptr[i]); };
+  t.goto_keys = static_cast<const int64_t*>(ptr[0]);
+  t.n_goto = numel[0];
+  t.goto_next = i32(1);
+  t.chain_next = i32(2);
+  t.tok_states = numel[2];
+  t.ban_first = i32(3);
+  t.ban_next = i32(4);
+  t.n_ban = numel[4];
+  t.ban_off = i32(5);
+  t.ban_cnt = i32(6);
+  t.heavy_id = i32(7);
+  t.ban_word = i32(8);
+  t.n_pairs = numel[8];
+  t.ban_mask = i32(9);
+  t.heavy_rows = i32(10);
+  t.n_heavy = cols[10] > 0 ? numel[10] / cols[10] : 0;
+  t.base = i32(11);
+  t.delta = i32(12);
+  t.char_states = cols[12] > 0 ? numel[12] / cols[12] : 1;
+  t.out_word = i32(13);
+  t.out_now = i32(14);
+  t.act_ctx = i32(15);
+  t.act_sym = i32(16);
+  t.act_flags = i32(17);
+  t.slots = i32(18);
+  t.max_len = static_cast<int32_t>(cols[18]);
+  t.head_n = i32(19);
+  t.head_bits = i32(20);
+  t.tail_n = i32(21);
+  t.tail_bits = i32(22);
+  t.tail_need = i32(23);
+  t.body = i32(24);
+  t.cp0 = i32(25);
+  t.cp1 = i32(26);
+  return t;
+}
+
 // The text part of a row's state.
 struct TextState {
   int64_t s, ctx, cp, need, shadow;
@@ -121,20 +177,17 @@ FASTSAFE_HD int64_t token_step(const MatcherTables& t, int64_t s, int64_t tok) {
   return 0;
 }
 
-// Applies the bans of token state `s` to words [w0, w1) of a row that already holds `base`.
-// (The CUDA kernel splits a row's words over the threads of a block; the CPU takes them all.)
-FASTSAFE_HD void apply_bans(const MatcherTables& t, int64_t s, int32_t* row, int64_t w0, int64_t w1) {
+// Applies the bans of token state `s` to a row of W words that already holds `base` (the CPU
+// kernel; the CUDA kernel spreads the same walk over the threads of a block).
+FASTSAFE_HD void apply_bans(const MatcherTables& t, int64_t s, int32_t* row) {
   int64_t b = t.ban_first[s];
   for (int32_t d = 0; d < t.ban_depth && b >= 0; ++d) {
     const int64_t off = t.ban_off[b], cnt = t.ban_cnt[b];
-    for (int64_t j = 0; j < cnt; ++j) {
-      const int64_t w = t.ban_word[off + j];
-      if (w >= w0 && w < w1) row[w] &= t.ban_mask[off + j];
-    }
+    for (int64_t j = 0; j < cnt; ++j) row[t.ban_word[off + j]] &= t.ban_mask[off + j];
     const int64_t h = t.heavy_id[b];
     if (h > 0) {
       const int32_t* hr = t.heavy_rows + h * t.words;
-      for (int64_t w = w0; w < w1; ++w) row[w] &= hr[w];
+      for (int64_t w = 0; w < t.words; ++w) row[w] &= hr[w];
     }
     b = t.ban_next[b];
   }

@@ -201,3 +201,87 @@ def test_backend_override_and_fallback(monkeypatch):
     assert dm.with_backend("cpp").backend == "cpp"
     monkeypatch.delenv("FASTSAFE_BACKEND")
     assert DeviceMatcher.build(None, token_id_phrases=[[1, 2]], vocab_size=8).backend == "cpp"
+
+
+# --------------------------------------------------------------------------- CUDA kernels under the CPU emulation
+@pytest.fixture(scope="module")
+def emulated_cuda_step(tmp_path_factory):
+    """Builds csrc/emulation/run_device_matcher.cpp; returns run(dm, state, tokens, cands) -> (state, words, ok, ent)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import numpy as np
+    root = Path(__file__).resolve().parents[1]
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the CUDA emulation")
+    work = tmp_path_factory.mktemp("matcher_emulation")
+    exe = work / "run_device_matcher"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-DFASTSAFE_CUDA_EMULATION", f"-I{root / 'csrc' / 'emulation' / 'include'}",
+           f"-I{root / 'csrc'}", str(root / "csrc" / "emulation" / "run_device_matcher.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, "building the CUDA emulation failed:\n" + res.stderr[-4000:]
+
+    def run(dm, state, tokens, cands):
+        B, width = state.shape
+        k = cands.shape[1]
+        case, out = work / "case", work / "out"
+        with open(case, "wb") as f:
+            f.write(np.array([B, width, k, *dm._native_meta], np.int64).tobytes())
+            for x in dm._native_tables:
+                f.write(np.array([x.numel(), x.shape[1] if x.dim() == 2 else 0], np.int64).tobytes())
+                f.write(x.contiguous().numpy().tobytes())
+            for x in (state, tokens, cands):
+                f.write(x.to(torch.int64).contiguous().numpy().tobytes())
+        res = subprocess.run([str(exe), str(case), str(out)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        data = out.read_bytes()
+        W = (dm.vocab_size + 31) // 32
+        o = 0
+        s = np.frombuffer(data, np.int64, B * width, o)
+        o += 8 * B * width
+        w = np.frombuffer(data, np.int32, B * W, o)
+        o += 4 * B * W
+        ok = np.frombuffer(data, np.uint8, B * k, o)
+        o += B * k
+        ent = np.frombuffer(data, np.int32, B * k, o)
+        return (torch.from_numpy(s.copy()).reshape(B, width), torch.from_numpy(w.copy()).reshape(B, W),
+                torch.from_numpy(ok.copy()).reshape(B, k).bool(), torch.from_numpy(ent.copy()).reshape(B, k))
+
+    return run
+
+
+def _native_step(dm, state, tokens, cands):
+    s = dm.advance(state, tokens)
+    ok, ent = dm.check_candidates(s, cands)
+    return s, dm.banned_bitmask(s), ok, ent
+
+
+def test_emulated_cuda_kernels_equal_the_cpu_kernels(emulated_cuda_step):
+    tok, dm, _ = text_matchers("micro")
+    rng = random.Random(7)
+    hists = [_random_split_ids(tok, rng.choice(["a", "I will"]) + rng.choice(WRITTEN), rng) for _ in range(5)]
+    hists = [h[:rng.randint(0, len(h) - 1)] for h in hists] + [[]]
+    st = dm.state_from_histories(hists)
+    V = len(tok)
+    toks = torch.tensor([rng.randrange(-1, V + 1) for _ in hists])
+    cands = torch.tensor([[rng.randrange(-1, V + 1) for _ in range(6)] for _ in hists])
+    for a, b in zip(emulated_cuda_step(dm, st, toks, cands), _native_step(dm, st, toks, cands)):
+        assert torch.equal(a, b)
+    # token rules with a heavy row (more than 32 ban words at one node) and a long ban chain
+    V = 5000
+    bad = [[1, t] for t in range(0, V, 3)] + [[2] * d for d in range(2, 7)] + [[9, 8, t] for t in range(40)]
+    dm = DeviceMatcher.build(None, token_id_phrases=bad, vocab_size=V)
+    st = dm.state_from_histories([[1], [2, 2, 2, 2], [9, 8], [9], [], [2]])
+    toks = torch.tensor([1, 2, 8, 9, 4999, 5000])
+    cands = torch.tensor([[0, 3]] * 6)
+    for a, b in zip(emulated_cuda_step(dm, st, toks, cands), _native_step(dm, st, toks, cands)):
+        assert torch.equal(a, b)
+    # states that are not the matcher's are clamped there (the CPU kernels refuse them)
+    wild = st.clone()
+    wild[:, 0] = torch.tensor([-5, 10 ** 9, 0, 1, 2, 3])
+    wild[:, 4] = 77
+    s, w, ok, ent = emulated_cuda_step(dm, wild, toks, cands)
+    assert s.shape == st.shape and (s[:, 0] >= 0).all() and (s[:, 0] < dm.num_token_states).all()

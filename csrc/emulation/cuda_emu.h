@@ -28,7 +28,7 @@ struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct uint4 { unsigned x, y, z, w; };
 struct float4 { float x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
-inline thread_local dim3 threadIdx, blockIdx;
+inline thread_local dim3 threadIdx, blockIdx, blockDim;
 
 struct EmuBlock {
   std::unique_ptr<std::barrier<>> bar;
@@ -115,7 +115,7 @@ void emu_launch(Kernel kernel, unsigned grid, unsigned threads, const P& p) {
     g_block = &blk;
     std::vector<std::thread> ts;
     for (unsigned t = 0; t < threads; ++t)
-      ts.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = b; kernel(p); });
+      ts.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = b; blockDim.x = threads; kernel(p); });
     for (auto& t : ts) t.join();
   }
 }
