@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from fastsafe.ops import backends
+from fastsafe.ops import backends, unpack_bitmask
 from fastsafe.safety import DeviceMatcher
 from fastsafe.safety.device_matcher import STATE_WIDTH
 from fastsafe.safety.device_matcher_ops import NATIVE_META, NATIVE_TABLES
@@ -201,6 +201,21 @@ def test_backend_override_and_fallback(monkeypatch):
     assert dm.with_backend("cpp").backend == "cpp"
     monkeypatch.delenv("FASTSAFE_BACKEND")
     assert DeviceMatcher.build(None, token_id_phrases=[[1, 2]], vocab_size=8).backend == "cpp"
+    # without the extension the tensor program runs (same results)
+    import fastsafe.ops.dispatch as dispatch
+
+    def missing():
+        raise ImportError("fastsafe._C: not built")
+    monkeypatch.setattr(dispatch, "native_module", missing)
+    backends(refresh=True)
+    try:
+        dm = DeviceMatcher.build(None, token_id_phrases=[[1, 2]], vocab_size=8)
+        assert dm.backend == "torch"
+        st = dm.advance(dm.initial_state(1), torch.tensor([1]))
+        assert (~unpack_bitmask(dm.banned_bitmask(st), 8)).nonzero()[:, 1].tolist() == [2]
+    finally:
+        monkeypatch.undo()
+        backends(refresh=True)
 
 
 # --------------------------------------------------------------------------- CUDA kernels under the CPU emulation
