@@ -21,7 +21,7 @@ HALF = ENTITIES[:4]              # policy "half" bans these; the other four stay
 NEVER_SAID = "qzxv wlpk"         # policy "open" bans only this, which the model never says
 EOS = 2                          # SmolLM2's <|im_end|>
 MAX_TOKENS = 32
-PREEMPT_TOKENS = 150             # 8 rows x ~185 tokens do not fit the small KV cache: preemptions
+PREEMPT_TOKENS = 120             # 8 rows x ~155 tokens do not fit the small KV cache: preemptions
 QUESTIONS = list(PROMPTS)
 
 

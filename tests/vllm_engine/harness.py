@@ -31,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: The engine settings of every test engine (SmolLM2 in float32 on the CPU; small KV cache).
 ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "gpu_memory_utilization": 0.3,
           "max_num_seqs": 8, "seed": 0}
-#: A KV cache of about 1,000 tokens (SmolLM2 float32: 46 KB a token): eight long requests do not
+#: A KV cache of about 900 tokens (SmolLM2 float32: 46 KB a token): eight long requests do not
 #: fit, so the scheduler preempts and later resumes (recomputes) some of them.
-SMALL_KV_CACHE = {"kv_cache_memory_bytes": 48 * 2**20}
+SMALL_KV_CACHE = {"kv_cache_memory_bytes": 40 * 2**20}
 #: The adapter under test (the V1 model runner's interface; vLLM uses that runner on the CPU).
 ADAPTER = "fastsafe.integrations.vllm:SafetyLogitsProcessor"
 #: The harness' own processor (bans the ids of ``extra_args["ban_token_ids"]``).
