@@ -235,9 +235,30 @@ def available_bytes() -> Optional[int]:
 # measurement
 # ----------------------------------------------------------------------------------------------
 
-def peak_extra_bytes(fn: Callable, device: torch.device, timed: Optional[dict] = None) -> Optional[int]:
+MEMORY_METHODS = ("profiler", "rss")
+_RSS_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def peak_extra_bytes(fn: Callable, device: torch.device, timed: Optional[dict] = None,
+                     method: str = "profiler") -> Optional[int]:
     """Bytes allocated above what exists before ``fn()`` at the peak of one call (``timed``, a dict,
-    receives that call's ``result`` and wall-clock ``ms``)."""
+    receives that call's ``result`` and wall-clock ``ms``).
+
+    CPU ``method``: ``"profiler"`` replays the PyTorch profiler's allocation timeline (exact, but
+    its event records grow with the number of ops: a many-tile call at the long-context shape
+    exhausts memory); ``"rss"`` is the rise of the process's peak resident set (``VmHWM`` reset
+    through ``/proc/self/clear_refs``) above the resident set before the call, with glibc's mmap
+    threshold pinned (``MALLOC_MMAP_THRESHOLD_=131072`` in the environment), so every buffer of
+    128 KiB or more is mapped on allocation and returned on free (within ~2 MiB of the profiler).
+    """
     timed = {} if timed is None else timed
 
     def call():
@@ -254,6 +275,15 @@ def peak_extra_bytes(fn: Callable, device: torch.device, timed: Optional[dict] =
         torch.cuda.reset_peak_memory_stats(device)
         call()
         return int(torch.cuda.max_memory_allocated(device) - base)
+    if method == "rss":
+        if os.environ.get(_RSS_ENV) is None:
+            raise RuntimeError(f"--memory rss: set {_RSS_ENV}=131072 in the environment (glibc must map every "
+                               f"large buffer so that freeing it lowers the resident set)")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")           # reset VmHWM to the current resident set
+        base = _status_bytes("VmRSS:")
+        call()
+        return int(_status_bytes("VmHWM:") - base)
     try:  # CPU: replay the profiler's allocation timeline (private API; None if it changes)
         from torch.profiler import ProfilerActivity, profile
         from torch.profiler._memory_profiler import Action
@@ -273,11 +303,11 @@ def peak_extra_bytes(fn: Callable, device: torch.device, timed: Optional[dict] =
         return None
 
 
-def _peak_fresh(fn: Callable, inp: dict, device: torch.device) -> Optional[int]:
+def _peak_fresh(fn: Callable, inp: dict, device: torch.device, method: str) -> Optional[int]:
     """:func:`peak_extra_bytes` of ``fn`` with no gradients alive before it: ``fn`` sets them to None
     first, and freeing the last call's gradients inside the measure would lower the peak by their size."""
     _zero_grads(inp)
-    return peak_extra_bytes(fn, device)
+    return peak_extra_bytes(fn, device, method=method)
 
 
 def matmul_peak_tflops(device: torch.device, dtype, repeat: int = 20) -> Optional[float]:
@@ -323,7 +353,8 @@ def check(workload: str, name: str, out: torch.Tensor, ref_out: torch.Tensor, gr
 
 
 def run_case(workload: str, V: int, H: int, NT: int, T: int, dtype, device, impls, repeat: int, warmup: int,
-             gemm_tflops: Optional[float], binary_weights: bool = False, one_call: bool = False) -> List[dict]:
+             gemm_tflops: Optional[float], binary_weights: bool = False, one_call: bool = False,
+             memory: str = "profiler") -> List[dict]:
     inp = make_inputs(V, H, NT, T, dtype, device, binary_weights=binary_weights)
     make = {"token_logps": logps_impl, "masked_dpo": dpo_impl, "masked_grpo": grpo_impl}[workload]
     fns, errors, first, grads, too_big, first_ms, peaks = {}, {}, {}, {}, {}, {}, {}
@@ -340,7 +371,7 @@ def run_case(workload: str, V: int, H: int, NT: int, T: int, dtype, device, impl
             _zero_grads(inp)   # the previous implementation's gradients are freed before, not inside, the measure
             if one_call:   # one call, under the memory profiler, gives output, time and peak
                 timed = {}
-                peaks[name] = peak_extra_bytes(fn, device, timed)
+                peaks[name] = peak_extra_bytes(fn, device, timed, method=memory)
                 first[name], first_ms[name] = timed["result"], timed["ms"]
             else:
                 t0 = time.perf_counter()
@@ -371,7 +402,7 @@ def run_case(workload: str, V: int, H: int, NT: int, T: int, dtype, device, impl
         stats = summarize(times[name])
         row.update({"median_ms": stats["median_ms"], "stats": stats, "flops": flops,
                     "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
-                    "peak_extra_bytes": peaks[name] if one_call else _peak_fresh(fns[name], inp, device)})
+                    "peak_extra_bytes": peaks[name] if one_call else _peak_fresh(fns[name], inp, device, memory)})
         # What any implementation must hold at the end: the weight and hidden-state gradients.
         grad_bytes = sum(t.numel() * t.element_size() for t in (inp["weight"], inp["hidden"]))
         row["gradient_bytes"] = grad_bytes
@@ -465,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--long-context: token_logps,masked_dpo,masked_grpo)")
     p.add_argument("--one-call", action="store_true",
                    help="call each implementation once, under the memory profiler (time includes its overhead)")
+    p.add_argument("--memory", choices=MEMORY_METHODS, default="profiler",
+                   help="CPU peak-memory measure: the profiler's allocation timeline (default) or the peak "
+                        "resident set (needs MALLOC_MMAP_THRESHOLD_=131072; for calls too long to profile)")
     p.add_argument("--impls", default=None, help="only these implementations (e.g. fused[torch],liger)")
     p.add_argument("--backends", default=None, help="fused backends to time (default: torch; torch,triton on GPU)")
     p.add_argument("--repeat", type=int, default=None)
@@ -516,7 +550,7 @@ def main(argv=None) -> int:
             print(f"  skipped {w}/{s['impl']}: {s['reason']}")
         for V in vocabs:
             rows += run_case(w, V, H, NT, T, dtype, device, impls, int(d["repeat"]), int(d["warmup"]), gemm,
-                             binary_weights=args.long_context, one_call=args.one_call)
+                             binary_weights=args.long_context, one_call=args.one_call, memory=args.memory)
 
     table = []
     for r in rows:
@@ -541,6 +575,7 @@ def main(argv=None) -> int:
         "config": {"vocab": vocabs, "hidden": H, "tokens": NT, "seq": T, "dtype": d["dtype"],
                    "repeat": int(d["repeat"]), "workloads": workloads},
         "one_call": bool(args.one_call),
+        "memory_method": args.memory,
         "load_average_1_5_15min_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "protocol": ("median of forward+backward wall-clock (CPU, implementations interleaved) or CUDA-event "
                      "times; peak_extra_bytes = peak allocation above the inputs during one forward+backward "
