@@ -214,7 +214,7 @@ class SafeLogitsProcessor:
 
     def _check_vocab(self, step: SafetyStep, matcher, scores: torch.Tensor) -> bool:
         """Whether this call text-checks every token (see ``text_check``)."""
-        if not step.on_device or matcher.alphabet is None:
+        if not step.on_device or not matcher.has_device_text:
             return False
         mode = self.text_check
         return mode == "vocab" or (mode == "auto" and scores.is_cuda)

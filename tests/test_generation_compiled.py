@@ -98,7 +98,7 @@ def test_refusals_and_fallbacks(tok):
     model = tiny_gpt2(seed=14)
     reward = CallableReward(lambda h, c, t: torch.zeros(c.shape))
     with pytest.raises(ValueError, match=r"compile: .*regex entities"):
-        fastsafe.generate(model, tok, ["Hello"], SafetyConfig(regexes=["b.mb"]), max_new_tokens=2, compile=EAGER)
+        fastsafe.generate(model, tok, ["Hello"], SafetyConfig(regexes=[r"b\wmb"]), max_new_tokens=2, compile=EAGER)
     with pytest.raises(ValueError, match=r"compile: .*reward model"):
         fastsafe.generate(model, tok, ["Hello"], SafetyConfig(reward_model=reward, reward_weight=1.0),
                           max_new_tokens=2, compile=EAGER)
