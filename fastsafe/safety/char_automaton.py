@@ -55,7 +55,7 @@ from .confusables import confusable_map
 from .normalize import is_word_char, normalize_text
 
 __all__ = ["SEPARATORS", "fold_char", "fold_text", "CharAlphabet", "CharAutomaton", "build_char_automaton",
-           "stream_symbols", "char_action", "action_tables", "OTHER_NONWORD", "OTHER_WORD", "SEP", "PSEP", "BND", "SQ2", "SQ3",
+           "stream_symbols", "char_action", "action_tables", "CANONICAL_CHARS", "OTHER_NONWORD", "OTHER_WORD", "SEP", "PSEP", "BND", "SQ2", "SQ3",
            "NUM_SPECIAL"]
 
 #: Folded characters that separate letters (a run of them is one ``SEP`` symbol).
@@ -111,14 +111,54 @@ def _is_word(ch: str) -> bool:
     return ch != "_" and is_word_char(ch)
 
 
+def _base_class(ch: str) -> int:
+    """The class of a folded character that is in no alphabet (what :meth:`CharAlphabet.cls` falls back to)."""
+    if ch.isspace():
+        return SEP
+    if ch in SEPARATORS:
+        return PSEP
+    return OTHER_WORD if _is_word(ch) else OTHER_NONWORD
+
+
+@lru_cache(maxsize=1)
+def _fold_firsts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids [CP_LIMIT], first_cp [U, 2], base [U, 2])`` over the ``U`` distinct folded strings of
+    :func:`_fold_table`: the codepoints of their first two characters (-1: none) and the class each
+    would have in an empty alphabet (int16, -1: none). Alphabet-independent, computed once."""
+    ids, strings = _fold_table()
+    first_cp = np.full((len(strings), 2), -1, np.int64)
+    base = np.full((len(strings), 2), -1, np.int16)
+    memo: dict[str, int] = {}
+    for j, f in enumerate(strings):
+        for k, ch in enumerate(f[:2]):
+            b = memo.get(ch)
+            if b is None:
+                b = memo[ch] = _base_class(ch)
+            first_cp[j, k] = ord(ch)
+            base[j, k] = b
+    return ids, first_cp, base
+
+
+#: The folded printable ASCII characters and common typographic ones (quotes, dashes, ``…×©®™°``), separators left out (``l`` folds to ``i``, ``0`` to ``o``, ``@``
+#: to ``a``, ...): the characters every canonical alphabet has (see :func:`build_char_automaton`'s
+#: ``canonical``); their non-word ones get a run cap of at least 2 there.
+CANONICAL_CHARS = frozenset(c for c in "".join(fold_char(ch) for ch in [chr(i) for i in range(0x21, 0x7F)] +
+                                                list("\u2018\u2019\u201a\u201c\u201d\u201e\u2013\u2014\u2026\u00d7\u00a9\u00ae\u2122\u00b0"))
+                            if c not in SEPARATORS and not c.isspace())
+
+
 class CharAlphabet:
     """Folded character -> class (see the module docstring).
 
     Args:
         chars: the folded characters that occur in entities (separators are ignored).
+        texts: the folded entity texts (the run caps of non-word characters come from them).
+        cap_floor: characters whose run cap (when they are non-word) is at least 2 even where no
+            entity has them (a canonical alphabet's caps do not depend on the phrases; a larger cap
+            only shortens fewer runs, the decisions are the same).
     """
 
-    def __init__(self, chars, texts=()):
+    def __init__(self, chars, texts=(), cap_floor=()):
         chars = sorted({c for c in chars if c not in SEPARATORS})
         self.chars = chars
         self.index = {c: NUM_SPECIAL + i for i, c in enumerate(chars)}
@@ -146,6 +186,10 @@ class CharAlphabet:
                     longest[i] = max(longest[i], n)
         #: ``[C]`` slots a run of the class may keep in the token table (0: no cap here)
         self.run_cap = np.where(longest > 0, longest + 1, 0)
+        for c in cap_floor:
+            i = self.index.get(c)
+            if i is not None and not word[i]:
+                self.run_cap[i] = max(int(self.run_cap[i]), 2)
 
     def cls(self, ch: str) -> int:
         """Class of one folded character."""
@@ -161,16 +205,28 @@ class CharAlphabet:
     def classes(self, folded: str) -> list[int]:
         return [self.cls(c) for c in folded]
 
+    @property
+    def key(self) -> tuple:
+        """What the per-vocabulary tables depend on in the alphabet (a cache key): its characters and run caps."""
+        return tuple(self.chars), tuple(int(x) for x in self.run_cap)
+
     def codepoint_classes(self) -> np.ndarray:
-        """``[CP_LIMIT, 2]`` int16: the classes of the first two folded characters of each codepoint (-1: none)."""
-        ids, strings = _fold_table()
-        per = np.full((len(strings), 2), -1, np.int16)
-        for j, f in enumerate(strings):
-            if f:
-                cl = self.classes(f[:2])
-                per[j, 0] = cl[0]
-                if len(cl) > 1:
-                    per[j, 1] = cl[1]
+        """``[CP_LIMIT, 2]`` int16: the classes of the first two folded characters of each codepoint (-1: none).
+
+        Vectorised: the alphabet-independent part (:func:`_fold_firsts`) is computed once per process,
+        then the alphabet's characters are looked up with one ``searchsorted``. Equal to
+        ``self.classes(fold_char(chr(cp))[:2])`` for every ``cp`` (tests/test_text_tables.py).
+        """
+        ids, first_cp, base = _fold_firsts()
+        per = base.copy()
+        if self.chars:
+            cps = np.asarray([ord(c) for c in self.chars], np.int64)
+            order = np.argsort(cps)
+            cps = cps[order]
+            cls = np.asarray([self.index[self.chars[i]] for i in order], np.int16)
+            pos = np.minimum(np.searchsorted(cps, first_cp), len(cps) - 1)
+            hit = (cps[pos] == first_cp) & (base != SEP) & (base != PSEP) & (base >= 0)
+            per[hit] = cls[pos[hit]]
         return per[ids]
 
 
@@ -224,7 +280,17 @@ def action_tables(is_word: np.ndarray, word_boundaries: bool = True,
 
     Returns ``{"ctx": [4C, C+1] new ctx, "sym": [4C, C+1] symbol or -1, "flags": [4C, C+1]}`` with
     flags bit 0 = emit BND first, bit 1 = repeat symbol, bit 2 = confirms a word end.
+    Cached for a few alphabets (the arrays are shared: do not write into them).
     """
+    is_word = np.asarray(is_word, bool)
+    pr = None if plain_repeat is None else np.asarray(plain_repeat, bool)
+    return _action_tables(is_word.tobytes(), bool(word_boundaries), None if pr is None else pr.tobytes())
+
+
+@lru_cache(maxsize=8)
+def _action_tables(is_word_b: bytes, word_boundaries: bool, plain_b: bytes | None) -> dict[str, np.ndarray]:
+    is_word = np.frombuffer(is_word_b, bool)
+    plain_repeat = None if plain_b is None else np.frombuffer(plain_b, bool)
     C = len(is_word)
     ctx = np.zeros((4 * C, C + 1), np.int64)
     sym = np.full((4 * C, C + 1), -1, np.int64)
@@ -292,7 +358,8 @@ def entity_text(phrase: str) -> str:
 
 
 def build_char_automaton(phrases: list[str], values: list[int], priority: list[float], *,
-                         word_boundaries: bool = True, spaced: bool = True, on_empty=None) -> CharAutomaton:
+                         word_boundaries: bool = True, spaced: bool = True, on_empty=None,
+                         canonical: bool = False) -> CharAutomaton:
     """Build the DFA of the phrase entities.
 
     Args:
@@ -302,6 +369,11 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         word_boundaries: whole-word matching (``BND`` marks and the end check).
         spaced: also match single-word entities of 3-24 characters spelled with separators between the letters.
         on_empty: called with the value of each phrase that folds to nothing (it is left out); default: raise.
+        canonical: the alphabet also has every character of :data:`CANONICAL_CHARS` (the folded
+            printable ASCII), so phrase sets that differ only in their words share one alphabet and
+            so the cached per-vocabulary tables (:mod:`fastsafe.safety.text_tables`). The decisions do
+            not change: a class no pattern uses leads where ``OTHER_WORD`` would (tested); the DFA
+            has a few more columns.
 
     Phrases that fold to separators only (``"-"``, ``"..."``) would match every space; they are
     left out of the text check (their token variants are still banned) and listed in
@@ -327,7 +399,8 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         keep.append((v, pr))
     values = [v for v, _ in keep]
     priority = [pr for _, pr in keep]
-    alpha = CharAlphabet({c for f in folded for c in f}, folded)
+    alpha = CharAlphabet({c for f in folded for c in f} | (CANONICAL_CHARS if canonical else set()), folded,
+                         cap_floor=CANONICAL_CHARS if canonical else ())
     pats: list[list[int]] = []
     kinds: list[bool] = []
     pv: list[int] = []

@@ -49,7 +49,7 @@ from .regex_automaton import REGEX_COLUMNS, RegexTables, device_regexes, regex_s
 from .entity_list import active_entities, config_entities, eos_id_set
 from .store import RiskEntity
 from .token_automaton import build_token_automaton
-from .token_chars import token_slots
+from .text_tables import text_tables
 from .token_sequences import banned_sequences
 from .device_matcher_ops import advance_op, banned_bitmask_op, check_candidates_op
 
@@ -59,6 +59,8 @@ __all__ = ["DeviceMatcher", "STATE_WIDTH"]
 #: (``previous class * 4 + run length``), partial UTF-8 character bits, its missing bytes, and the
 #: character state before the current run's first repeat (-1: none).
 STATE_WIDTH = 6
+#: Phrase sets up to this size get the canonical text alphabet by default (build speed: cached tables).
+CANONICAL_MAX_PHRASES = 10_000
 _TOK, _CHR, _CTX, _CP, _NEED, _SHADOW = range(STATE_WIDTH)
 
 
@@ -187,7 +189,7 @@ class DeviceMatcher:
               token_id_phrases: Iterable = (), regexes: Iterable = (), entities: Iterable[RiskEntity] | None = None,
               eos_token_id=None, word_boundaries: bool = True, spaced: bool = True, version=None,
               regex_window: int = 200, skip_invalid: bool = False, warn: bool = True,
-              device_regex: bool = True) -> "DeviceMatcher":
+              device_regex: bool = True, canonical_alphabet: bool | None = None) -> "DeviceMatcher":
         """Build the tables and put them on ``device``.
 
         Args:
@@ -212,6 +214,10 @@ class DeviceMatcher:
             device_regex: check the regular regexes on the device (one search DFA, three more state
                 columns: :attr:`state_width` 9); False (or patterns that are not regular there) keeps
                 them on the host RE2 path.
+            canonical_alphabet: give the text check the canonical alphabet (the folded ASCII letters and
+                digits plus the phrases' own characters) so that its per-vocabulary tables come from
+                the cache (:mod:`fastsafe.safety.text_tables`) for most phrase sets; same decisions.
+                Default (None): for at most ``CANONICAL_MAX_PHRASES`` (10,000) phrases.
 
         Raises:
             ValueError: an entity empty after normalisation or that tokenises to nothing, token ids
@@ -263,9 +269,10 @@ class DeviceMatcher:
             char = build_char_automaton(list(owner), list(owner.values()), [ents[i].severity for i in owner.values()],
                                         word_boundaries=word_boundaries, spaced=spaced,
                                         on_empty=(lambda i: fail(i, "empty after folding (nothing to match)"))
-                                        if skip_invalid else None)
-            slots = token_slots(tokenizer, vocab_size, char.alphabet)
-            cpc = char.alphabet.codepoint_classes()
+                                        if skip_invalid else None,
+                                        canonical=len(owner) <= CANONICAL_MAX_PHRASES
+                                        if canonical_alphabet is None else bool(canonical_alphabet))
+            slots, cpc = text_tables(tokenizer, vocab_size, char.alphabet)     # cached per (tokenizer, alphabet)
         regex_matcher = None
         rx = [i for i, e in enumerate(ents) if e.kind == "regex"]
         from .matcher import PhraseMatcher, SkippedEntity, warn_skipped   # the host reference holds the regex check

@@ -174,8 +174,11 @@ def _shorten(out: list[int], alphabet: CharAlphabet) -> list[int]:
     return res
 
 
-def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet) -> dict[str, np.ndarray]:
-    """The per-token tables of the device text check.
+def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet,
+                token_bytes_list: list[bytes] | None = None) -> dict[str, np.ndarray]:
+    """The per-token tables of the device text check (cached by :func:`fastsafe.safety.text_tables.text_tables`).
+
+    ``token_bytes_list``: ``token_bytes(tokenizer, vocab_size)`` when the caller already has it.
 
     Returns:
         ``{"slots": [V + 1, max_len] int32 classes (``alphabet.num_classes`` = none; row ``V`` is
@@ -186,7 +189,9 @@ def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet) -> dict[str,
     """
     V = int(vocab_size)
     memo = {chr(i): alphabet.classes(fold_char(chr(i))) for i in range(128)}
-    parts = [bytes_slots(b, alphabet, memo) for b in token_bytes(tokenizer, V)]
+    if token_bytes_list is None:
+        token_bytes_list = token_bytes(tokenizer, V)
+    parts = [bytes_slots(b, alphabet, memo) for b in token_bytes_list]
     L = max([len(p[1]) for p in parts] + [1])
     none = alphabet.num_classes
     slots = np.full((V + 1, L), none, np.int32)
