@@ -300,3 +300,31 @@ def test_emulated_cuda_kernels_equal_the_cpu_kernels(emulated_cuda_step):
     wild[:, 4] = 77
     s, w, ok, ent = emulated_cuda_step(dm, wild, toks, cands)
     assert s.shape == st.shape and (s[:, 0] >= 0).all() and (s[:, 0] < dm.num_token_states).all()
+
+
+def test_with_device_regexes_equals_the_reference():
+    """Regular regexes add state columns run by a tensor program next to the native ops: same results."""
+    tok = tiny_tokenizer()
+    dm = DeviceMatcher.build(tok, ["bomb", "nerve agent"], regexes=[r"\d{3}-\d{4}", r"(?i)kill\s+it"])
+    ref = dm.with_backend("torch")
+    assert dm.state_width > STATE_WIDTH and dm.backend == "cpp"
+    rng = random.Random(11)
+    texts = ["Call 555-123", "call me at 555-1234 now", "I will kill  it", "a bomb", "the nerve agent", "x 12-34"]
+    hists, cands = [], []
+    for _ in range(40):
+        ids = _random_split_ids(tok, rng.choice(texts), rng)
+        cut = rng.randint(0, len(ids) - 1)
+        hists.append(ids[:cut])
+        cands.append([ids[cut]] + [rng.randrange(len(tok)) for _ in range(4)])
+    for text in ["call me at 555-1234", "I will kill it", "a bomb", "the nerve agent"]:   # the last token completes
+        ids = tok.encode(text, add_special_tokens=False)
+        hists.append(ids[:-1])
+        cands.append([ids[-1]] + [rng.randrange(len(tok)) for _ in range(4)])
+    st = dm.state_from_histories(hists)
+    assert torch.equal(st, ref.state_from_histories(hists))
+    toks = torch.tensor([c[0] for c in cands])
+    s_n, s_r = dm.advance(st, toks), ref.advance(st, toks)
+    assert torch.equal(s_n, s_r) and torch.equal(dm.banned_bitmask(s_n), ref.banned_bitmask(s_r))
+    (ok_n, e_n), (ok_r, e_r) = dm.check_candidates(st, torch.tensor(cands)), ref.check_candidates(st, torch.tensor(cands))
+    assert torch.equal(ok_n, ok_r) and torch.equal(e_n, e_r)
+    assert (~ok_n[-4:, 0]).sum() >= 3 and not ok_n[-4, 0]      # the number regex, bomb, nerve agent
