@@ -158,8 +158,13 @@ def test_request_phrase_matchers_are_shared_by_content(tmp_path):
     rows, _, _ = make_rows(tmp_path)
     rows.admit(0, RequestArgs(None, banned_phrases=("quick brown", "lazy dog")))
     rows.admit(1, RequestArgs("default", banned_phrases=("quick brown", "lazy dog")))
-    assert rows.slot_request_matcher[0] is rows.slot_request_matcher[1] and rows.request_matchers.builds == 1
-    assert isinstance(rows.slot_request_matcher[0], DeviceMatcher)
+    assert rows.slot_request_matcher[0] is rows.slot_request_matcher[1]          # one interim matcher
+    assert rows.request_matchers.interim_builds == 1 and not rows.slot_request_matcher[0].has_text_rules
+    rows.request_matchers.wait()
+    slots, new = rows.poll_swaps()
+    assert slots == [0, 1] and len(new) == 1 and rows.request_matchers.builds == 1
+    assert rows.slot_request_matcher[0] is rows.slot_request_matcher[1] is new[0]
+    assert isinstance(new[0], DeviceMatcher) and new[0].has_text_rules
     rows.admit(2, RequestArgs(None))
     assert not rows.filtered(2)
 

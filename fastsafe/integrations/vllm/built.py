@@ -4,7 +4,8 @@
 :class:`fastsafe.safety.DeviceMatcher` (through :mod:`fastsafe.safety_builder`, cached by content),
 or a store follower that builds a new matcher off the step thread whenever the
 :class:`fastsafe.RiskEntityStore` moves, and its TSDI table on the device.
-:class:`RequestMatchers` holds the matchers of request-only phrases (content-keyed, LRU).
+:class:`RequestMatchers` holds the matchers of request-only phrases (content-keyed, LRU), built in a
+background thread; :func:`interim_matcher` protects a row until its matcher is ready.
 
 Example:
     >>> bp = build_policy(policy, tokenizer, vocab_size=V, device="cuda", eos_token_id=eos)  # doctest: +SKIP
@@ -18,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-__all__ = ["BuiltPolicy", "build_policy", "StoreFollower", "RequestMatchers"]
+__all__ = ["BuiltPolicy", "build_policy", "StoreFollower", "RequestMatchers", "interim_matcher"]
 
 
 def _config(policy, phrases=None):
@@ -178,32 +179,71 @@ def build_policy(policy, tokenizer, *, vocab_size: int, device, eos_token_id=Non
     return BuiltPolicy(policy, index, matcher, table, follower)
 
 
+def interim_matcher(tokenizer, phrases, *, vocab_size: int, device, eos_token_id=None):
+    """The fail-closed stand-in for a request-only matcher while the full one builds in the background.
+
+    A token-level :class:`~fastsafe.safety.DeviceMatcher` (no text check, no character tables) of
+    every token sequence the full matcher bans (every variant of every phrase, with and without a
+    leading space: :func:`fastsafe.safety.token_sequences.banned_sequences`) **plus the first token of
+    each of them as a one-token ban**: no phrase can *start* in one of its variants' tokenisations
+    while it is in force, and one already started in the prompt is stopped at its last token as the
+    full matcher would. Stricter than the full matcher on those tokens (a phrase's first token is
+    banned even where the phrase would not follow); what it lacks is the text check (a phrase
+    spelled in other tokens, e.g. letter by letter). EOS is never banned. About 20-60 ms for 1,000
+    phrases (the tokenizer's batch encode), against ~0.2-2 s for the full matcher.
+    """
+    import numpy as np
+
+    from fastsafe.safety import DeviceMatcher
+    from fastsafe.safety.entity_list import config_entities, eos_id_set
+    from fastsafe.safety.token_sequences import banned_sequences
+    ents = config_entities(list(phrases))
+    flat, lens, _ = banned_sequences(tokenizer, ents, int(vocab_size), eos_id_set(tokenizer, eos_token_id),
+                                     fail=lambda i, reason: None)   # admission refused bad phrases already
+    ends = np.cumsum(lens)
+    seqs = [x.tolist() for x in np.split(flat, ends[:-1])] if len(lens) else []
+    firsts = sorted(set(flat[ends - lens].tolist())) if len(lens) else []
+    return DeviceMatcher.build(None, token_id_phrases=seqs + [[t] for t in firsts], vocab_size=int(vocab_size),
+                               device=device, eos_token_id=eos_token_id)
+
+
 class RequestMatchers:
     """Matchers of request-only phrases, keyed by the phrase set (least recently used dropped).
 
-    A phrase set seen before costs nothing; a new one is built where :meth:`get` is called (see
-    the package docstring for the measured cost and where that happens).
+    A phrase set seen before costs nothing. A new one (:meth:`lookup`) is built in a background
+    thread (one worker: builds run one after another), and until it is ready the caller gets the
+    set's :func:`interim_matcher` (built on the calling thread, a few tens of ms); :meth:`ready`
+    returns the full matcher once it is built. With ``background=False`` :meth:`lookup` builds the
+    full matcher where it is called (the step waits).
+
+    Args:
+        tokenizer, vocab_size, device, eos_token_id: as for :meth:`fastsafe.safety.DeviceMatcher.build`.
+        capacity: phrase sets kept (full and interim matchers each).
+        background: build new sets in the background thread.
+        logger: where failed background builds are reported.
     """
 
-    def __init__(self, tokenizer, *, vocab_size: int, device, eos_token_id=None, capacity: int = 64):
+    def __init__(self, tokenizer, *, vocab_size: int, device, eos_token_id=None, capacity: int = 64,
+                 background: bool = True, logger=None):
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
         self.device = torch.device(device)
         self.eos_token_id = eos_token_id
         self.capacity = int(capacity)
+        self.background = bool(background)
+        self.logger = logger
         self._cache: OrderedDict = OrderedDict()
+        self._interim: OrderedDict = OrderedDict()
+        self._pending: dict = {}                 # key -> Future of the background build
+        self._failed: dict = {}                  # key -> the exception of its failed build
+        self._executor = None
         self._lock = threading.Lock()
         self.builds = 0
         self.build_seconds = 0.0
+        self.interim_builds = 0
+        self.interim_seconds = 0.0
 
-    def get(self, phrases: tuple):
-        """The :class:`DeviceMatcher` of ``phrases`` (a tuple of strings), built on first use."""
-        key = tuple(phrases)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
+    def _build(self, key: tuple):
         from fastsafe.safety import DeviceMatcher
         t0 = time.perf_counter()
         dm = DeviceMatcher.build(self.tokenizer, list(key), vocab_size=self.vocab_size, device=self.device,
@@ -212,6 +252,92 @@ class RequestMatchers:
             self.builds += 1
             self.build_seconds += time.perf_counter() - t0
             dm = self._cache.setdefault(key, dm)
+            self._cache.move_to_end(key)
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
         return dm
+
+    def _cached(self, key: tuple):
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+            return hit
+
+    def get(self, phrases: tuple):
+        """The full :class:`DeviceMatcher` of ``phrases`` (a tuple of strings), built here on first use."""
+        key = tuple(phrases)
+        hit = self._cached(key)
+        return hit if hit is not None else self._build(key)
+
+    def lookup(self, phrases: tuple) -> tuple:
+        """``(matcher, final)``: the full matcher when it is built (``final`` True), else the interim
+        matcher while the full one builds in the background (``final`` False; poll :meth:`ready`)."""
+        key = tuple(phrases)
+        hit = self._cached(key)
+        if hit is not None:
+            return hit, True
+        if not self.background:
+            return self._build(key), True
+        self._start(key)
+        with self._lock:
+            im = self._interim.get(key)
+            if im is not None:
+                self._interim.move_to_end(key)
+        if im is None:
+            t0 = time.perf_counter()
+            im = interim_matcher(self.tokenizer, key, vocab_size=self.vocab_size, device=self.device,
+                                 eos_token_id=self.eos_token_id)
+            with self._lock:
+                self.interim_builds += 1
+                self.interim_seconds += time.perf_counter() - t0
+                im = self._interim.setdefault(key, im)
+                while len(self._interim) > self.capacity:
+                    self._interim.popitem(last=False)
+        return im, False
+
+    def _start(self, key: tuple) -> None:
+        with self._lock:
+            if key in self._pending or key in self._failed or key in self._cache:
+                return
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsafe-vllm-request")
+            self._pending[key] = self._executor.submit(self._run, key)
+
+    def _run(self, key: tuple) -> None:
+        try:
+            self._build(key)
+        except Exception as exc:  # noqa: BLE001 - the interim matcher stays in force (fail closed)
+            with self._lock:
+                self._failed[key] = exc
+            if self.logger is not None:
+                self.logger.warning("fastsafe: request-only phrases (%d): the full matcher failed to build; "
+                                    "the interim token-level rule stays in force: %s", len(key), exc)
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+
+    def ready(self, phrases: tuple):
+        """The full matcher of ``phrases`` if its background build is done, else ``None`` (never waits).
+
+        A set whose full matcher was evicted before it was taken is built again; one whose build
+        failed stays on its interim matcher (``None`` here, for good)."""
+        key = tuple(phrases)
+        hit = self._cached(key)
+        if hit is None:
+            with self._lock:
+                lost = key not in self._pending and key not in self._failed
+            if lost:
+                self._start(key)
+        return hit
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Wait for the background builds in flight (tests, shutdown)."""
+        with self._lock:
+            futs = list(self._pending.values())
+        for f in futs:
+            try:
+                f.result(timeout)
+            except Exception:  # noqa: BLE001 - reported by _run
+                pass

@@ -107,11 +107,14 @@ class SafetyRows:
         log_interval: seconds between audit summary lines.
         poll_interval: seconds between store version checks.
         log_events: log every intervention (else only the summaries).
+        background_request_builds: build a new request-only phrase set's matcher in a background
+            thread, the row protected by the interim rule until it is ready (:meth:`poll_swaps` puts
+            it in force); False builds it in :meth:`admit` (the step waits).
     """
 
     def __init__(self, policies, tokenizer, *, vocab_size: int, device, capacity: int, eos_token_id, logger,
                  window: int = HISTORY_WINDOW, log_interval: float = 60.0, poll_interval: float = 0.5,
-                 log_events: bool = True):
+                 log_events: bool = True, background_request_builds: bool = True):
         self.policies = policies or {}
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
@@ -131,7 +134,9 @@ class SafetyRows:
                                             eos_token_id=self.eos_token_id, index=i, poll_interval=poll_interval,
                                             logger=logger)
         self.request_matchers = RequestMatchers(tokenizer, vocab_size=self.vocab_size, device=self.device,
-                                                eos_token_id=self.eos_token_id)
+                                                eos_token_id=self.eos_token_id,
+                                                background=background_request_builds, logger=logger)
+        self._interim_slots: set = set()          # slots whose request-only matcher is still the interim one
         self.audit = Audit(list(self.policies) + [OPT_OUT], logger, text=self.text, log_interval=log_interval,
                            log_events=log_events)
         # host bookkeeping per slot
@@ -165,8 +170,14 @@ class SafetyRows:
         self.audit.requests += 1
         pol = args.policy if args is not None else None
         self.slot_policy[slot] = pol
-        self.slot_request_matcher[slot] = (self.request_matchers.get(args.banned_phrases)
-                                           if args is not None and args.banned_phrases else None)
+        self._interim_slots.discard(slot)
+        if args is not None and args.banned_phrases:
+            m, final = self.request_matchers.lookup(args.banned_phrases)     # never waits for a full build
+            self.slot_request_matcher[slot] = m
+            if not final:
+                self._interim_slots.add(slot)
+        else:
+            self.slot_request_matcher[slot] = None
         scale = 0.0
         if pol is not None and self.built[pol].table is not None:
             scale = self.policies[pol].tsdi_scale if args.tsdi_scale is None else args.tsdi_scale
@@ -179,6 +190,7 @@ class SafetyRows:
     def release(self, slot: int) -> None:
         """The request in ``slot`` left the batch (a request-only matcher no row uses any more loses its state)."""
         had_own = self.slot_request_matcher[slot] is not None
+        self._interim_slots.discard(slot)
         self.slot_args[slot] = None
         self.slot_policy[slot] = None
         self.slot_request_matcher[slot] = None
@@ -239,12 +251,23 @@ class SafetyRows:
             self._state(m).index_copy_(0, sl, st)
 
     def poll_swaps(self):
-        """Store policies whose newest built matcher differs from the one in force: swap them in.
+        """Store policies whose newest built matcher differs from the one in force, and request-only
+        matchers whose background build is done (replacing their interim matcher): swap them in.
 
         Returns the slots whose states must be re-derived (host list) and the new matchers; the
-        caller re-derives (:meth:`derive`) before the next step.
+        caller re-derives (:meth:`derive`) before the next step. Never waits for a build.
         """
         slots, new = [], []
+        for s in sorted(self._interim_slots):
+            m = self.request_matchers.ready(self.slot_args[s].banned_phrases)
+            if m is None:
+                continue
+            self._interim_slots.discard(s)
+            self.slot_request_matcher[s] = m
+            slots.append(s)
+            if all(m is not x for x in new):
+                new.append(m)
+            self._plans.clear()
         for name, b in self.built.items():
             if b.follower is None:
                 continue
@@ -258,7 +281,7 @@ class SafetyRows:
             self._plans.clear()
         if new:
             self._gc_states()
-        return slots, new
+        return sorted(set(slots)), new
 
     # ------------------------------------------------------------------ plans
     def plan(self, row_slots: np.ndarray) -> Plan:

@@ -19,6 +19,8 @@ LOG_INTERVAL_ENV = "FASTSAFE_VLLM_LOG_INTERVAL"
 POLL_INTERVAL_ENV = "FASTSAFE_VLLM_POLL_INTERVAL"
 #: ``0`` logs only the summary lines, not every intervention (``FASTSAFE_VLLM_LOG_EVENTS``).
 LOG_EVENTS_ENV = "FASTSAFE_VLLM_LOG_EVENTS"
+#: ``background`` (default) or ``step``: where a new request-only phrase set's matcher is built.
+REQUEST_BUILD_ENV = "FASTSAFE_VLLM_REQUEST_BUILD"
 
 
 def logger():
@@ -63,6 +65,16 @@ def _env_float(name: str, default: float) -> float:
     return v
 
 
+def _request_build_mode() -> str:
+    """``FASTSAFE_VLLM_REQUEST_BUILD``: ``background`` (default: a new request-only phrase set is built
+    off the step thread, the row under the interim rule meanwhile) or ``step`` (built where the
+    request is admitted; that step waits for it)."""
+    raw = os.environ.get(REQUEST_BUILD_ENV, "").strip().lower() or "background"
+    if raw not in ("background", "step"):
+        raise ValueError(f"{REQUEST_BUILD_ENV}: expected 'background' or 'step', got {raw!r}")
+    return raw
+
+
 def make_rows(vllm_config, *, device, capacity: int, vocab_size: int):
     """The :class:`~.engine.SafetyRows` of a worker, or ``None`` when ``FASTSAFE_VLLM_POLICIES`` is unset."""
     policies = policies_from_env()
@@ -77,7 +89,8 @@ def make_rows(vllm_config, *, device, capacity: int, vocab_size: int):
     rows = SafetyRows(policies, tok, vocab_size=vocab_size, device=device, capacity=capacity, eos_token_id=eos,
                       logger=log, log_interval=_env_float(LOG_INTERVAL_ENV, 60.0),
                       poll_interval=_env_float(POLL_INTERVAL_ENV, 0.5),
-                      log_events=os.environ.get(LOG_EVENTS_ENV, "1").strip() not in ("0", "false", "no"))
+                      log_events=os.environ.get(LOG_EVENTS_ENV, "1").strip() not in ("0", "false", "no"),
+                      background_request_builds=_request_build_mode() == "background")
     log.info("fastsafe: %d safety policies (%s) from %s, V=%d, %d slots, device %s", len(policies),
              ", ".join(f"{n}: {b.matcher()!r}" for n, b in rows.built.items()), os.environ.get("FASTSAFE_VLLM_POLICIES"),
              vocab_size, capacity, device)

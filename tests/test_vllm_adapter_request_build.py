@@ -1,0 +1,172 @@
+"""vLLM adapter: request-only phrase matchers are built off the step thread; the interim rule protects
+the row meanwhile; the full matcher takes over with the row's state re-derived from its tokens.
+
+The rows-level tests need no vLLM; the V1 test drives SafetyLogitsProcessor with vLLM's BatchUpdate
+(.venv-vllm; skipped elsewhere).
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from fastsafe.integrations.vllm import RequestArgs
+from fastsafe.integrations.vllm.built import RequestMatchers, interim_matcher
+from fastsafe.ops import unpack_bitmask
+from fastsafe.safety import DeviceMatcher
+from fastsafe.safety.char_automaton import fold_text
+from tests.test_matcher import tiny_tokenizer
+from tests.test_vllm_adapter_rows import _derive, make_rows
+
+PHRASES = ("quick brown", "lazy dog")
+
+
+def enc(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+@pytest.fixture
+def blocked_build(monkeypatch):
+    """Full request-only builds wait for ``release`` (at most 30 s): a step that waited for one would
+    leave the build finished, which the tests check it is not."""
+    release = threading.Event()
+    real = RequestMatchers._build
+
+    def slow(self, key):
+        release.wait(30)
+        return real(self, key)
+    monkeypatch.setattr(RequestMatchers, "_build", slow)
+    yield release
+    release.set()
+
+
+def _first_tokens(tok, phrases):
+    from fastsafe.safety.entity_list import config_entities
+    from fastsafe.safety.token_sequences import banned_sequences
+    flat, lens, _ = banned_sequences(tok, config_entities(list(phrases)), len(tok), set())
+    starts = (torch.tensor(lens).cumsum(0) - torch.tensor(lens)).tolist()
+    return {int(flat[s]) for s in starts}, flat, lens
+
+
+def test_interim_matcher_bans_every_first_token_and_the_full_sequences():
+    tok = tiny_tokenizer()
+    V = len(tok)
+    im = interim_matcher(tok, PHRASES, vocab_size=V, device="cpu", eos_token_id=0)
+    full = DeviceMatcher.build(tok, list(PHRASES), vocab_size=V, eos_token_id=0)
+    firsts, _, _ = _first_tokens(tok, PHRASES)
+    assert len(firsts) >= 4 and not im.has_text_rules
+    banned0 = ~unpack_bitmask(im.banned_bitmask(im.initial_state(1)), V)[0]
+    assert set(banned0.nonzero()[:, 0].tolist()) == firsts - {0}
+    # at least as strict as the full matcher's token level on histories (prompt-started phrases too)
+    for text in ["the quick", "a lazy", "quick", "the", "lazy dog and the quick"]:
+        h = [enc(tok, text)]
+        bi = ~unpack_bitmask(im.banned_bitmask(im.state_from_histories(h)), V)[0]
+        bf = ~unpack_bitmask(full.banned_bitmask(full.state_from_histories(h)), V)[0]
+        assert not (bf & ~bi).any(), text
+
+
+def test_slow_build_never_delays_the_rows_and_the_full_matcher_takes_over(tmp_path, blocked_build):
+    rows, tok, _ = make_rows(tmp_path)
+    V = rows.vocab_size
+    rm = rows.request_matchers
+    prompt = enc(tok, "the quick")                       # a phrase already started in the prompt
+    assert rows.admit(0, RequestArgs(None, banned_phrases=PHRASES))
+    _derive(rows, [0], [prompt])
+    im = rows.slot_request_matcher[0]
+    assert not im.has_text_rules and rm.builds == 0 and len(rm._pending) == 1
+    brown = enc(tok, " brown")[0]
+    firsts, _, _ = _first_tokens(tok, PHRASES)
+    out = []
+    for step in range(6):                                # greedy: the phrase tokens are the best ones
+        assert rows.poll_swaps() == ([], [])             # nothing ready: nothing waits, nothing swaps
+        logits = torch.randn(1, V, generator=torch.Generator().manual_seed(step))
+        logits[0, brown] += 20
+        for t in firsts:
+            logits[0, t] += 10
+        got = rows.apply(logits, rows.plan(torch.tensor([0]).numpy()), positions=torch.zeros(1, dtype=torch.int64))
+        t = int(got[0].argmax())
+        assert t not in firsts and (step or t != brown)  # no phrase start; "the quick" not completed
+        out.append(t)
+        tk = torch.tensor([[t]])
+        rows.feed(rows.plan(torch.tensor([0]).numpy()), tk, tk >= 0)
+    text = fold_text(tok.decode(prompt + out))
+    assert "quick brown" not in text and "lazy dog" not in text
+    assert rm.builds == 0 and len(rm._pending) == 1      # the build was still blocked the whole time
+    blocked_build.set()
+    rm.wait()
+    slots, new = rows.poll_swaps()
+    full = rows.slot_request_matcher[0]
+    assert slots == [0] and new == [full] and full.has_text_rules and rm.builds == 1
+    _derive(rows, slots, [prompt + out])                 # what the processors do with poll_swaps' answer
+    ref = full.state_from_histories([prompt + out])
+    assert torch.equal(rows._state(full)[0:1, :ref.shape[1]], ref)
+    assert id(im) not in rows._states                    # the interim state was dropped
+    # text check in force: " brown" after "quick" in any spelling is now checked on the candidates
+    ok, ent = full.check_candidates(full.state_from_histories([enc(tok, "the quick")]), torch.tensor([[brown]]))
+    assert not bool(ok[0, 0]) and int(ent[0, 0]) >= 0
+
+
+def test_failed_build_keeps_the_interim_rule(tmp_path, monkeypatch):
+    rows, tok, _ = make_rows(tmp_path)
+
+    def boom(self, key):
+        raise RuntimeError("no memory")
+    monkeypatch.setattr(RequestMatchers, "_build", boom)
+    rows.admit(0, RequestArgs(None, banned_phrases=PHRASES))
+    rows.request_matchers.wait()
+    assert rows.poll_swaps() == ([], []) and not rows.slot_request_matcher[0].has_text_rules
+    assert rows.filtered(0)
+
+
+def test_step_mode_builds_at_admission(tmp_path):
+    tok = tiny_tokenizer()
+    rm = RequestMatchers(tok, vocab_size=len(tok), device="cpu", eos_token_id=0, background=False)
+    m, final = rm.lookup(PHRASES)
+    assert final and m.has_text_rules and rm.builds == 1 and rm.lookup(PHRASES) == (m, True)
+
+
+def test_v1_processor_never_waits_for_a_request_build(tmp_path, monkeypatch, blocked_build):
+    pytest.importorskip("vllm")
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from tests.test_vllm_adapter_v1 import check_step, params, write_policies
+    from fastsafe.integrations.vllm import worker
+    from fastsafe.integrations.vllm import SafetyLogitsProcessor
+    from types import SimpleNamespace
+    tok = tiny_tokenizer()
+    V = len(tok)
+    write_policies(tmp_path, V)
+    monkeypatch.setenv("FASTSAFE_VLLM_POLICIES", str(tmp_path / "p.toml"))
+    monkeypatch.setattr(worker, "load_tokenizer", lambda cfg: tok)
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4), speculative_config=None,
+                          model_config=SimpleNamespace(get_vocab_size=lambda: V))
+    proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
+    script = enc(tok, " quick brown fox the lazy dog")
+    added = [(0, params(policy="none", banned_phrases=list(PHRASES)), enc(tok, "the quick"), []),
+             (1, params(policy="none", banned_phrases=list(PHRASES)), enc(tok, "over the"), [])]
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=added, moved=[]))
+    batch = [{"prompt": p, "out": o, "slot": int(proc._row_slot[r]), "script": script} for r, _, p, o in added]
+    g = torch.Generator().manual_seed(0)
+    rm = proc.rows.request_matchers
+
+    def greedy_steps(n):
+        for _ in range(n):
+            logits = torch.randn(2, V, generator=g)
+            for q, row in zip(batch, logits):
+                row[script[len(q["out"]) % len(script)]] += 15     # the script's next token is the best one
+            got = check_step(proc, logits, batch, g)                # apply() equals the per-row reference
+            for r, q in enumerate(batch):
+                q["out"][-1] = int(got[r].argmax())                 # greedy (check_step's draw replaced)
+            proc.update_state(None)
+    greedy_steps(8)
+    assert rm.builds == 0 and len(rm._pending) == 1                 # every step ran while the build waited
+    for q in batch:
+        text = fold_text(tok.decode(q["prompt"] + q["out"]))
+        assert "quick brown" not in text and "lazy dog" not in text, text
+    blocked_build.set()
+    rm.wait()
+    proc.update_state(None)                                         # the full matcher takes over here
+    full = proc.rows.slot_request_matcher[batch[0]["slot"]]
+    assert full is proc.rows.slot_request_matcher[batch[1]["slot"]] and full.has_text_rules
+    greedy_steps(4)                                                 # and equals the reference from full histories
