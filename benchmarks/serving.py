@@ -19,7 +19,8 @@ Two engines, one after the other, each in a subprocess (this module with ``--eng
 policy, so the adapter is loaded but idle). Inside an engine the configurations are interleaved
 run by run (after one warm-up run each), so a change in background load hits them alike; ratios
 are taken inside one engine, and ``no_filter`` of the plain engine is the reference for the
-adapter's idle cost. Each configuration also counts the outputs that mention one of the 128
+adapter's idle cost (a cross-engine ratio: the engines run minutes apart, so background load
+differs between them). Medians and best runs are both reported. Each configuration also counts the outputs that mention one of the 128
 words (after fastsafe's normalisation): bad_words bans exact token sequences only.
 
 Example:
@@ -40,7 +41,11 @@ import time
 from pathlib import Path
 
 ADAPTER = "fastsafe.integrations.vllm:SafetyLogitsProcessor"
-ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "gpu_memory_utilization": 0.3, "seed": 0}
+# An explicit KV cache size (512 MiB: ~11,000 tokens of SmolLM2 in float32) instead of a share of the
+# machine's memory: vLLM's CPU worker then neither refuses to start when other processes hold memory
+# nor runs its profiling warm-up (this script warms up itself).
+ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "kv_cache_memory_bytes": 512 * 2**20,
+          "seed": 0}
 PLAIN_CONFIGS = ("no_filter", "vllm_bad_words")
 ADAPTER_CONFIGS = ("no_filter", "vllm_bad_words", "fastsafe_128", "fastsafe_100k")
 WORDS = 128
@@ -204,17 +209,21 @@ def main(argv=None) -> int:
         for c, ts in res["times_s"].items():
             med = statistics.median(ts)
             out[c] = {"engine": engine, "tokens": res["tokens"][c], "runs_s": ts, "median_s": med,
-                      "tokens_per_s": res["tokens"][c] / med,
+                      "tokens_per_s": res["tokens"][c] / med, "tokens_per_s_best": res["tokens"][c] / min(ts),
                       "outputs_mentioning_a_128_word": _mentions(res["texts"][c], words)}
         return out
 
     plain_rows, fast_rows = rows(plain, "plain"), rows(fast, "adapter")
     ref = plain_rows["no_filter"]["tokens_per_s"]
     idle = fast_rows["no_filter"]["tokens_per_s"]
+    ref_best = plain_rows["no_filter"]["tokens_per_s_best"]
+    idle_best = fast_rows["no_filter"]["tokens_per_s_best"]
     for r in plain_rows.values():
         r["relative_to_no_filter_same_engine"] = r["tokens_per_s"] / ref
+        r["relative_to_no_filter_same_engine_best"] = r["tokens_per_s_best"] / ref_best
     for r in fast_rows.values():
         r["relative_to_no_filter_same_engine"] = r["tokens_per_s"] / idle
+        r["relative_to_no_filter_same_engine_best"] = r["tokens_per_s_best"] / idle_best
         r["relative_to_plain_vllm_no_filter"] = r["tokens_per_s"] / ref
     f128, f100k, bw = (fast_rows[c]["tokens_per_s"] for c in ("fastsafe_128", "fastsafe_100k", "vllm_bad_words"))
     targets = {
@@ -223,6 +232,9 @@ def main(argv=None) -> int:
         "fastsafe_100k_vs_no_filter (target >= 0.9, adapter engine, idle adapter)": f100k / idle,
         "fastsafe_100k_vs_plain_vllm_no_filter (target >= 0.9)": f100k / ref,
         "adapter_idle_vs_plain_vllm_no_filter": idle / ref,
+        "best runs: fastsafe_128_vs_vllm_bad_words (adapter engine)":
+            fast_rows["fastsafe_128"]["tokens_per_s_best"] / fast_rows["vllm_bad_words"]["tokens_per_s_best"],
+        "best runs: fastsafe_100k_vs_no_filter (adapter engine)": fast_rows["fastsafe_100k"]["tokens_per_s_best"] / idle_best,
     }
     env_info = environment(__import__("torch").device("cpu"))
     env_info["vllm"] = vllm.__version__
@@ -242,10 +254,11 @@ def main(argv=None) -> int:
     }
     out = Path(args.out) if args.out else RESULTS_DIR / "serving-cpu.json"
     write_json(out, payload)
-    print(f"{'engine':8} {'config':16} {'tok/s':>8} {'rel':>6} {'mentions':>8}")
+    print(f"{'engine':8} {'config':16} {'tok/s':>8} {'rel':>6} {'best':>8} {'rel':>6} {'mentions':>8}")
     for engine, rs in (("plain", plain_rows), ("adapter", fast_rows)):
         for c, r in rs.items():
             print(f"{engine:8} {c:16} {r['tokens_per_s']:8.1f} {r['relative_to_no_filter_same_engine']:6.3f} "
+                  f"{r['tokens_per_s_best']:8.1f} {r['relative_to_no_filter_same_engine_best']:6.3f} "
                   f"{r['outputs_mentioning_a_128_word']:8d}")
     for k, v in targets.items():
         print(f"{k}: {v:.3f}")
