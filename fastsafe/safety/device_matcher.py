@@ -304,6 +304,41 @@ class DeviceMatcher:
         return m
 
     @classmethod
+    def from_token_sequences(cls, entities, flat, lens, owners, *, vocab_size: int, device="cpu",
+                             version=None) -> "DeviceMatcher":
+        """A token-level matcher (no text check) of precomputed banned sequences.
+
+        Args:
+            entities: the :class:`RiskEntity` rows ``owners`` index (events name them).
+            flat, lens: CSR banned token sequences (int64, ids in ``[0, vocab_size)``), e.g. from
+                :func:`~fastsafe.safety.token_sequences.banned_sequences`.
+            owners: ``[len(lens)]`` entity index of each sequence.
+            vocab_size, device, version: as for :meth:`build`.
+
+        Example:
+            >>> dm = DeviceMatcher.from_token_sequences([RiskEntity(0, "x")], np.array([5, 7, 3]), np.array([2, 1]),
+            ...                                         np.array([0, 0]), vocab_size=10)
+            >>> dm.has_text_rules
+            False
+        """
+        flat = np.asarray(flat, np.int64)
+        lens = np.asarray(lens, np.int64)
+        owners = np.asarray(owners, np.int64)
+        if len(flat) and (flat.min() < 0 or flat.max() >= int(vocab_size)):
+            raise ValueError(f"flat: expected token ids in [0, {int(vocab_size)}), got {int(flat.min())}..{int(flat.max())}")
+        if int(lens.sum()) != len(flat) or len(owners) != len(lens):
+            raise ValueError(f"lens / owners: expected {len(lens)} sequences covering {len(flat)} ids, got "
+                             f"sum(lens)={int(lens.sum())}, {len(owners)} owners")
+        ents = list(entities)
+        tok = build_token_automaton(flat, lens, int(vocab_size))
+        ban_owners = ban_owner_table(tok, flat, lens, owners, [e.severity for e in ents])
+        m = cls(entities=ents, vocab_size=int(vocab_size), device=device, tok=tok, char=None, slots=None,
+                cp_classes=None, word_boundaries=True, version=version, regex_matcher=None, ban_owners=ban_owners,
+                regex=None)
+        m.skipped = []
+        return m
+
+    @classmethod
     def from_store(cls, store, tokenizer, **kwargs) -> "DeviceMatcher":
         """Build from a consistent snapshot of a :class:`~fastsafe.safety.RiskEntityStore` (its version is kept).
 

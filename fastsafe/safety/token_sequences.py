@@ -13,6 +13,7 @@ words is assembled from the encodings of its distinct word units (``"w0"`` / ``"
 """
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -63,6 +64,27 @@ def split_encoding_ok(tokenizer, sample: list[str]) -> bool:
     return all(f == [i for u in _units(t) for i in enc[u]] for t, f in zip(texts, encode_plain(tokenizer, texts)))
 
 
+#: Encoded units kept per tokenizer (a repeated word, or the second build of one phrase set, is not re-encoded).
+UNIT_MEMO_SIZE = 200_000
+_unit_memo: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _encode_units(tokenizer, units: list[str]) -> list[list[int]]:
+    """:func:`encode_plain` of ``units`` through a bounded per-tokenizer memo (dropped when the
+    tokenizer's size changes or the memo is full)."""
+    try:
+        size, memo = _unit_memo.get(tokenizer, (None, None))
+    except TypeError:                        # not weak-referenceable: no memo
+        return encode_plain(tokenizer, units)
+    if memo is None or size != len(tokenizer) or len(memo) > UNIT_MEMO_SIZE:
+        memo = {}
+        _unit_memo[tokenizer] = (len(tokenizer), memo)
+    missing = [u for u in units if u not in memo]
+    if missing:
+        memo.update(zip(missing, encode_plain(tokenizer, missing)))
+    return [memo[u] for u in units]
+
+
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     first = np.cumsum(lengths) - lengths
@@ -110,7 +132,7 @@ def encode_variants(tokenizer, variants: Sequence[str]) -> tuple[np.ndarray, np.
                     j = unit_id[t] = len(unit_id)
                 seq_units.append(j)
                 counts.append(1)
-    enc = encode_plain(tokenizer, list(unit_id))
+    enc = _encode_units(tokenizer, list(unit_id))
     u_lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
     u_flat = np.fromiter((x for e in enc for x in e), np.int64, int(u_lens.sum()))
     u_starts = np.cumsum(u_lens) - u_lens

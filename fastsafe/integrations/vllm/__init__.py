@@ -60,14 +60,39 @@ its last 64 ids (``HISTORY_WINDOW``; 64 masked automaton steps for all requests 
 together, between steps). Speculative decoding: V1 refuses custom logits processors with it; V2's
 processor refuses it at start (draft rows are not followed yet).
 
-**Request-only phrases**: their matcher is built in the worker when the request enters the batch
-and kept by content (the 64 most recent phrase sets; a repeated set costs nothing; two requests with
-the same set share one matcher). A *new* set is built on the step thread, so that step waits for
-it: measured for 1,000 phrases with the SmolLM2 tokenizer on 2 CPU cores, 1.0-1.9 s (about 6 s for
-the first build in a process), most of it the tokenizer-wide character table of the text check.
-This is the one place a step stalls, and the issue's "never stalls" is not met for it: admission
-(``validate_params``) runs in vLLM's frontend process, which cannot hand a built matcher to the
-worker, and a row cannot be sampled unprotected while its matcher builds in the background. Put
+**Request-only phrases**: their matcher is kept by content (the 64 most recent phrase sets; a
+repeated set costs nothing; two requests with the same set share one matcher). A *new* set is
+built in a background thread of the worker, never on the step thread, and the step never waits
+for it. Until it is ready the row is under the **interim rule**, fail closed: a token-level ban
+of every token sequence the full matcher bans (every variant of every phrase, with and without a
+leading space) **plus the first token of each of them, banned at every position** (EOS excepted).
+So no phrase can start in one of its variants' tokenisations, and one already started in the
+prompt is stopped at its last token; the price is that those first tokens (say ``" quick"`` for
+``"quick brown"``) are unavailable to the row for the build's duration. What the interim rule does
+not have is the text check: a phrase spelled in other tokens (letter by letter, confusables) is
+caught only once the full matcher is in force. Between two steps (V1 ``update_state``, V2
+``apply_staged_writes``) a finished build replaces the interim matcher and the row's state is
+re-derived from its last 64 ids, so a phrase in progress is followed from there. A build that
+fails keeps the interim rule for that request (logged). ``FASTSAFE_VLLM_REQUEST_BUILD=step``
+restores the old in-step build (the step waits).
+
+Measured for 1,000 phrases (``fastsafe.safety.benchmark.synthetic_entities``) with the SmolLM2
+tokenizer on this 2-core CPU, shared with other jobs (load average 6-12, so wall times run 2-3x
+the CPU times given here; CPU seconds of the building thread):
+
+* interim rule (on the step thread, at admission): ~0.09 s CPU for a new set (the tokenizer's
+  batch encode of the variants; ~0.04 s when its words were encoded before);
+* full matcher (background): the first in a process ~1.4 s CPU (3.4-3.7 s wall: the folding
+  table of every codepoint, once per process, and the tokenizer's per-token tables), then 0.08-0.13 s CPU
+  (0.17-0.33 s wall) for a new set whose characters are in the canonical alphabet (printable
+  ASCII and common typographic punctuation: the per-vocabulary tables come from
+  ``fastsafe.safety.text_tables``' cache), ~0.5 s CPU for a set with other characters (CJK, ``√``:
+  a new alphabet, its tables built and cached; 4 alphabets kept per tokenizer).
+
+Before this, the same build ran on the step thread: 1.0-1.9 s per new set (~6 s for the first).
+What is left on the step thread is the interim rule (linear in the phrases: ~0.1 s CPU at 1,000,
+~0.8 s at the 10,000 allowed). The background build is Python and numpy, so it holds the GIL part of
+the time and can slow the step thread's own Python work while it runs (it never blocks it). Put
 phrase sets that many requests share in a policy (built once, at start).
 
 **Store hot swap**: a policy with a ``store`` polls its version (every 0.5 s,

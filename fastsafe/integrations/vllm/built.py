@@ -198,13 +198,15 @@ def interim_matcher(tokenizer, phrases, *, vocab_size: int, device, eos_token_id
     from fastsafe.safety.entity_list import config_entities, eos_id_set
     from fastsafe.safety.token_sequences import banned_sequences
     ents = config_entities(list(phrases))
-    flat, lens, _ = banned_sequences(tokenizer, ents, int(vocab_size), eos_id_set(tokenizer, eos_token_id),
-                                     fail=lambda i, reason: None)   # admission refused bad phrases already
-    ends = np.cumsum(lens)
-    seqs = [x.tolist() for x in np.split(flat, ends[:-1])] if len(lens) else []
-    firsts = sorted(set(flat[ends - lens].tolist())) if len(lens) else []
-    return DeviceMatcher.build(None, token_id_phrases=seqs + [[t] for t in firsts], vocab_size=int(vocab_size),
-                               device=device, eos_token_id=eos_token_id)
+    eos = eos_id_set(tokenizer, eos_token_id)
+    flat, lens, owners = banned_sequences(tokenizer, ents, int(vocab_size), eos,
+                                          fail=lambda i, reason: None)   # admission refused bad phrases already
+    first = flat[np.cumsum(lens) - lens]
+    keep = ~np.isin(first, np.fromiter(eos, np.int64, len(eos)))          # EOS is never banned
+    flat = np.concatenate([flat, first[keep]])
+    lens = np.concatenate([lens, np.ones(int(keep.sum()), np.int64)])
+    owners = np.concatenate([owners, owners[keep]])
+    return DeviceMatcher.from_token_sequences(ents, flat, lens, owners, vocab_size=int(vocab_size), device=device)
 
 
 class RequestMatchers:
