@@ -170,3 +170,21 @@ def test_v1_processor_never_waits_for_a_request_build(tmp_path, monkeypatch, blo
     full = proc.rows.slot_request_matcher[batch[0]["slot"]]
     assert full is proc.rows.slot_request_matcher[batch[1]["slot"]] and full.has_text_rules
     greedy_steps(4)                                                 # and equals the reference from full histories
+
+
+def test_from_token_sequences_equals_build_of_token_id_phrases():
+    import numpy as np
+    from fastsafe.safety.entity_list import config_entities
+    rng = np.random.default_rng(0)
+    V = 50
+    seqs = [rng.integers(0, V, rng.integers(1, 4)).tolist() for _ in range(30)]
+    ref = DeviceMatcher.build(None, token_id_phrases=seqs, vocab_size=V)
+    flat = np.asarray([t for s in seqs for t in s])
+    lens = np.asarray([len(s) for s in seqs])
+    dm = DeviceMatcher.from_token_sequences(config_entities([], seqs), flat, lens, np.arange(len(seqs)), vocab_size=V)
+    hist = [rng.integers(0, V, 12).tolist() for _ in range(8)] + [seqs[0][:-1], seqs[1][:-1]]
+    for h in [x[:j] for x in hist for j in range(len(x) + 1)]:
+        a, b = ref.state_from_histories([h]), dm.state_from_histories([h])
+        assert torch.equal(ref.banned_bitmask(a), dm.banned_bitmask(b)), h
+    with pytest.raises(ValueError, match=r"flat: expected token ids in \[0, 50\)"):
+        DeviceMatcher.from_token_sequences([], np.asarray([50]), np.asarray([1]), np.asarray([0]), vocab_size=V)

@@ -194,3 +194,37 @@ def test_v2_store_hot_swap(tmp_path, monkeypatch):
         follower.wait(5)
         assert time.monotonic() < deadline
     assert torch.isneginf(proc.apply(x.clone(), run.ctx([a]))[0, dog])
+
+
+def test_v2_request_only_matcher_built_in_the_background(setup, monkeypatch):
+    """A blocked background build: steps run under the interim rule (no phrase start, equal to the
+    per-row reference), then apply_staged_writes puts the full matcher in force (state re-derived)."""
+    import threading
+
+    from fastsafe.integrations.vllm.built import RequestMatchers
+    from fastsafe.ops import unpack_bitmask
+    release = threading.Event()
+    real = RequestMatchers._build
+    monkeypatch.setattr(RequestMatchers, "_build", lambda self, key: (release.wait(30), real(self, key))[1])
+    proc, run, tok = setup
+    g = torch.Generator().manual_seed(1)
+    rm = proc.rows.request_matchers
+    d, ud = run.add(proc, "d", enc(tok, "the quick"), p=params(policy="none", banned_phrases=["quick brown", "lazy"]))
+    assert ud
+    run.staged(proc)
+    interim = proc.rows.slot_request_matcher[d]
+    firsts = set((~unpack_bitmask(interim.banned_bitmask(interim.initial_state(1)), run.rs.vocab_size))[0]
+                 .nonzero()[:, 0].tolist())
+    for _ in range(4):
+        got, _ = step(proc, run, [d], g)
+        assert torch.isneginf(got[0, sorted(firsts)]).all()
+        run.staged(proc)
+    assert rm.builds == 0 and not interim.has_text_rules           # never waited for the blocked build
+    release.set()
+    rm.wait()
+    run.staged(proc)
+    full = proc.rows.slot_request_matcher[d]
+    assert full is not interim and full.has_text_rules
+    for _ in range(2):
+        step(proc, run, [d], g)
+        run.staged(proc)
