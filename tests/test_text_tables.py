@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from fastsafe.safety import DeviceMatcher
-from fastsafe.safety.char_automaton import (CANONICAL_CHARS, CharAlphabet, _fold_table, build_char_automaton,
-                                            entity_text)
+from fastsafe.safety.char_automaton import CANONICAL_CHARS, CharAlphabet, _fold_table, build_char_automaton
 from fastsafe.safety.text_tables import cache_info, clear_text_tables, text_tables
 from fastsafe.safety.token_chars import token_slots
 from tests.test_matcher import tiny_tokenizer
