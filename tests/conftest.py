@@ -4,6 +4,7 @@ FASTSAFE_REQUIRE_BACKENDS=cpp,triton (set by .ci/run) turns "backend unavailable
 failures, so a broken native build cannot pass CI silently.
 """
 import os
+import threading
 
 import pytest
 import torch
@@ -69,3 +70,19 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_required_skip(outcome.get_result())
+
+
+@pytest.fixture
+def blocked_build(monkeypatch):
+    """Full request-only builds wait for ``release`` (at most 30 s): a step that waited for one would
+    leave the build finished, which the tests check it is not."""
+    release = threading.Event()
+    from fastsafe.integrations.vllm.built import RequestMatchers
+    real = RequestMatchers._build
+
+    def slow(self, key):
+        release.wait(30)
+        return real(self, key)
+    monkeypatch.setattr(RequestMatchers, "_build", slow)
+    yield release
+    release.set()

@@ -6,7 +6,6 @@ The rows-level tests need no vLLM; the V1 test drives SafetyLogitsProcessor with
 """
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -24,21 +23,6 @@ PHRASES = ("quick brown", "lazy dog")
 
 def enc(tok, text):
     return tok.encode(text, add_special_tokens=False)
-
-
-@pytest.fixture
-def blocked_build(monkeypatch):
-    """Full request-only builds wait for ``release`` (at most 30 s): a step that waited for one would
-    leave the build finished, which the tests check it is not."""
-    release = threading.Event()
-    real = RequestMatchers._build
-
-    def slow(self, key):
-        release.wait(30)
-        return real(self, key)
-    monkeypatch.setattr(RequestMatchers, "_build", slow)
-    yield release
-    release.set()
 
 
 def _first_tokens(tok, phrases):

@@ -154,12 +154,13 @@ def test_an_all_banned_row_gets_eos_and_is_counted(tmp_path):
     assert rows.audit.counts["default"]["token_ban"] == 2
 
 
-def test_request_phrase_matchers_are_shared_by_content(tmp_path):
+def test_request_phrase_matchers_are_shared_by_content(tmp_path, blocked_build):
     rows, _, _ = make_rows(tmp_path)
     rows.admit(0, RequestArgs(None, banned_phrases=("quick brown", "lazy dog")))
     rows.admit(1, RequestArgs("default", banned_phrases=("quick brown", "lazy dog")))
     assert rows.slot_request_matcher[0] is rows.slot_request_matcher[1]          # one interim matcher
     assert rows.request_matchers.interim_builds == 1 and not rows.slot_request_matcher[0].has_text_rules
+    blocked_build.set()                       # held until both rows were admitted (else a race)
     rows.request_matchers.wait()
     slots, new = rows.poll_swaps()
     assert slots == [0, 1] and len(new) == 1 and rows.request_matchers.builds == 1
