@@ -252,8 +252,7 @@ def regex_token_tables(tokenizer, vocab_size: int, dfa: RegexDFA) -> dict[str, n
     "tail_bits", "tail_need", "body": [V + 1] int64 (as :func:`~fastsafe.safety.token_chars.token_slots`),
     "cp0", "cp1": [CP_LIMIT] int32 the classes of the first two characters of each codepoint (K: none)}``.
     """
-    from .char_automaton import CP_LIMIT
-    from .token_chars import token_bytes
+    from .token_chars import partial_char_fields, token_bytes
     K = dfa.num_classes
     V = int(vocab_size)
     rows, heads, tails, bodies = [], [], [], []
@@ -276,24 +275,9 @@ def regex_token_tables(tokenizer, vocab_size: int, dfa: RegexDFA) -> dict[str, n
         tails.append(b[j:])
     L = max([len(r) for r in rows] + [1])
     slots = np.full((V + 1, L), K, np.int32)
-    f = {k: np.zeros(V + 1, np.int64) for k in ("head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body")}
-    for t, (r, head, tail) in enumerate(zip(rows, heads, tails)):
+    for t, r in enumerate(rows):
         slots[t, :len(r)] = r
-        if head:
-            f["head_n"][t] = len(head)
-            bits = 0
-            for x in head:
-                bits = (bits << 6) | (x & 0x3F)
-            f["head_bits"][t] = bits
-        if tail:
-            lead = tail[0]
-            bits = lead & (0x1F if lead < 0xE0 else 0x0F if lead < 0xF0 else 0x07)
-            for x in tail[1:]:
-                bits = (bits << 6) | (x & 0x3F)
-            f["tail_n"][t] = len(tail)
-            f["tail_bits"][t] = bits
-            f["tail_need"][t] = (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4) - len(tail)
-        f["body"][t] = int(bodies[t] or bool(tail))       # complete characters (or a new unfinished one)
+    f = partial_char_fields(heads, tails, bodies, V + 1)
     first, second = _light_codepoints()
     table = np.zeros(0x110000, np.int32)                 # codepoint of a light-normalised character -> class
     for ch, k in dfa.char_class.items():

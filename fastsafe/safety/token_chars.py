@@ -174,6 +174,40 @@ def _shorten(out: list[int], alphabet: CharAlphabet) -> list[int]:
     return res
 
 
+def partial_char_fields(heads, tails, has_body, rows: int) -> dict[str, np.ndarray]:
+    """The UTF-8 bookkeeping of tokens that split characters, one entry per token (``rows`` >= the
+    number of tokens; the rows past them stay zero).
+
+    Args:
+        heads: per token, its leading continuation bytes (the end of a character begun before).
+        tails: per token, its unfinished last character (lead byte + the continuation bytes present).
+        has_body: per token, whether it has complete characters of its own.
+
+    Returns:
+        ``{"head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body"}``, each ``[rows]``
+        int64: byte counts, the bytes' payload bits, the continuation bytes the tail still needs,
+        and 1 when the token has complete characters or an unfinished one.
+    """
+    f = {k: np.zeros(rows, np.int64) for k in ("head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body")}
+    for i, (head, tail) in enumerate(zip(heads, tails)):
+        if head:
+            f["head_n"][i] = len(head)
+            bits = 0
+            for x in head:
+                bits = (bits << 6) | (x & 0x3F)
+            f["head_bits"][i] = bits
+        if tail:
+            lead = tail[0]
+            bits = lead & (0x1F if lead < 0xE0 else 0x0F if lead < 0xF0 else 0x07)
+            for x in tail[1:]:
+                bits = (bits << 6) | (x & 0x3F)
+            f["tail_n"][i] = len(tail)
+            f["tail_bits"][i] = bits
+            f["tail_need"][i] = (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4) - len(tail)
+        f["body"][i] = int(bool(has_body[i]) or bool(tail))
+    return f
+
+
 def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet,
                 token_bytes_list: list[bytes] | None = None) -> dict[str, np.ndarray]:
     """The per-token tables of the device text check (cached by :func:`fastsafe.safety.text_tables.text_tables`).
@@ -195,24 +229,9 @@ def token_slots(tokenizer, vocab_size: int, alphabet: CharAlphabet,
     L = max([len(p[1]) for p in parts] + [1])
     none = alphabet.num_classes
     slots = np.full((V + 1, L), none, np.int32)
-    f = {k: np.zeros(V + 1, np.int64) for k in ("head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body")}
-    for i, (head, body, tail) in enumerate(parts):
+    for i, (_, body, _) in enumerate(parts):
         if body:
             slots[i, :len(body)] = body
-        if head:
-            f["head_n"][i] = len(head)
-            bits = 0
-            for x in head:
-                bits = (bits << 6) | (x & 0x3F)
-            f["head_bits"][i] = bits
-        if tail:
-            lead = tail[0]
-            bits = lead & (0x1F if lead < 0xE0 else 0x0F if lead < 0xF0 else 0x07)
-            for x in tail[1:]:
-                bits = (bits << 6) | (x & 0x3F)
-            f["tail_n"][i] = len(tail)
-            f["tail_bits"][i] = bits
-            f["tail_need"][i] = _char_len(lead) - len(tail)
-        f["body"][i] = int(bool(body) or bool(tail))
+    f = partial_char_fields([p[0] for p in parts], [p[2] for p in parts], [bool(p[1]) for p in parts], V + 1)
     f["slots"] = slots
     return f
