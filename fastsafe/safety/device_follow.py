@@ -46,6 +46,7 @@ import warnings
 import torch
 
 from .device_matcher import DeviceMatcher
+from .matcher import report_new_skips
 
 __all__ = ["LiveDeviceMatcher", "FixedDeviceMatcher", "RowStates"]
 
@@ -145,15 +146,7 @@ class LiveDeviceMatcher:
         return list(self._matcher.skipped)
 
     def _report(self, items) -> None:
-        new = [x for x in items if (x.entity.id, x.entity.phrase, x.reason) not in self._reported]
-        if not new:
-            return
-        self._reported.update((x.entity.id, x.entity.phrase, x.reason) for x in new)
-        from .matcher import warn_skipped
-        warn_skipped(new)
-        if self.on_skip is not None:
-            for x in new:
-                self.on_skip(x)
+        report_new_skips(self._reported, items, self.on_skip)
 
     @property
     def version(self):

@@ -17,7 +17,7 @@ import torch
 from fastsafe.ops.validate import token_rows
 
 from .events import SafetyEvent
-from .matcher import PhraseMatcher, SkippedEntity, warn_skipped
+from .matcher import PhraseMatcher, SkippedEntity, report_new_skips
 from .store import RiskEntity
 
 __all__ = ["LiveMatcher", "MatcherView"]
@@ -173,14 +173,7 @@ class LiveMatcher:
         return list(self._view.skipped)
 
     def _report(self, items) -> None:
-        new = [x for x in items if (x.entity.id, x.entity.phrase, x.reason) not in self._reported]
-        if not new:
-            return
-        self._reported.update((x.entity.id, x.entity.phrase, x.reason) for x in new)
-        warn_skipped(new)
-        if self.on_skip is not None:
-            for x in new:
-                self.on_skip(x)
+        report_new_skips(self._reported, items, self.on_skip)
 
     def _full_build(self, prev: PhraseMatcher | None) -> PhraseMatcher:
         v, ents = self.store.snapshot()

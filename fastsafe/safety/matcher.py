@@ -94,6 +94,20 @@ def warn_skipped(items: list) -> None:
                   f"`fastsafe entities check`): {shown}", RuntimeWarning, stacklevel=3)
 
 
+def report_new_skips(reported: set, items, on_skip=None) -> None:
+    """Warn about (and pass to ``on_skip``) the skipped entities of ``items`` not yet in ``reported``
+    (keys: entity id, phrase, reason), then add them: a follower of a store reports each problem
+    once, not at every rebuild."""
+    new = [x for x in items if (x.entity.id, x.entity.phrase, x.reason) not in reported]
+    if not new:
+        return
+    reported.update((x.entity.id, x.entity.phrase, x.reason) for x in new)
+    warn_skipped(new)
+    if on_skip is not None:
+        for x in new:
+            on_skip(x)
+
+
 def phrase_variants(phrase: str, _deleet: list[str] | None = None) -> list[str]:
     """The surface forms tokenised for one phrase entity (each is also tokenised with a leading space).
 
