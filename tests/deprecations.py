@@ -17,6 +17,10 @@ import warnings
 _FIRST_PARTY = ("fastsafe", "tests", "benchmarks", "examples", "__main__")
 _DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 _original_warn = warnings.warn
+# Deprecations that one library raises about its own internals, whatever the caller does (so not
+# fastsafe's to fix): torch 2.7's functorch instantiates an autograd Function inside vmap, which
+# dynamo reaches when it traces transformers 4.x's causal mask in the compiled decoding loop.
+_LIBRARY_INTERNAL = ("Methods on autograd functions are all static",)
 
 
 def _first_party_level(start: int) -> int | None:
@@ -36,7 +40,8 @@ def _first_party_level(start: int) -> int | None:
 
 def _warn(message, category=None, stacklevel=1, source=None, **kwargs):
     cat = type(message) if isinstance(message, Warning) else (category or UserWarning)
-    if isinstance(cat, type) and issubclass(cat, _DEPRECATIONS):
+    if (isinstance(cat, type) and issubclass(cat, _DEPRECATIONS)
+            and not any(m in str(message) for m in _LIBRARY_INTERNAL)):
         level = _first_party_level(2)            # frame 0 = _warn, 1 = caller of warnings.warn
         if level is not None and level > stacklevel:
             stacklevel = level
