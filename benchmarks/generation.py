@@ -90,6 +90,26 @@ def prompt_list(n: int) -> tuple[list[str], str]:
         return (FALLBACK_PROMPTS * n)[:n], "fixed"
 
 
+def prompt_rows(tok, prompts) -> list[list[int]]:
+    """Token ids of each prompt, through the chat template when the tokenizer has one."""
+    if getattr(tok, "chat_template", None) is None:
+        return [list(tok.encode(p)) for p in prompts]
+    rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            for p in prompts]
+    return [list(r["input_ids"]) if hasattr(r, "keys") else list(r) for r in rows]
+
+
+def left_padded(rows, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` ``[B, T]`` int64 of the rows left-padded with ``pad`` (as HF generate wants)."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r)
+        mask[b, T - len(r):] = 1
+    return ids, mask
+
+
 def classifier_from_policy(model):
     """A LlamaForSequenceClassification sharing the policy's backbone weights (random 2-label head)."""
     from transformers import AutoModelForSequenceClassification
@@ -114,17 +134,9 @@ def build_runs(model, tok, prompts, new_tokens, which, k, entity_count=None):
     from fastsafe import SafeLogitsProcessor, SafetyConfig, TSDIBias
     from fastsafe.reward import CausalLMDenseReward, SequenceClassifierReward
     entities, _ = entity_list(entity_count)
-    chat = getattr(tok, "chat_template", None) is not None
-    rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-            for p in prompts] if chat else [tok.encode(p) for p in prompts]
-    rows = [list(r["input_ids"]) if hasattr(r, "keys") else list(r) for r in rows]
-    T = max(map(len, rows))
+    rows = prompt_rows(tok, prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(rows), T), pad)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r)
-        mask[b, T - len(r):] = 1
+    ids, mask = left_padded(rows, pad)
     gcfg = copy.deepcopy(model.generation_config)
     gcfg.eos_token_id, gcfg.pad_token_id, gcfg.do_sample = None, pad, False
     gcfg.max_new_tokens, gcfg.min_new_tokens = new_tokens, None
@@ -284,13 +296,8 @@ def compiled_runs(model, hf_compiled_model, tok, rows, new_tokens, k, entities):
     """The runs of one batch: {name: callable returning (sequences [B, T + n], events)}."""
     import fastsafe
     from fastsafe import SafetyConfig
-    T = max(map(len, rows))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(rows), T), pad)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r)
-        mask[b, T - len(r):] = 1
+    ids, mask = left_padded(rows, pad)
     dev = next(model.parameters()).device
     ids, mask = ids.to(dev), mask.to(dev)
 
@@ -351,10 +358,7 @@ def main_compiled(argv=None) -> int:
     entities = entity_list(args.entities)[0] if args.entities else []
     batches = [int(b) for b in args.batches.split(",")]
     prompts, prompt_source = prompt_list(max(batches))
-    chat = getattr(tok, "chat_template", None) is not None
-    all_rows = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-                for q in prompts] if chat else [tok.encode(q) for q in prompts]
-    all_rows = [list(r["input_ids"]) if hasattr(r, "keys") else list(r) for r in all_rows]
+    all_rows = prompt_rows(tok, prompts)
     out = Path(args.output) if args.output else RESULTS_DIR / f"generation-compiled-{device_slug(device)}.json"
     table = []
     payload = {"benchmark": "generation-compiled", "environment": environment(device),
