@@ -106,6 +106,30 @@ def test_1_every_kind_of_uncompilable_entity_is_skipped_alone():
         PhraseMatcher.build(NullTokenizer(), token_id_phrases=[[60]], skip_invalid=True)
 
 
+def test_1_a_phrase_whose_normalisation_raises_is_skipped_with_one_reason_everywhere(monkeypatch):
+    """PhraseMatcher.build and banned_sequences (the device matcher's token sequences) share one
+    phrase-forms builder, so they skip the same entity with the same reason."""
+    from fastsafe.safety import token_sequences
+    from fastsafe.safety.token_sequences import banned_sequences
+    real = token_sequences.entity_forms
+
+    def forms(text):
+        if text == "boom":
+            raise UnicodeError("no fold")
+        return real(text)
+    monkeypatch.setattr(token_sequences, "entity_forms", forms)
+    tok = tiny_tokenizer()
+    ents = [RiskEntity(1, "fine words"), RiskEntity(2, "boom"), RiskEntity(3, "\u200b")]
+    m = PhraseMatcher.build(tok, entities=ents, skip_invalid=True, warn=False)
+    host = {s.entity.id: s.reason for s in m.skipped}
+    assert host == {2: "cannot be normalised (UnicodeError: no fold)",
+                    3: "empty after normalisation (nothing to match)"}
+    seen: dict = {}
+    flat, lens, owners = banned_sequences(tok, ents, len(tok), set(), fail=lambda i, why: seen.setdefault(ents[i].id, why))
+    assert seen == host and set(owners.tolist()) == {0}
+    assert set(m._forms) == {"fine words", "\u200b"}        # the reuse cache holds what could be normalised
+    with pytest.raises(ValueError, match="entity 'boom': cannot be normalised"):
+        PhraseMatcher.build(tok, entities=ents[:2])
 # --------------------------------------------------------------------------- 2. freshness
 def _big_store(path, n: int = 100_000) -> RiskEntityStore:
     """``n`` two-word filler entities over 600 made-up words (the word units tokenise once each)."""

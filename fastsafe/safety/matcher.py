@@ -49,11 +49,12 @@ from fastsafe.ops.validate import check_history_tensor, token_rows
 
 from .entity_list import active_entities, config_entities, eos_id_set
 from .events import SafetyEvent
-from .normalize import deleet_forms, entity_forms, is_word_char, light_normalize, normalize_text
+from .normalize import deleet_forms, is_word_char, light_normalize, normalize_text
 from .regex import compile_regex
 from .store import RiskEntity
 from .token_index import TokenIndex, _ranges
-from .token_sequences import encode_variants
+from .token_sequences import (drop_sequences, encode_phrases, entity_token_ids, eos_singles, phrase_forms,
+                              unemittable)
 
 __all__ = ["PhraseMatcher", "SkippedEntity", "phrase_variants", "warn_skipped"]
 
@@ -379,30 +380,8 @@ class PhraseMatcher:
                 raise ValueError(f"entity {ents[i].phrase!r}: {reason}")
             skipped.setdefault(i, reason)
 
-        # ---- phrases: text map and the entity that owns each distinct phrase
-        text_map: dict[str, int] = {}
-        phrase_owner: dict[str, int] = {}
-        deleet: dict[str, list[str]] = {}
-        forms_in = reuse._forms if reuse is not None else {}
-        forms: dict[str, tuple] = {}
-        for i, e in enumerate(ents):
-            if e.kind != "phrase":
-                continue
-            f = forms_in.get(e.phrase)
-            if f is None:
-                try:
-                    f = entity_forms(e.phrase.strip())
-                except Exception as exc:  # noqa: BLE001 - any text a store holds must not stop the build
-                    fail(i, f"cannot be normalised ({type(exc).__name__}: {exc})")
-                    continue
-            forms[e.phrase] = f
-            norm, deleet[e.phrase] = f
-            if not norm:
-                fail(i, "empty after normalisation (nothing to match)")
-                continue
-            old = phrase_owner.get(e.phrase)
-            if old is None or ents[old].severity < e.severity:
-                phrase_owner[e.phrase] = i
+        # ---- phrases: the entity that owns each distinct phrase (forms reused from `reuse`)
+        phrase_owner, forms = phrase_forms(ents, fail, reuse._forms if reuse is not None else None)
         if phrase_owner and tokenizer is None:
             raise ValueError("tokenizer: required for phrase entities")
 
@@ -411,26 +390,17 @@ class PhraseMatcher:
         if reuse is not None and reuse.tokenizer is tokenizer:
             old_map, old_flat, old_lens, old_starts = reuse._phrase_cache
         new_phrases = [p for p in phrase_owner if p not in old_map]
-        variants: list[str] = []
-        n_texts = np.zeros(len(new_phrases), np.int64)
-        for j, p in enumerate(new_phrases):
-            vs = phrase_variants(p, deleet[p])
-            n_texts[j] = 2 * len(vs)
-            variants.extend(vs)
-        new_flat, new_lens = encode_variants(tokenizer, variants) if variants else (np.zeros(0, np.int64),) * 2
-        owner = np.repeat(np.arange(len(new_phrases)), n_texts)
+        new_flat, new_lens, owner, empty = encode_phrases(tokenizer, new_phrases, forms, ents, fail)
+        n_variants = len(new_lens) // 2
         nonempty = new_lens > 0
         new_count = np.bincount(owner[nonempty], minlength=len(new_phrases))
-        if len(new_phrases) and (new_count == 0).any():
-            empty = {new_phrases[j] for j in np.nonzero(new_count == 0)[0].tolist()}
-            for i, e in enumerate(ents):
-                if e.kind == "phrase" and e.phrase in empty:
-                    fail(i, "tokenises to nothing with this tokenizer")
+        if empty:
             for p in empty:
                 del phrase_owner[p]
             keep_p = [j for j, p in enumerate(new_phrases) if p not in empty]
             new_phrases = [new_phrases[j] for j in keep_p]
             new_count = new_count[keep_p]
+        text_map: dict[str, int] = {}
         for i, e in enumerate(ents):             # the text map: every phrase entity still in force
             if e.kind == "phrase" and i not in skipped:
                 norm = forms[e.phrase][0]
@@ -475,15 +445,10 @@ class PhraseMatcher:
         for i, e in enumerate(ents):
             if e.kind == "token_ids":
                 try:
-                    seq = e.token_ids()
-                except ValueError:
-                    fail(i, "expected space-separated token ids")
+                    tid_seqs.append(entity_token_ids(e, vocab_size))
+                except ValueError as exc:
+                    fail(i, str(exc))
                     continue
-                bad = [t for t in seq if t < 0 or t >= vocab_size]
-                if not seq or bad:
-                    fail(i, f"token ids {bad} outside the vocabulary [0, {vocab_size})" if bad else "no token ids")
-                    continue
-                tid_seqs.append(seq)
                 tid_vals.append(i)
             elif e.kind == "regex":
                 try:
@@ -496,35 +461,17 @@ class PhraseMatcher:
                 fail(i, f"unknown kind {e.kind!r}")
 
         # ---- filter phrase variants the model cannot emit; add token-id sequences; drop [eos]
-        flat, lens, vals = ph_flat, ph_lens, ph_vals
-        if len(lens):
-            bad_tok = flat >= vocab_size
-            unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
-            if unk is not None:
-                bad_tok |= flat == unk
-            if bad_tok.any():
-                seq_of = np.repeat(np.arange(len(lens)), lens)
-                bad_seq = np.zeros(len(lens), bool)
-                bad_seq[seq_of[bad_tok]] = True
-                keep = np.nonzero(~bad_seq)[0]
-                flat, lens = _gather_seqs(flat, lens, ph_starts, keep)
-                vals = vals[keep]
+        flat, lens, vals = drop_sequences(ph_flat, ph_lens, ph_vals, unemittable(ph_flat, ph_lens, tokenizer, vocab_size))
         if tid_seqs:
             flat = np.concatenate([flat, np.fromiter((t for s in tid_seqs for t in s), np.int64)])
             lens = np.concatenate([lens, np.asarray([len(s) for s in tid_seqs], np.int64)])
             vals = np.concatenate([vals, np.asarray(tid_vals, np.int64)])
-        if eos_ids and len(lens):
-            starts = np.cumsum(lens) - lens
-            is_eos = (lens == 1) & np.isin(flat[np.minimum(starts, max(len(flat) - 1, 0))], list(eos_ids))
-            if is_eos.any():
-                keep = np.nonzero(~is_eos)[0]
-                flat, lens = _gather_seqs(flat, lens, starts, keep)
-                vals = vals[keep]
+        flat, lens, vals = drop_sequences(flat, lens, vals, eos_singles(flat, lens, eos_ids))
         sev = np.asarray([e.severity for e in ents], np.float64)
         index = TokenIndex.from_arrays(flat, lens, vals, sev[vals] if len(vals) else np.zeros(0))
         single = np.nonzero(lens == 1)[0]
         singles = (flat[(np.cumsum(lens) - 1)[single]].astype(np.int64), vals[single].astype(np.int64))
-        if len(variants) > 50000:
+        if n_variants > 50000:
             _release_memory()
         skipped_list = [SkippedEntity(ents[i], why) for i, why in sorted(skipped.items())]
         if skipped_list and warn:

@@ -21,7 +21,8 @@ import numpy as np
 from .normalize import entity_forms
 from .store import RiskEntity
 
-__all__ = ["encode_plain", "encode_variants", "split_encoding_ok", "banned_sequences"]
+__all__ = ["encode_plain", "encode_variants", "split_encoding_ok", "phrase_forms", "encode_phrases",
+           "entity_token_ids", "drop_sequences", "unemittable", "eos_singles", "banned_sequences"]
 
 _PROBES = ("make a bomb", "Make A Bomb", "THE QUICK BROWN fox", "über straße", "don't 2 girls, 1 cup!",
            "e-mail me @ 555-1234", "naïve café's ＦＵＬＬ width")
@@ -145,6 +146,133 @@ def encode_variants(tokenizer, variants: Sequence[str]) -> tuple[np.ndarray, np.
     return flat, lens
 
 
+def phrase_forms(entities: list[RiskEntity], fail, forms: dict | None = None) -> tuple[dict[str, int], dict]:
+    """The normalised forms of the phrase entities and the entity that owns each distinct phrase.
+
+    Args:
+        entities: the rows (entities of other kinds are passed over).
+        fail: ``fail(i, reason)`` for an entity that cannot be normalised or is empty after
+            normalisation (it then owns nothing); it may raise.
+        forms: ``phrase -> (normalised, deleet forms)`` computed before (a reuse cache), looked up
+            before :func:`~fastsafe.safety.normalize.entity_forms` runs.
+
+    Returns:
+        ``(owner, forms)``: ``owner`` maps each phrase to the index of its entity of highest
+        severity (the first of equals), for phrases that normalise to something, in first-seen
+        order; ``forms`` maps every phrase of ``entities`` that could be normalised (empty ones
+        too) to ``(normalised, deleet forms)``.
+
+    Example:
+        >>> owner, forms = phrase_forms(config_entities(["B0mb", "bomb"]), fail=print)  # doctest: +SKIP
+        >>> owner, forms["B0mb"]                                                       # doctest: +SKIP
+        ({'B0mb': 0, 'bomb': 1}, ('b0mb', ['bomb']))
+    """
+    forms_in = forms or {}
+    out: dict[str, tuple] = {}
+    owner: dict[str, int] = {}
+    for i, e in enumerate(entities):
+        if e.kind != "phrase":
+            continue
+        f = forms_in.get(e.phrase)
+        if f is None:
+            try:
+                f = entity_forms(e.phrase.strip())
+            except Exception as exc:  # noqa: BLE001 - any text a store holds must not stop the build
+                fail(i, f"cannot be normalised ({type(exc).__name__}: {exc})")
+                continue
+        out[e.phrase] = f
+        if not f[0]:
+            fail(i, "empty after normalisation (nothing to match)")
+            continue
+        old = owner.get(e.phrase)
+        if old is None or entities[old].severity < e.severity:
+            owner[e.phrase] = i
+    return owner, out
+
+
+def encode_phrases(tokenizer, phrases: list[str], forms: dict, entities: list[RiskEntity],
+                   fail) -> tuple[np.ndarray, np.ndarray, np.ndarray, set[str]]:
+    """Token ids of every variant text of each phrase (:func:`~fastsafe.safety.phrase_variants`,
+    with and without a leading space) and the phrases none of whose texts has a token.
+
+    Args:
+        phrases: distinct phrases; ``forms[p]`` is ``(normalised, deleet forms)`` (:func:`phrase_forms`).
+        entities, fail: ``fail(i, "tokenises to nothing with this tokenizer")`` is called for every
+            phrase entity of an empty phrase (it may raise).
+
+    Returns:
+        ``(flat, lens, text_phrase, empty)``: CSR token ids of the texts (empty texts included,
+        ``lens`` 0), the index into ``phrases`` of each text, and the set of empty phrases.
+    """
+    from . import phrase_variants    # public; the variant rule is shared with PhraseMatcher
+
+    variants: list[str] = []
+    n_texts = np.zeros(len(phrases), np.int64)
+    for j, p in enumerate(phrases):
+        vs = phrase_variants(p, forms[p][1])
+        n_texts[j] = 2 * len(vs)
+        variants.extend(vs)
+    flat, lens = encode_variants(tokenizer, variants) if variants else (np.zeros(0, np.int64),) * 2
+    text_phrase = np.repeat(np.arange(len(phrases)), n_texts)
+    got = np.bincount(text_phrase[lens > 0], minlength=len(phrases)) > 0
+    empty: set[str] = set()
+    if len(phrases) and not got.all():
+        empty = {phrases[j] for j in np.nonzero(~got)[0].tolist()}
+        for i, e in enumerate(entities):
+            if e.kind == "phrase" and e.phrase in empty:
+                fail(i, "tokenises to nothing with this tokenizer")
+    return flat, lens, text_phrase, empty
+
+
+def entity_token_ids(entity: RiskEntity, vocab_size: int) -> list[int]:
+    """The token ids of a ``token_ids`` entity, checked against ``[0, vocab_size)``.
+
+    Raises:
+        ValueError: with the reason as its message (not space-separated ids, no ids, ids outside
+            the vocabulary).
+
+    Example:
+        >>> entity_token_ids(config_entities([], [[5, 7]])[0], 10)   # doctest: +SKIP
+        [5, 7]
+    """
+    try:
+        seq = entity.token_ids()
+    except ValueError:
+        raise ValueError("expected space-separated token ids") from None
+    bad = [t for t in seq if t < 0 or t >= vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad} outside the vocabulary [0, {vocab_size})")
+    if not seq:
+        raise ValueError("no token ids")
+    return seq
+
+
+def drop_sequences(flat: np.ndarray, lens: np.ndarray, vals: np.ndarray, drop: np.ndarray):
+    """The CSR set ``(flat, lens)`` and its per-sequence ``vals`` without the sequences where ``drop``."""
+    if not drop.any():
+        return flat, lens, vals
+    return flat[~np.repeat(drop, lens)], lens[~drop], vals[~drop]
+
+
+def unemittable(flat: np.ndarray, lens: np.ndarray, tokenizer, vocab_size: int) -> np.ndarray:
+    """``[len(lens)]`` bool: the sequences holding a token id ``>= vocab_size`` or the tokenizer's unk id."""
+    bad = flat >= vocab_size
+    unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
+    if unk is not None:
+        bad |= flat == unk
+    bad_seq = np.zeros(len(lens), bool)
+    bad_seq[np.repeat(np.arange(len(lens)), lens)[bad]] = True
+    return bad_seq
+
+
+def eos_singles(flat: np.ndarray, lens: np.ndarray, eos_ids: set[int]) -> np.ndarray:
+    """``[len(lens)]`` bool: the single-token sequences equal to an EOS id (never banned)."""
+    if not eos_ids or not len(lens):
+        return np.zeros(len(lens), bool)
+    starts = np.cumsum(lens) - lens
+    return (lens == 1) & np.isin(flat[np.minimum(starts, max(len(flat) - 1, 0))], sorted(eos_ids))
+
+
 def banned_sequences(tokenizer, entities: list[RiskEntity], vocab_size: int, eos_ids: set[int],
                      forms: dict | None = None, fail=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR ``(flat, lens, owner)`` of every banned token sequence; ``owner`` indexes ``entities``.
@@ -152,6 +280,7 @@ def banned_sequences(tokenizer, entities: list[RiskEntity], vocab_size: int, eos
     Phrase entities are owned by the entity of highest severity among those with the same text.
 
     Args:
+        forms: ``phrase -> (normalised, deleet forms)`` computed before (see :func:`phrase_forms`).
         fail: ``fail(i, reason)`` is called for an entity that cannot be compiled (it then has no
             sequence); it may raise. Default: raise ``ValueError`` naming the entity.
 
@@ -159,80 +288,27 @@ def banned_sequences(tokenizer, entities: list[RiskEntity], vocab_size: int, eos
         ValueError: (default ``fail``) a phrase entity that normalises or tokenises to nothing, a
             token-id entity with ids outside ``[0, vocab_size)`` (each names the entity).
     """
-    from . import phrase_variants    # public; the variant rule is shared with PhraseMatcher
-
     if fail is None:
         def fail(i: int, reason: str) -> None:
             raise ValueError(f"entity {entities[i].phrase!r}: {reason}")
-    owner: dict[str, int] = {}
-    deleet: dict[str, list[str]] = {}
-    for i, e in enumerate(entities):
-        if e.kind != "phrase":
-            continue
-        f = (forms or {}).get(e.phrase)
-        if f is None:
-            try:
-                f = entity_forms(e.phrase.strip())
-            except Exception as exc:  # noqa: BLE001 - any text a store holds must not stop the build
-                fail(i, f"cannot be normalised ({type(exc).__name__}: {exc})")
-                continue
-        if not f[0]:
-            fail(i, "empty after normalisation (nothing to match)")
-            continue
-        deleet[e.phrase] = f[1]
-        old = owner.get(e.phrase)
-        if old is None or entities[old].severity < e.severity:
-            owner[e.phrase] = i
+    owner, forms = phrase_forms(entities, fail, forms)
     if owner and tokenizer is None:
         raise ValueError("tokenizer: required for phrase entities")
     phrases = list(owner)
-    variants: list[str] = []
-    n_texts = np.zeros(len(phrases), np.int64)
-    for j, p in enumerate(phrases):
-        vs = phrase_variants(p, deleet[p])
-        n_texts[j] = 2 * len(vs)
-        variants.extend(vs)
-    flat, lens = encode_variants(tokenizer, variants) if variants else (np.zeros(0, np.int64),) * 2
-    text_phrase = np.repeat(np.arange(len(phrases)), n_texts)
+    flat, lens, text_phrase, _ = encode_phrases(tokenizer, phrases, forms, entities, fail)
     vals = np.asarray([owner[p] for p in phrases], np.int64)[text_phrase] if len(phrases) else np.zeros(0, np.int64)
-    nonempty = lens > 0
-    got = np.bincount(text_phrase[nonempty], minlength=len(phrases)) > 0
-    if len(phrases) and not got.all():
-        empty = {phrases[j] for j in np.nonzero(~got)[0].tolist()}
-        for i, e in enumerate(entities):
-            if e.kind == "phrase" and e.phrase in empty:
-                fail(i, "tokenises to nothing with this tokenizer")
-    unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
-    bad = flat >= vocab_size
-    if unk is not None:
-        bad |= flat == unk
-    seq_of = np.repeat(np.arange(len(lens)), lens)
-    bad_seq = np.zeros(len(lens), bool)
-    bad_seq[seq_of[bad]] = True
-    keep = nonempty & ~bad_seq
-    flat = flat[~np.repeat(~keep, lens)]
-    lens, vals = lens[keep], vals[keep]
+    flat, lens, vals = drop_sequences(flat, lens, vals, (lens == 0) | unemittable(flat, lens, tokenizer, vocab_size))
     extra_seqs, extra_vals = [], []
     for i, e in enumerate(entities):
         if e.kind == "token_ids":
             try:
-                seq = e.token_ids()
-            except ValueError:
-                fail(i, "expected space-separated token ids")
+                extra_seqs.append(entity_token_ids(e, vocab_size))
+            except ValueError as exc:
+                fail(i, str(exc))
                 continue
-            bad = [t for t in seq if t < 0 or t >= vocab_size]
-            if not seq or bad:
-                fail(i, f"token ids {bad} outside the vocabulary [0, {vocab_size})" if bad else "no token ids")
-                continue
-            extra_seqs.append(seq)
             extra_vals.append(i)
     if extra_seqs:
         flat = np.concatenate([flat, np.asarray([t for q in extra_seqs for t in q], np.int64)])
         lens = np.concatenate([lens, np.asarray([len(q) for q in extra_seqs], np.int64)])
         vals = np.concatenate([vals, np.asarray(extra_vals, np.int64)])
-    if eos_ids and len(lens):
-        starts = np.cumsum(lens) - lens
-        is_eos = (lens == 1) & np.isin(flat[np.minimum(starts, max(len(flat) - 1, 0))], sorted(eos_ids))
-        flat = flat[~np.repeat(is_eos, lens)]
-        lens, vals = lens[~is_eos], vals[~is_eos]
-    return flat, lens, vals
+    return drop_sequences(flat, lens, vals, eos_singles(flat, lens, eos_ids))
