@@ -79,8 +79,10 @@ def _derive(rows, slots, hists):
     rows.derive(slots, tok, ok)
 
 
-def test_rows_match_the_reference_over_steps_with_mixed_policies(tmp_path):
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse_writes", "dense_writes"])
+def test_rows_match_the_reference_over_steps_with_mixed_policies(tmp_path, sparse):
     rows, tok, _ = make_rows(tmp_path)
+    rows.sparse_writes = sparse                       # the CPU default is sparse; CUDA's is dense
     V = rows.vocab_size
     enc = lambda t: tok.encode(t, add_special_tokens=False)       # noqa: E731
     specs = [  # slot, args, prompt
@@ -134,8 +136,10 @@ def test_rows_match_the_reference_over_steps_with_mixed_policies(tmp_path):
     assert rows.audit.steps == 6 and rows.audit.requests == len(specs)
 
 
-def test_an_all_banned_row_gets_eos_and_is_counted(tmp_path):
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse_writes", "dense_writes"])
+def test_an_all_banned_row_gets_eos_and_is_counted(tmp_path, sparse):
     rows, tok, _ = make_rows(tmp_path)
+    rows.sparse_writes = sparse
     V = rows.vocab_size
     rows.admit(0, RequestArgs("default"))
     rows.admit(1, RequestArgs("default"))

@@ -28,10 +28,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastsafe.ops.bitmask import unpack_bitmask
+from fastsafe.ops import safe_topk
 
 from .audit import Audit
 from .built import RequestMatchers, build_policy
+from .inplace import ban_, fallback_
 from .policies import OPT_OUT
 
 __all__ = ["SafetyRows", "Plan", "HISTORY_WINDOW", "to_device"]
@@ -150,6 +151,9 @@ class SafetyRows:
         self._plans: dict = {}
         self.step = 0
         self._next_seq = 0
+        #: Bans and the fallback touch only the banned entries (CPU) rather than ``[B, V]`` passes
+        #: (other devices: no host sync); see :mod:`.inplace`. Both give the same logits.
+        self.sparse_writes = self.device.type == "cpu"
 
     # ------------------------------------------------------------------ host side
     def text(self, token_id) -> str:
@@ -350,6 +354,10 @@ class SafetyRows:
         Args:
             positions: ``[num_rows]`` int64 response positions on the device (needed with TSDI).
             host_histories: ``rows -> list of token lists`` (only called for regex entities).
+
+        Every edit is made in place on ``logits``: bans and the fallback in the sparse form on the
+        CPU, the dense one elsewhere (:mod:`.inplace`, :attr:`sparse_writes`); the candidates of the
+        text check come from one fused top-k pass (:func:`fastsafe.ops.safe_topk`) per policy.
         """
         if plan.empty:
             return logits
@@ -358,37 +366,36 @@ class SafetyRows:
                              f"V={self.vocab_size}), got {list(logits.shape)}")
         self.step += 1
         self.audit.steps += 1
+        sparse = self.sparse_writes
+        for pr in plan.policies:                     # TSDI first: the audit's row maximum is after it
+            if pr.table is None:
+                continue
+            L = pr.table.shape[0]
+            pos = positions if pr.all_rows else positions.index_select(0, pr.rows)
+            bias = pr.scale * pr.table.index_select(0, pos.clamp(0, L - 1))
+            if pr.all_rows:
+                logits.sub_(bias)
+            else:
+                logits.index_copy_(0, pr.rows, logits.index_select(0, pr.rows).sub_(bias))
+        row_max = logits.amax(dim=-1) if plan.groups else None      # [num_rows] before any ban (audit)
         for pr in plan.policies:
-            x = logits if pr.all_rows else logits.index_select(0, pr.rows)
-            if pr.table is not None:
-                L = pr.table.shape[0]
-                pos = positions if pr.all_rows else positions.index_select(0, pr.rows)
-                x.sub_(pr.scale * pr.table.index_select(0, pos.clamp(0, L - 1)))
-            best = x.argmax(dim=-1)
-            best_ok = torch.isfinite(x.gather(1, best[:, None]).squeeze(1))
             text_groups = []
             for g in pr.groups:
                 st = self._state(g.matcher).index_select(0, g.slots)
-                allowed = unpack_bitmask(g.matcher.banned_bitmask(st), self.vocab_size)
-                b = best if g.local is None else best.index_select(0, g.local)
-                hit = ~allowed.gather(1, b[:, None]).squeeze(1) & (best_ok if g.local is None else
-                                                                    best_ok.index_select(0, g.local))
+                best, hit = ban_(logits, g.rows, g.matcher.banned_bitmask(st), row_max.index_select(0, g.rows),
+                                 sparse=sparse)
                 if _device_text(g.matcher):           # the entity the banned token completes (text check of it)
-                    ent = g.matcher.check_candidates(st, b[:, None])[1][:, 0].to(torch.int64)
+                    ent = g.matcher.check_candidates(st, best[:, None])[1][:, 0].to(torch.int64)
                 else:
-                    ent = torch.full_like(b, -1)
+                    ent = torch.full_like(best, -1)
                 self.audit.record("token_ban", pr.name, self.step, g.host_rows, g.seqs,
-                                  torch.stack([b, hit.to(torch.int64), ent], dim=1), g.matcher)
-                if g.local is None:
-                    x.masked_fill_(~allowed, _NEG_INF)
-                else:
-                    sub = x.index_select(0, g.local)
-                    sub.masked_fill_(~allowed, _NEG_INF)
-                    x.index_copy_(0, g.local, sub)
+                                  torch.stack([best, hit.to(torch.int64), ent], dim=1), g.matcher)
                 if g.matcher.has_text_rules:
                     text_groups.append((g, st))
+            x = logits if pr.all_rows else logits.index_select(0, pr.rows)
             if text_groups:
-                vals, cands = x.topk(pr.top_k, dim=-1)
+                top = safe_topk(x, pr.top_k)
+                vals, cands = top.values, top.indices
                 ok = torch.isfinite(vals)
                 for g, st in text_groups:
                     c = cands if g.local is None else cands.index_select(0, g.local)
@@ -408,13 +415,14 @@ class SafetyRows:
                         ok &= okg
                     else:
                         ok.index_copy_(0, g.local, ok.index_select(0, g.local) & okg)
-                x.scatter_(1, cands, torch.where(ok, vals, _NEG_INF))
+                kept = torch.where(ok, vals, _NEG_INF).to(logits.dtype)
+                if pr.all_rows:
+                    logits.scatter_(1, cands, kept)
+                else:
+                    logits.index_put_((pr.rows[:, None].expand_as(cands), cands), kept)
                 dead = ~ok.any(dim=-1)
             else:
                 dead = torch.isneginf(x.amax(dim=-1))
-            x.masked_fill_(dead[:, None], _NEG_INF)           # a dead row: EOS only (never token 0)
-            x[:, self.eos_token_id] = torch.where(dead, 0.0, x[:, self.eos_token_id])
+            fallback_(logits, pr.rows, dead, self.eos_token_id, sparse=sparse, all_rows=pr.all_rows)   # never token 0
             self.audit.record("all_banned_fallback", pr.name, self.step, pr.host_rows, pr.seqs, dead)
-            if not pr.all_rows:
-                logits.index_copy_(0, pr.rows, x)
         return logits
