@@ -63,6 +63,24 @@ def test_env_override(monkeypatch):
     monkeypatch.setenv("FASTSAFE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="FASTSAFE_BACKEND"):
         backend_for(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="FASTSAFE_BACKEND"):     # an invalid value raises on every call
+        backend_for(torch.zeros(1, 3))
+
+
+def test_env_override_is_parsed_once_per_distinct_value(monkeypatch):
+    from fastsafe.ops import dispatch
+    value = "safe_topk:torch, token_logps:torch ,"       # a value no other test sets: its first parse is here
+    monkeypatch.setenv("FASTSAFE_BACKEND", value)
+    before = dispatch._env_choices.cache_info()
+    for _ in range(3):
+        assert backend_for(torch.zeros(1, 3)) == "torch"
+        assert backend_for(torch.zeros(1, 3), op="token_logps") == "torch"
+    after = dispatch._env_choices.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 5)
+    monkeypatch.setenv("FASTSAFE_BACKEND", "safe_topk:cpp,safe_topk:torch")   # a new value takes effect at once
+    assert backend_for(torch.zeros(1, 3)) == "torch"                          # (the later pair wins)
+    monkeypatch.setenv("FASTSAFE_BACKEND", "torch")
+    assert backend_for(torch.zeros(1, 3), op="device_matcher") == "torch"     # one name: every op that has it
 
 
 def test_backends_report_reasons():

@@ -1,13 +1,15 @@
 """``choose``: mix candidate rewards into the top-k log-probabilities and pick one token per row."""
 from __future__ import annotations
 
-
 import torch
 
-from .choose_impl import NEG_INF, candidate_scores, min_p_filter, sampling_noise, top_p_filter  # noqa: F401
+from .choose_impl import NEG_INF, candidate_scores, min_p_filter, sampling_noise, top_p_filter
 from .custom_ops import choose_op
 from .types import SafeTopK
 from .validate import check_real, check_same_device, check_tensor, FLOAT_DTYPES
+
+# the filters and score helpers of choose_impl are importable from here too
+__all__ = ["choose", "NEG_INF", "candidate_scores", "min_p_filter", "sampling_noise", "top_p_filter"]
 
 
 def choose(out: SafeTopK, candidate_reward=None, reward_weight: float = 0.0, candidate_allowed=None,

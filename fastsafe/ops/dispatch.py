@@ -24,10 +24,12 @@ backend must be available and run on the tensor's device, else the call fails na
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from types import MappingProxyType
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -189,6 +191,34 @@ def _supports(name: str, device: torch.device) -> bool:
     return False
 
 
+_ENV = "FASTSAFE_BACKEND"
+
+
+@functools.lru_cache(maxsize=32)
+def _env_choices(env: str) -> Mapping[str, str]:
+    """``op -> backend`` forced by the ``FASTSAFE_BACKEND`` value ``env`` (parsed once per distinct
+    value; an invalid value raises on every call, since a raise is not cached)."""
+    if ":" not in env:
+        name = env.strip()
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"{_ENV}: expected one of {BACKEND_NAMES} (or op:backend pairs such as "
+                             f"'safe_topk:cpp,token_logps:torch'), got {env!r}")
+        return MappingProxyType({op: name for op, spec in OPS.items() if name in spec.backends})
+    chosen: Dict[str, str] = {}
+    for part in env.split(","):
+        if not part.strip():
+            continue
+        op_name, sep, name = (s.strip() for s in part.partition(":"))
+        if not sep or op_name not in OPS or name not in BACKEND_NAMES:
+            raise ValueError(f"{_ENV}: expected 'op:backend' pairs with op in {OP_NAMES} and backend in "
+                             f"{BACKEND_NAMES}, got {part.strip()!r} in {env!r}")
+        if name not in OPS[op_name].backends:
+            raise ValueError(f"{_ENV}: {op_name} has no {name!r} backend "
+                             f"(it has {', '.join(OPS[op_name].backends)}), got {env!r}")
+        chosen[op_name] = name                   # a later pair for the same op wins
+    return MappingProxyType(chosen)
+
+
 def _forced(op: str, backend: Optional[str]) -> Tuple[Optional[str], str]:
     """The forced backend for ``op`` and where it came from, or ``(None, "")``."""
     spec = OPS[op]
@@ -198,30 +228,11 @@ def _forced(op: str, backend: Optional[str]) -> Tuple[Optional[str], str]:
         if backend not in spec.backends:
             raise ValueError(f"backend: {op} has no {backend!r} backend (it has {', '.join(spec.backends)})")
         return backend, "backend"
-    env = os.environ.get("FASTSAFE_BACKEND") or ""
+    env = os.environ.get(_ENV) or ""
     if not env.strip():
         return None, ""
-    origin = "FASTSAFE_BACKEND"
-    if ":" not in env:
-        name = env.strip()
-        if name not in BACKEND_NAMES:
-            raise ValueError(f"{origin}: expected one of {BACKEND_NAMES} (or op:backend pairs such as "
-                             f"'safe_topk:cpp,token_logps:torch'), got {env!r}")
-        return (name, origin) if name in spec.backends else (None, "")
-    chosen = None
-    for part in env.split(","):
-        if not part.strip():
-            continue
-        op_name, sep, name = (s.strip() for s in part.partition(":"))
-        if not sep or op_name not in OPS or name not in BACKEND_NAMES:
-            raise ValueError(f"{origin}: expected 'op:backend' pairs with op in {OP_NAMES} and backend in "
-                             f"{BACKEND_NAMES}, got {part.strip()!r} in {env!r}")
-        if name not in OPS[op_name].backends:
-            raise ValueError(f"{origin}: {op_name} has no {name!r} backend "
-                             f"(it has {', '.join(OPS[op_name].backends)}), got {env!r}")
-        if op_name == op:
-            chosen = name
-    return (chosen, origin) if chosen is not None else (None, "")
+    chosen = _env_choices(env).get(op)
+    return (chosen, _ENV) if chosen is not None else (None, "")
 
 
 def backend_for(tensor: torch.Tensor, backend: Optional[str] = None, *, op: str = "safe_topk") -> str:
@@ -231,14 +242,28 @@ def backend_for(tensor: torch.Tensor, backend: Optional[str] = None, *, op: str 
     a choice; it must be one of ``op``'s backends, available, and run on the device. Otherwise the
     first available backend of ``op``'s default order for the device is taken.
 
+    Under ``torch.compile`` the choice is made once, when the graph is traced, and is a constant
+    of the graph (probing a backend imports modules, which dynamo cannot trace).
+
     Example:
         >>> fastsafe.ops.backend_for(torch.zeros(2, 10))
         'cpp'
         >>> fastsafe.ops.backend_for(torch.zeros(2, 10), op="token_logps")
         'torch'
     """
+    if torch.compiler.is_compiling():
+        return _traced_backend(tensor.device.type, tensor.device.index, backend, op)
+    return _select(tensor.device, backend, op)
+
+
+@torch.compiler.assume_constant_result
+def _traced_backend(device_type: str, index: Optional[int], backend: Optional[str], op: str) -> str:
+    # Runs eagerly while dynamo traces; the result is a constant of the graph.
+    return _select(torch.device(device_type, index), backend, op)
+
+
+def _select(device: torch.device, backend: Optional[str], op: str) -> str:
     spec = _check_op(op)
-    device = tensor.device
     forced, origin = _forced(op, backend)
     if forced is not None:
         info = _info(forced, op)
@@ -291,29 +316,3 @@ def describe() -> str:
                 chosen.append(f"{op}=error ({exc})")
         lines.append(f"default for {t.device.type} tensors: {', '.join(chosen)}")
     return "\n".join(lines)
-
-
-_IMPLS: Dict[tuple, Callable] = {}
-
-
-def register(op: str, backend: str):
-    """Decorator registering ``fn(inputs)`` as ``op``'s implementation for ``backend``."""
-    def deco(fn):
-        _IMPLS[(op, backend)] = fn
-        return fn
-    return deco
-
-
-def implementation(op: str, backend: str) -> Callable:
-    """The function registered for ``(op, backend)`` (importing the backend's module on first use)."""
-    key = (op, backend)
-    if key not in _IMPLS:
-        # The decoding backends register themselves on import of their module.
-        try:
-            importlib.import_module(f"fastsafe.ops.backend_{backend}")
-        except ImportError:
-            pass
-    try:
-        return _IMPLS[key]
-    except KeyError:
-        raise RuntimeError(f"backend {backend!r} has no implementation of {op}") from None

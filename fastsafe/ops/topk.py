@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .custom_ops import safe_topk_op_args
-from .dispatch import backend_for, implementation
+from .dispatch import backend_for
 from .types import SafeTopK
 from .validate import validate_safe_topk
 
@@ -59,20 +59,6 @@ def safe_topk(logits: torch.Tensor, k: int, *, bias_table=None, positions=None, 
         dev = inp.logits.device
         return SafeTopK(torch.empty(0, inp.k, device=dev), torch.empty(0, inp.k, dtype=torch.int64, device=dev),
                         torch.empty(0, device=dev), torch.empty(0, dtype=torch.bool, device=dev))
-    if torch.compiler.is_compiling():
-        # the backend is a trace-time constant; its op is called directly (no registry lookup in the graph)
-        name = _traced_backend(inp.logits.device.type, inp.logits.device.index, backend)
-        values, indices, lse = getattr(torch.ops.fastsafe, "safe_topk_" + name).default(*safe_topk_op_args(inp))
-    else:
-        name = backend_for(inp.logits, backend)
-        values, indices, lse = implementation("safe_topk", name)(inp)   # calls the op fastsafe::safe_topk_<name>
+    name = backend_for(inp.logits, backend)          # under torch.compile: a trace-time constant
+    values, indices, lse = getattr(torch.ops.fastsafe, "safe_topk_" + name).default(*safe_topk_op_args(inp))
     return SafeTopK(values, indices, lse, torch.isneginf(lse))
-
-
-@torch.compiler.assume_constant_result
-def _traced_backend(device_type: str, index, backend) -> str:
-    # Runs eagerly while dynamo traces (probing backends imports modules, which dynamo cannot
-    # trace); the result is a constant of the graph. Importing the backend's module defines its op.
-    name = backend_for(torch.empty(0, device=torch.device(device_type, index)), backend)
-    implementation("safe_topk", name)
-    return name

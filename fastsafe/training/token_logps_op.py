@@ -266,22 +266,6 @@ _VALID = torch.ops.fastsafe.token_targets_valid.default
 # the tail of token_logps(): pack (eager) or mask (compiled), call the op, scatter back
 # ----------------------------------------------------------------------------------------------
 
-def _backend(hidden: torch.Tensor, backend: Optional[str]) -> str:
-    if torch.compiler.is_compiling():
-        return _traced_backend(hidden.device.type, hidden.device.index, backend)
-    return _backend_for(hidden, backend)
-
-
-def _backend_for(hidden, backend):
-    return token_logps_backend(hidden, backend)
-
-
-@torch.compiler.assume_constant_result
-def _traced_backend(device_type: str, index, backend) -> str:
-    # Probing backends imports modules (not traceable): run it once at trace time, as a constant.
-    return _backend_for(torch.empty(0, device=torch.device(device_type, index)), backend)
-
-
 def run_token_logps(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, *, ignore_index: int,
                     temperature: float, active, return_kl: bool, return_entropy: bool,
                     chunk_size: Optional[int], backend: Optional[str]):
@@ -304,7 +288,7 @@ def run_token_logps(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_b
         if active.shape != targets.shape:
             raise ValueError(f"active: expected targets' shape {list(targets.shape)}, got {list(active.shape)}")
         check_same_device("active", active, hidden, "hidden")
-    chosen = _backend(hidden, backend)
+    chosen = token_logps_backend(hidden, backend)     # under torch.compile: a trace-time constant
 
     if compiling:
         if active is not None:
