@@ -64,3 +64,41 @@ def test_device_token_ban_events_name_the_entity_like_the_host_path():
     assert bans and all(e.entity in ENTITIES and e.category is not None for e in bans)
     pick = lambda r: [(e.step, e.row, e.token_id, e.entity) for e in r.events if e.rule == "token_ban"]  # noqa: E731
     assert pick(dev) == pick(host)
+
+
+def _device_tensor_bytes(dm) -> int:
+    """Bytes of the distinct storages of every tensor a DeviceMatcher holds (its attributes, the
+    lists of them, its regex tables); the host regex matcher is not device memory."""
+    found = {}
+
+    def add(x):
+        if isinstance(x, torch.Tensor):
+            found[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                add(y)
+    for name, value in vars(dm).items():
+        if name != "_regex_matcher":
+            add(value)
+    if dm._rx is not None:
+        for value in vars(dm._rx).values():
+            add(value)
+    return sum(found.values())
+
+
+@pytest.mark.parametrize("kind", ["token_ids", "phrases", "phrases+regexes", "from_token_sequences", "empty"])
+def test_nbytes_counts_every_table_including_the_ban_owners(kind):
+    tok = tiny_tokenizer()
+    V = len(tok)
+    ids = [[5, 7], [3], [9, 9, 2]]
+    if kind == "from_token_sequences":
+        flat, lens, owner = banned_sequences(tok, config_entities([], ids), V, set())
+        dm = DeviceMatcher.from_token_sequences(config_entities([], ids), flat, lens, owner, vocab_size=V)
+    else:
+        kw = {"token_ids": dict(token_id_phrases=ids), "phrases": dict(phrases=ENTITIES),
+              "phrases+regexes": dict(phrases=ENTITIES, regexes=["bo+m", r"ka\w+"]), "empty": {}}[kind]
+        dm = DeviceMatcher.build(tok, vocab_size=V, **kw)
+    nb = dm.nbytes
+    assert nb["total"] == nb["token"] + nb["text"] == _device_tensor_bytes(dm)
+    owners = sum(t.untyped_storage().nbytes() for t in (dm._owner_keys, dm._owner_ids, dm._owner_sev))
+    assert owners > 0 and nb["token"] > owners

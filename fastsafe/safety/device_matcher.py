@@ -175,8 +175,10 @@ class DeviceMatcher:
         tok_tables = [self._goto_keys, self._goto_next, self._chain_next, self._ban_first, self._ban_next, self._ban_off,
                       self._ban_cnt, self._heavy_id, self._ban_word, self._ban_mask, self._heavy_rows, self._base,
                       self._ban_arange]
-        self._tok_bytes = sum(x.nbytes for x in tok_tables)
-        self._char_bytes = sum(x.nbytes for x in text_tables) + sum(x.nbytes for x in text_native[3:6])
+        def distinct_bytes(tensors) -> int:       # a view (text_native holds several) is counted once
+            return sum({x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in tensors}.values())
+        self._tok_bytes = distinct_bytes(tok_tables + [self._owner_keys, self._owner_ids, self._owner_sev])
+        self._char_bytes = distinct_bytes(text_tables + text_native)
         # ---- the native kernels' view (fastsafe.safety.device_matcher_ops: NATIVE_TABLES, NATIVE_META)
         self._native_tables = tok_tables[:11] + [self._base[:W]] + text_native
         self._native_meta = [self.vocab_size, self._chain_depth, self._ban_depth, int(self._has_text),
@@ -358,7 +360,9 @@ class DeviceMatcher:
 
     @property
     def nbytes(self) -> dict:
-        """Memory of the tables in bytes: ``{"token": ..., "text": ..., "total": ...}``."""
+        """Memory of the device tables in bytes: ``{"token": ..., "text": ..., "total": ...}``; ``token``
+        includes the ban-owner table (:mod:`~fastsafe.safety.ban_owners`), ``text`` the character and
+        regex tables (and the placeholders the native kernels take when there are none)."""
         text = int(self._char_bytes) + (self._rx.nbytes if self._rx is not None else 0)
         return {"token": int(self._tok_bytes), "text": text, "total": int(self._tok_bytes) + text}
 
