@@ -223,7 +223,7 @@ fastsafe::MatcherTables matcher_tables(const std::vector<at::Tensor>& tb, const 
   static const char* names[kMatcherTableCount] = {
       "goto_keys", "goto_next", "chain_next", "ban_first", "ban_next", "ban_off", "ban_cnt", "heavy_id", "ban_word",
       "ban_mask", "heavy_rows", "base", "delta", "out_word", "out_now", "act_ctx", "act_sym", "act_flags", "slots",
-      "head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body", "cp0", "cp1"};
+      "head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body", "cp0", "cp1", "out_spelled", "triple_end"};
   for (size_t i = 0; i < kMatcherTableCount; ++i) {
     const bool two_d = i == 10 || i == 12 || i == 18;
     check_table(tb[i], names[i], i == 0 ? at::kLong : at::kInt, two_d ? 2 : 1, state);
@@ -247,6 +247,8 @@ fastsafe::MatcherTables matcher_tables(const std::vector<at::Tensor>& tb, const 
     for (int i = 19; i <= 24; ++i) check_size(tb[i], names[i], 0, V + 1);
     check_size(tb[25], names[25], 0, fastsafe::kCpLimit);
     check_size(tb[26], names[26], 0, fastsafe::kCpLimit);
+    check_size(tb[27], names[27], 0, tb[12].size(0));
+    check_size(tb[28], names[28], 0, tb[12].size(0));
   }
   const void* ptr[kMatcherTableCount];
   int64_t numel[kMatcherTableCount], cols[kMatcherTableCount];
@@ -280,12 +282,13 @@ void check_state_values(const fastsafe::MatcherTables& t, const at::Tensor& stat
   const int64_t B = state.size(0), w = state.size(1);
   const int64_t* s = state.data_ptr<int64_t>();
   const int64_t hi[fastsafe::kMatcherStateColumns] = {t.tok_states, t.char_states, 4 * int64_t{t.classes},
-                                                      int64_t{1} << 24, 4, t.char_states};
+                                                      int64_t{1} << 24, 4, t.char_states, fastsafe::kPendLimit};
   const char* col[fastsafe::kMatcherStateColumns] = {"token state", "character state", "character context",
-                                                     "partial character", "missing bytes", "shadow state"};
+                                                     "partial character", "missing bytes", "shadow state",
+                                                     "pending spelled match"};
   for (int64_t b = 0; b < B; ++b) {
     for (int c = 0; c < fastsafe::kMatcherStateColumns; ++c) {
-      const int64_t v = s[b * w + c], lo = c == fastsafe::kStShadow ? -1 : 0;
+      const int64_t v = s[b * w + c], lo = c == fastsafe::kStShadow || c == fastsafe::kStPend ? -1 : 0;
       TORCH_CHECK_VALUE(v >= lo && v < hi[c], "state: row ", b, " column ", c, " (", col[c], ") = ", v,
                         " is outside [", lo, ", ", hi[c], "): not a state of this matcher");
     }

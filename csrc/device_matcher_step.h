@@ -26,12 +26,15 @@
 
 namespace fastsafe {
 
-// Columns of the state (DeviceMatcher.STATE_WIDTH >= 6 is the row stride; columns past 5 belong
+// Columns of the state (DeviceMatcher.STATE_WIDTH >= 7 is the row stride; columns past 6 belong
 // to other parts of the matcher and are copied through by advance).
-constexpr int kStTok = 0, kStChr = 1, kStCtx = 2, kStCp = 3, kStNeed = 4, kStShadow = 5;
-constexpr int kMatcherStateColumns = 6;
-// Special character classes (fastsafe/safety/char_automaton.py).
-constexpr int32_t kOtherNonword = 0, kBnd = 3, kSq2 = 4, kSq3 = 5;
+constexpr int kStTok = 0, kStChr = 1, kStCtx = 2, kStCp = 3, kStNeed = 4, kStShadow = 5, kStPend = 6;
+constexpr int kMatcherStateColumns = 7;
+// Pending spelled-out match: -1 or entity * 4 + 2 * new + level2 (values below 2^33).
+constexpr int64_t kPendLimit = int64_t{1} << 33;
+// Special character classes (fastsafe/safety/char_automaton.py) and the action flags.
+constexpr int32_t kOtherNonword = 0, kBnd = 3, kSq2 = 4, kSq3 = 5, kSq4 = 7;
+constexpr int32_t kFlagBnd = 1, kFlagConfirm = 4, kFlagWord = 8, kFlagSeparator = 16;
 constexpr int64_t kCpLimit = 0x30000;
 
 struct MatcherTables {
@@ -68,7 +71,8 @@ struct MatcherTables {
   const int32_t* out_now = nullptr;     // [char_states]
   const int32_t* act_ctx = nullptr;     // [4C, C+1] new context
   const int32_t* act_sym = nullptr;     // [4C, C+1] symbol or -1
-  const int32_t* act_flags = nullptr;   // [4C, C+1] bit 0: BND first, bit 2: confirms a word end
+  const int32_t* act_flags = nullptr;   // [4C, C+1] kFlag* bits (BND first, confirms a word end, word character,
+                                        // separator)
   const int32_t* slots = nullptr;       // [V + 1, max_len] classes (C: none)
   const int32_t* head_n = nullptr;      // [V + 1] each
   const int32_t* head_bits = nullptr;
@@ -78,12 +82,14 @@ struct MatcherTables {
   const int32_t* body = nullptr;
   const int32_t* cp0 = nullptr;         // [kCpLimit] classes of a codepoint's first two folded characters
   const int32_t* cp1 = nullptr;
+  const int32_t* out_spelled = nullptr; // [char_states] entity of a spelled-out pattern ending here, -1 none
+  const int32_t* triple_end = nullptr;  // [char_states] 1: the state's last symbol is SQ3
 };
 
 // Tables in the order of fastsafe.safety.device_matcher_ops.NATIVE_TABLES (0: int64, the rest
 // int32; 10 heavy_rows, 12 delta and 18 slots are 2-D) and meta = [V, chain_depth, ban_depth,
 // has_text, classes, word_boundaries].
-constexpr int kMatcherTableCount = 27;
+constexpr int kMatcherTableCount = 29;
 constexpr int kMatcherMetaCount = 6;
 
 // The tables struct from raw pointers, element counts and (2-D tables) column counts. Sizes are
@@ -133,12 +139,14 @@ inline MatcherTables make_matcher_tables(const void* const* ptr, const int64_t* 
   t.body = i32(24);
   t.cp0 = i32(25);
   t.cp1 = i32(26);
+  t.out_spelled = i32(27);
+  t.triple_end = i32(28);
   return t;
 }
 
 // The text part of a row's state.
 struct TextState {
-  int64_t s, ctx, cp, need, shadow;
+  int64_t s, ctx, cp, need, shadow, pend;
 };
 
 FASTSAFE_HD int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
@@ -151,6 +159,7 @@ FASTSAFE_HD void sanitize_state(const MatcherTables& t, const int64_t* in, int64
   ts->cp = clamp64(in[kStCp], 0, (int64_t{1} << 24) - 1);
   ts->need = clamp64(in[kStNeed], 0, 3);
   ts->shadow = clamp64(in[kStShadow], -1, t.char_states - 1);
+  ts->pend = clamp64(in[kStPend], -1, kPendLimit - 1);
 }
 
 // ---------------------------------------------------------------------------------- token level
@@ -199,7 +208,9 @@ struct TextHit {
   bool fresh = false;
 };
 
-// One character of class `c` (C = none) through the character DFA (DeviceMatcher._char_step).
+// One character of class `c` (C = none) through the character DFA (DeviceMatcher._char_step):
+// first the pending spelled-out match, then the DFA move with the repeat readings. `h.fresh` is
+// kept in both modes (a new pending match records it); hits only with kTrack.
 template <bool kTrack>
 FASTSAFE_HD void char_step(const MatcherTables& t, TextState& st, int64_t c, TextHit& h) {
   const int64_t C = t.classes;
@@ -208,34 +219,53 @@ FASTSAFE_HD void char_step(const MatcherTables& t, TextState& st, int64_t c, Tex
   const bool emit = raw_sym >= 0;
   const int64_t sym = emit ? raw_sym : 0;
   const int32_t flags = t.act_flags[i];
+  const bool conf = (flags & kFlagConfirm) != 0, word = (flags & kFlagWord) != 0;
+  const bool sep = (flags & kFlagSeparator) != 0;
+  const bool other = conf && !sep;
   const int64_t s = st.s;
+  // ---- spelled-out runs
+  const bool has = st.pend >= 0;
+  const bool lvl2 = has && (st.pend & 1) != 0;
+  const bool lvl1 = has && !lvl2;
+  const int64_t osp = t.out_spelled[s];
   if (kTrack) {
     const int64_t ow = t.out_word[s];
-    if ((flags & 4) && h.fresh && ow >= 0) h.hit = ow;
+    if (conf && h.fresh && ow >= 0) h.hit = ow;
+    if ((st.pend & 2) != 0 && ((lvl1 && other) || (lvl2 && word))) h.hit = st.pend >> 2;
+    if (other && h.fresh && osp >= 0) h.hit = osp;
   }
+  if (sep && osp >= 0) {
+    st.pend = osp * 4 + (h.fresh ? 2 : 0);
+  } else if (lvl1 && word) {
+    st.pend |= 1;
+  } else if (has && (conf || word || sep) && !(lvl1 && sep)) {
+    st.pend = -1;
+  }
+  // ---- the DFA
   if (emit) {
-    const int64_t s1 = (t.word_boundaries && (flags & 1)) ? t.delta[s * C + kBnd] : s;
+    const int64_t s1 = (t.word_boundaries && (flags & kFlagBnd)) ? t.delta[s * C + kBnd] : s;
     const int64_t raw = t.delta[s1 * C + sym];
     const bool dead = raw == 0;
-    const bool sq2 = sym == kSq2, sq3 = sym == kSq3;
+    const bool sq2 = sym == kSq2, rep = sym == kSq3 || sym == kSq4;
     const bool has_shadow = st.shadow >= 0;
     int64_t s2;
-    if (sq3) {
-      s2 = dead ? ((has_shadow && s == 0) ? st.shadow : s) : raw;
+    if (rep) {
+      const bool broken = sym == kSq4 && t.triple_end[s] != 0;
+      s2 = !dead ? raw : (has_shadow && (s == 0 || broken)) ? st.shadow : (broken ? 0 : s);
     } else if (sq2) {
       s2 = raw;
     } else {
-      const bool run3 = (st.ctx & 3) == 3;
+      const bool run3 = (st.ctx & 3) >= 2;
       s2 = (dead && run3 && has_shadow) ? static_cast<int64_t>(t.delta[st.shadow * C + sym]) : raw;
     }
-    st.shadow = sq2 ? s : (sq3 ? st.shadow : -1);
+    st.shadow = sq2 ? s : (rep ? st.shadow : -1);
     st.s = s2;
+    const bool changed = !(dead && (sq2 || rep));
     if (kTrack) {
-      const bool changed = !(dead && (sq2 || sq3));
       const int64_t nw = t.out_now[s2];
       if (changed && nw >= 0) h.hit = nw;
-      h.fresh = h.fresh || changed;
     }
+    h.fresh = h.fresh || changed;
   }
   st.ctx = t.act_ctx[i];
 }
@@ -282,15 +312,20 @@ FASTSAFE_HD int64_t text_run(const MatcherTables& t, TextState& st, int64_t tok)
     st.cp = 0;
     st.need = 0;
   }
-  if (kTrack) {
+  const bool lvl1 = st.pend >= 0 && (st.pend & 1) == 0;
+  if (kTrack) {  // the text may end after the candidate
     const int64_t ow = t.out_word[st.s];
     if (h.fresh && ow >= 0) h.hit = ow;
+    const int64_t osp = t.out_spelled[st.s];
+    if (h.fresh && osp >= 0) h.hit = osp;
+    if (lvl1 && (st.pend & 2) != 0) h.hit = st.pend >> 2;
   }
+  if (lvl1) st.pend &= ~int64_t{2};  // reported at this token's end: old from now on
   return h.hit;
 }
 
 // ---------------------------------------------------------------------------------- one row
-// advance: state row `in` (stride `width`) -> `out`; columns >= 6 are copied.
+// advance: state row `in` (stride `width`) -> `out`; columns >= kMatcherStateColumns are copied.
 FASTSAFE_HD void advance_row(const MatcherTables& t, const int64_t* in, int64_t* out, int64_t width, int64_t tok) {
   int64_t ts;
   TextState st;
@@ -303,6 +338,7 @@ FASTSAFE_HD void advance_row(const MatcherTables& t, const int64_t* in, int64_t*
     out[kStCp] = st.cp;
     out[kStNeed] = st.need;
     out[kStShadow] = st.shadow;
+    out[kStPend] = st.pend;
   } else {
     for (int c = 1; c < kMatcherStateColumns; ++c) out[c] = in[c];
   }

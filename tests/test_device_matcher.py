@@ -204,7 +204,7 @@ def test_token_slots_shorten_runs_that_change_nothing():
     a = CharAlphabet(set("b#o"), ["b##o"])
     assert len(bytes_slots(b"#" * 80, a)[1]) == 3            # longest entity run of '#' is 2, +1
     assert len(bytes_slots(b"  ..--  ", a)[1]) == 1          # one separator run
-    assert len(bytes_slots(b"booooooo", a)[1]) == 4          # b + three o (2nd, 3rd repeat; more add nothing)
+    assert len(bytes_slots(b"booooooo", a)[1]) == 5          # b + four o (2nd, 3rd, 4th repeat; more add nothing)
     head, body, tail = bytes_slots("\u0431x\u0431".encode()[1:-1], a)
     assert (head, tail) == (b"\xb1", b"\xd0") and body == [a.cls("x")]
 
@@ -296,7 +296,7 @@ def test_bad_input_is_a_clear_error():
         dm.check_candidates(st, torch.tensor([[1]]))
     with pytest.raises(ValueError, match="cand_ids: expected a tensor on cpu"):
         dm.check_candidates(st, torch.zeros(2, 3, dtype=torch.int64, device="meta"))
-    with pytest.raises(ValueError, match=r"state: expected an int64 tensor \[B, 6\]"):
+    with pytest.raises(ValueError, match=r"state: expected an int64 tensor \[B, 7\]"):
         dm.banned_bitmask(st[:, :3])
     with pytest.raises(ValueError, match="token_ids: expected an int64"):
         dm.advance(st, torch.tensor([1.0, 2.0]))

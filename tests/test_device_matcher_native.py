@@ -167,7 +167,7 @@ def test_bad_input_is_refused_before_the_kernel():
         dm.advance(st, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="cand_ids: expected 2 rows"):
         dm.check_candidates(st, torch.tensor([[1]]))
-    with pytest.raises(ValueError, match=r"state: expected an int64 tensor \[B, 6\]"):
+    with pytest.raises(ValueError, match=r"state: expected an int64 tensor \[B, 7\]"):
         dm.banned_bitmask(st.int())
     bad = st.clone()
     bad[1, 0] = dm.num_token_states            # not a state of this matcher
@@ -184,7 +184,7 @@ def test_bad_input_is_refused_before_the_kernel():
     assert dm.advance(st, torch.tensor([-5, V]))[:, 0].tolist() == [0, 0]
     # the kernels check their tables when called directly
     from fastsafe.safety.device_matcher_ops import banned_bitmask_op
-    with pytest.raises(ValueError, match="tables: expected 27 tensors"):
+    with pytest.raises(ValueError, match="tables: expected 29 tensors"):
         banned_bitmask_op(st, dm._native_tables[:-1], dm._native_meta)
     tabs = list(dm._native_tables)
     tabs[2] = tabs[2].long()

@@ -91,7 +91,7 @@ def test_device_regex_check_equals_re2_on_random_token_histories(seed):
     pats = PATTERNS[:6] + [r"\bfoo\b"]                      # the last one stays on the host path
     dm = DeviceMatcher.build(tok, regexes=pats)
     pm = PhraseMatcher.build(tok, regexes=pats[:6])
-    assert dm.state_width == 9 and dm.has_regexes and [dm.entity(i).phrase for i in dm._rx.values] == pats[:6]
+    assert dm.state_width == 10 and dm.has_regexes and [dm.entity(i).phrase for i in dm._rx.values] == pats[:6]
     rng = random.Random(seed)
     hists, cands = [], []
     for _ in range(100):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from fastsafe.safety import DeviceMatcher, PhraseMatcher
 from fastsafe.safety.char_automaton import PSEP, SEP, CharAlphabet, stream_symbols
@@ -56,3 +57,87 @@ def test_a_whitespace_gap_next_to_a_punctuation_edge_still_matches_punctuation()
     for written in [" he-shoots", " he shoots", " he_she"]:
         assert blocked_at(dm, tok, "I said", written) is not None, written
     assert blocked_at(dm, tok, "I said", " he she") is None
+
+
+# --------------------------------------------------------------------------- triple letters, stretched letters
+def test_the_fourth_repeat_of_a_letter_is_a_symbol_of_its_own():
+    from fastsafe.safety.char_automaton import BND, SQ2, SQ3, SQ4
+    a = CharAlphabet("x")
+    x = a.cls("x")
+    assert stream_symbols(a.classes("xxxx"), a.is_word) == [BND, x, SQ2, SQ3, SQ4]
+    assert stream_symbols(a.classes("xxxxxxx"), a.is_word) == [BND, x, SQ2, SQ3, SQ4]     # 5th and later: nothing
+
+
+PIECES = [" xxx", " xxxx", " xxxxxx", " caaak", " caaaak", " booooomb", " boooomb", " booomb", " boooooob", " bommmmmb",
+          " sheeeet", " sheeeeeeet", " sheeet",
+          " b.o.m.b", " b o m b", " b-o-m-b", " b_o_m_b", " b . o . m . b", " b.o.m.b now", " b o m b!", " b.o.m.b, then",
+          " b.o.m.b.", " b.o.m.b.s", " b o m b s", " b.o.m.b.a.", " b-o-m-b-s-x", " s.h.i.t", " s h i t", " s.h.i.e.l.d",
+          " s h i e l d", " s_h_i_e_l_d", " s.h.i. yes", " s_h_i_", " a.s.s.e.t", " a_s_s", " a s s!", " s.h.i.t.a",
+          " s.h.i.t.ab", "nd", "!"]
+RULE_ENTITIES = ["xxx", "xx", "caaak", "bomb", "boob", "sheeeet", "shit", "s_h_i_", "a_s_s"]
+
+
+@functools.lru_cache(maxsize=None)
+def _pieces():
+    """The tiny tokenizer with each of PIECES as one token, and matchers on every backend."""
+    import copy
+
+    from fastsafe.ops import backends
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.add_tokens(PIECES)
+    dm = DeviceMatcher.build(tok, RULE_ENTITIES)
+    ms = [dm.with_backend("torch")] + ([dm.with_backend("cpp")] if backends(op="device_matcher")["cpp"].available else [])
+    return tok, ms
+
+
+def _verdicts(before: list[str], piece: str):
+    """The entity each backend finds when ``piece`` (one token) follows ``"I said"`` and ``before`` (tokens)."""
+    tok, ms = _pieces()
+    hist = tok.encode("I said", add_special_tokens=False) + [tok.convert_tokens_to_ids(p) for p in before]
+    cand = tok.convert_tokens_to_ids(piece)
+    assert tok.decode([cand]) == piece
+    out = []
+    for m in ms:
+        ok, ent = m.check_candidates(m.state_from_histories([hist]), torch.tensor([[cand]]))
+        out.append(None if bool(ok[0, 0]) else m.entity(int(ent[0, 0])).phrase)
+    assert len(set(out)) == 1, out                     # every backend agrees
+    return out[0]
+
+
+@pytest.mark.parametrize("piece,entity", [(" xxx", "xxx"), (" xxxx", None), (" xxxxxx", None), (" caaak", "caaak"),
+                                          (" caaaak", None), (" sheeeet", "sheeeet"), (" sheeeeeeet", "sheeeet"),
+                                          (" sheeet", None)])
+def test_a_tripled_letter_matches_exactly_three(piece, entity):
+    """"xxxx" is not "xxx" (nor, with "xxx" matched exactly, a stretched "xx"): wordfreq's benign "xxxx"."""
+    assert _verdicts([], piece) == entity, piece
+
+
+@pytest.mark.parametrize("piece,entity", [(" booooomb", "bomb"), (" boooomb", "bomb"), (" booomb", "bomb"),
+                                          (" boooooob", "boob"), (" bommmmmb", "bomb")])
+def test_runs_of_four_and_more_still_stretch_a_letter(piece, entity):
+    assert _verdicts([], piece) == entity, piece
+
+
+@pytest.mark.parametrize("piece,entity", [
+    (" b.o.m.b", "bomb"), (" b o m b", "bomb"), (" b-o-m-b", "bomb"), (" b_o_m_b", "bomb"), (" b . o . m . b", "bomb"),
+    (" b.o.m.b now", "bomb"), (" b o m b!", "bomb"), (" b.o.m.b, then", "bomb"), (" b.o.m.b.", "bomb"),
+    (" s.h.i.t", "shit"), (" s h i t", "shit"), (" s.h.i. yes", "s_h_i_"), (" s_h_i_", "s_h_i_"), (" a_s_s", "a_s_s"),
+    (" a s s!", "a_s_s"), (" s.h.i.t.ab", "shit"),
+    (" b.o.m.b.s", None), (" b o m b s", None), (" b.o.m.b.a.", None), (" b-o-m-b-s-x", None), (" s.h.i.e.l.d", None),
+    (" s h i e l d", None), (" s_h_i_e_l_d", None), (" a.s.s.e.t", None), (" s.h.i.t.a", None)])
+def test_a_spelled_out_run_matches_where_it_ends(piece, entity):
+    """Letters written one by one match as a whole spelled word: "s.h.i.e.l.d" is not "s_h_i_", "b.o.m.b.s" not "bomb"."""
+    assert _verdicts([], piece) == entity, piece
+
+
+def test_a_spelled_match_waits_across_tokens():
+    """"s.h.i.t.a" ends on a single letter: undecided at its end; the next token decides (and "shit" is new there)."""
+    assert _verdicts([" s.h.i.t.a"], "nd") == "shit"            # "... s.h.i.t.and": the run ended at "t"
+    assert _verdicts([" s.h.i.t.a"], "!") is None               # "s.h.i.t.a!": "a" was one more spelled letter
+    assert _verdicts([" s.h.i.t"], "!") is None                 # blocked at " s.h.i.t" already: an old occurrence
+    assert _verdicts([" b.o.m.b."], "nd") is None
+
+
+def test_benchmark_words_of_the_last_version():
+    """The two words only the device blocked on wordfreq's top 50k: "s.h.i.e.l.d" as one token, "xxxx"."""
+    assert _verdicts([], " s.h.i.e.l.d") is None and _verdicts([], " xxxx") is None

@@ -16,8 +16,8 @@ device does):
   ``"make  a"`` and ``"make - a"`` read alike, ``"make_a"`` and ``"make-a"`` alike);
 * a word character that follows a non-word character (or the start) is preceded by ``BND``, the
   word-start mark of the whole-word rule;
-* the 2nd and 3rd repeat of a word character are the symbols ``SQ2`` and ``SQ3`` (further repeats
-  are nothing): ``"boom"`` is ``BND b o SQ2 m``, ``"booom"`` ``BND b o SQ2 SQ3 m``.
+* the 2nd, 3rd and 4th repeat of a word character are the symbols ``SQ2``, ``SQ3`` and ``SQ4``
+  (further repeats are nothing): ``"boom"`` is ``BND b o SQ2 m``, ``"booom"`` ``BND b o SQ2 SQ3 m``.
 
 Entities become symbol patterns the same way. A gap between two words of an entity matches
 either kind of separator run (``"make a bomb"`` also matches ``"make-a-bomb"``, ``"e-mail"`` also
@@ -32,15 +32,30 @@ current run's first repeat): a run of **three or more** of one letter may stand 
 letter (``"booomb"`` reads as ``"bomb"``) or for a doubled one (``"booom"`` as ``"boom"``); a run of
 exactly two is always a double (``"boomb"`` does not match ``"bomb"``, and ``"bom"`` never matches
 ``"boom"``), because English doubles letters all the time (``"assess"``, ``"flick"`` folded to
-``"fiick"``) and stretching is done with three or more. Every exact occurrence is still found (the
-other reading is only taken where no exact match is in progress). Limitation: where both
+``"fiick"``) and stretching is done with three or more. A tripled entity letter matches a run of
+exactly three (``"xxx"`` does not match ``"xxxx"``: a 4th repeat that the pattern does not have
+ends that reading and the run is read as one letter from the shadow). Every exact occurrence is
+still found (the other reading is only taken where no exact match is in progress). Limitation: where both
 readings are alive, the double wins (with ``"boom"`` and ``"bomb"`` listed, ``"booomb"`` is read as
 ``"boom"`` then ``"b"``, but a single-letter reading is retried when the double's path dies at the
 next character).
 
 Whole words: an entity whose first character is a word character starts with ``BND``; one whose
 last character is a word character matches only when the next character is not a word character
-or the text ends there (the device confirms it one character later).
+or the text ends there (the device confirms it one character later; the end of a checked
+candidate counts as the end of the text).
+
+**Spelled-out runs** (whole-word rule for letters written one by one): a pattern made of two or
+more single letters with separators between them (the spaced patterns, and entities written that
+way, ``"s_h_i_"`` or ``"s.o.b."``, whose leading and trailing separators are dropped) matches only
+where the spelled run ends: after its last letter the text must not go on with a separator run and
+another single letter (one followed by a non-word character or the end of the text). So
+``"s.h.i.e.l.d"`` does not match ``"s_h_i_"`` and ``"b.o.m.b.s"`` does not match ``"bomb"``, while
+``"b.o.m.b"``, ``"b o m b now"`` and ``"b-o-m-b!"`` do. The device keeps such a match pending for
+up to two characters (one more state column). The end of a checked candidate still counts as the
+end of the text, so a candidate that ends right after the last letter (or after the separator
+following it) is blocked: with ``"s_h_i_"`` listed, ``"s.h.i.e.l.d"`` tokenised letter by letter is
+blocked at its ``"i"``, as a plain ``"ass"`` token is blocked before ``"ad"``.
 """
 from __future__ import annotations
 
@@ -56,12 +71,14 @@ from .normalize import is_word_char, normalize_text
 
 __all__ = ["SEPARATORS", "fold_char", "fold_text", "CharAlphabet", "CharAutomaton", "build_char_automaton",
            "stream_symbols", "char_action", "action_tables", "CANONICAL_CHARS", "OTHER_NONWORD", "OTHER_WORD", "SEP", "PSEP", "BND", "SQ2", "SQ3",
-           "NUM_SPECIAL"]
+           "SQ4", "NUM_SPECIAL", "KIND_NOW", "KIND_WORD", "KIND_SPELLED"]
 
 #: Folded characters that separate letters (a run of them is one ``SEP`` symbol).
 SEPARATORS = frozenset(" .-_*~|/\\,\u00b7\u2022")
-OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3, PSEP = range(7)
-NUM_SPECIAL = 7
+OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3, PSEP, SQ4 = range(8)
+NUM_SPECIAL = 8
+#: How a pattern's match is reported: at once, after a word end, after the end of a spelled-out run.
+KIND_NOW, KIND_WORD, KIND_SPELLED = range(3)
 _SEPS = (SEP, PSEP)
 _RUNS = re.compile("[\\s" + re.escape("".join(sorted(SEPARATORS))) + "]+|[^\\s" + re.escape("".join(sorted(SEPARATORS))) + "]+")
 CP_LIMIT = 0x30000            # codepoints folded through a table (above: OTHER_NONWORD)
@@ -232,7 +249,11 @@ class CharAlphabet:
 
 def char_action(prev: int, run: int, c: int, is_word: np.ndarray, word_boundaries: bool = True,
                 plain_repeat: np.ndarray | None = None):
-    """What one character of class ``c`` does after ``prev`` (run length ``run``).
+    """What one character of class ``c`` does after ``prev`` (``run``: the repeats of ``prev`` so far).
+
+    ``run`` counts the repeats of a word class after its first character (0 .. 3, where 3 is the
+    4th character of the run or later; the 2nd, 3rd and 4th are the symbols ``SQ2``, ``SQ3``,
+    ``SQ4``); it is 0 after a non-word class.
 
     Returns ``(symbol or -1, emit BND first, new prev, new run, is a repeat symbol, confirms a word end)``.
     ``c == len(is_word)`` is "no character" (nothing happens).
@@ -246,10 +267,9 @@ def char_action(prev: int, run: int, c: int, is_word: np.ndarray, word_boundarie
         return c, False, c, 0, False, True
     if is_word[c]:
         if c == prev and (plain_repeat is None or not plain_repeat[c]):
-            r = min(run + 1, 3)
-            sym = SQ2 if run + 1 == 2 else SQ3 if run + 1 == 3 else -1
-            return sym, False, c, r, sym >= 0, False
-        return c, bool(word_boundaries and not is_word[prev]), c, 1, False, False
+            sym = (SQ2, SQ3, SQ4, -1)[run]
+            return sym, False, c, min(run + 1, 3), sym >= 0, False
+        return c, bool(word_boundaries and not is_word[prev]), c, 0, False, False
     return c, False, c, 0, False, True
 
 
@@ -261,8 +281,14 @@ def stream_symbols(classes, is_word: np.ndarray, *, word_boundaries: bool = True
         classes: character classes in text order.
         is_word: ``[num_classes]`` bool.
         word_boundaries: emit ``BND`` word-start marks.
-        prev, run: class of the character before and the length of its run (start of text:
-            ``OTHER_NONWORD``, 0).
+        prev, run: class of the character before and its repeats so far (see :func:`char_action`;
+            start of text: ``OTHER_NONWORD``, 0).
+
+    Example:
+        >>> a = CharAlphabet("x")
+        >>> x = a.cls("x")
+        >>> stream_symbols(a.classes("xxxxx"), a.is_word) == [BND, x, SQ2, SQ3, SQ4]
+        True
     """
     out: list[int] = []
     for c in classes:
@@ -274,12 +300,17 @@ def stream_symbols(classes, is_word: np.ndarray, *, word_boundaries: bool = True
     return out
 
 
+#: Bits of :func:`action_tables`' ``flags``.
+FLAG_BND, FLAG_REPEAT, FLAG_CONFIRM, FLAG_WORD, FLAG_SEPARATOR = 1, 2, 4, 8, 16
+
+
 def action_tables(is_word: np.ndarray, word_boundaries: bool = True,
                   plain_repeat: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """:func:`char_action` as tables over ``ctx = prev * 4 + run`` and ``c`` in ``0 .. C`` (``C`` = none).
 
     Returns ``{"ctx": [4C, C+1] new ctx, "sym": [4C, C+1] symbol or -1, "flags": [4C, C+1]}`` with
-    flags bit 0 = emit BND first, bit 1 = repeat symbol, bit 2 = confirms a word end.
+    flags bit 0 = emit BND first, bit 1 = repeat symbol, bit 2 = confirms a word end, bit 3 = ``c``
+    is a word character, bit 4 = ``c`` is a separator (also one that continues a run).
     Cached for a few alphabets (the arrays are shared: do not write into them).
     """
     is_word = np.asarray(is_word, bool)
@@ -295,6 +326,9 @@ def _action_tables(is_word_b: bytes, word_boundaries: bool, plain_b: bytes | Non
     ctx = np.zeros((4 * C, C + 1), np.int64)
     sym = np.full((4 * C, C + 1), -1, np.int64)
     flags = np.zeros((4 * C, C + 1), np.int64)
+    kind = np.zeros(C + 1, np.int64)
+    kind[:C] = np.where(is_word, FLAG_WORD, 0)
+    kind[[SEP, PSEP]] = FLAG_SEPARATOR
     for prev in range(C):
         for run in range(4):
             for c in range(C + 1):
@@ -302,7 +336,7 @@ def _action_tables(is_word_b: bytes, word_boundaries: bool, plain_b: bytes | Non
                 i = prev * 4 + run
                 ctx[i, c] = p2 * 4 + r2
                 sym[i, c] = s
-                flags[i, c] = int(bnd) | (int(sq) << 1) | (int(conf) << 2)
+                flags[i, c] = int(bnd) * FLAG_BND | int(sq) * FLAG_REPEAT | int(conf) * FLAG_CONFIRM | kind[c]
     return {"ctx": ctx, "sym": sym, "flags": flags}
 
 
@@ -314,6 +348,10 @@ class CharAutomaton:
         delta: ``[S, C]`` int32 transitions (plain Aho-Corasick; the repeat readings are the device's).
         out_word: ``[S]`` int32 entity of a word-final pattern that ends here (needs a boundary next), -1 none.
         out_now: ``[S]`` int32 entity of a pattern ending in a non-word character (matches at once), -1 none.
+        out_spelled: ``[S]`` int32 entity of a spelled-out pattern that ends here (matches where the
+            spelled run ends, see the module docstring), -1 none.
+        triple_end: ``[S]`` int32 1 where the state's last symbol is ``SQ3`` (a tripled letter just
+            matched exactly: a 4th repeat ends that reading), else 0.
         alphabet: the classes.
         num_patterns: patterns in the trie (plain and spaced).
         excluded: phrases left out because they fold to separators only.
@@ -322,6 +360,8 @@ class CharAutomaton:
     delta: np.ndarray
     out_word: np.ndarray
     out_now: np.ndarray
+    out_spelled: np.ndarray
+    triple_end: np.ndarray
     alphabet: CharAlphabet
     num_patterns: int
     excluded: list
@@ -332,7 +372,8 @@ class CharAutomaton:
 
     @property
     def nbytes(self) -> int:
-        return self.delta.nbytes + self.out_word.nbytes + self.out_now.nbytes
+        return (self.delta.nbytes + self.out_word.nbytes + self.out_now.nbytes + self.out_spelled.nbytes
+                + self.triple_end.nbytes)
 
 
 def _punct_column(trie, fail: np.ndarray, delta: np.ndarray) -> None:
@@ -402,7 +443,7 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
     alpha = CharAlphabet({c for f in folded for c in f} | (CANONICAL_CHARS if canonical else set()), folded,
                          cap_floor=CANONICAL_CHARS if canonical else ())
     pats: list[list[int]] = []
-    kinds: list[bool] = []
+    kinds: list[int] = []
     pv: list[int] = []
     pp: list[float] = []
     seen: set = set()
@@ -429,7 +470,14 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         return words, runs
 
     def pattern(form: str) -> tuple[tuple, int]:
+        """The symbols of ``form`` and how their match is reported (``KIND_*``)."""
         words, runs = gaps(form)
+        if word_boundaries and len(words) >= 2 and all(len(w) == 1 and alpha.is_word[alpha.cls(w)] for w in words):
+            runs = [-1] * len(runs)         # spelled out: its own edge separators do not end the run
+            kind = KIND_SPELLED
+        else:
+            last = runs[-1] if runs[-1] >= 0 and words else alpha.cls(words[-1][-1]) if words else SEP
+            kind = KIND_WORD if word_boundaries and alpha.is_word[last] else KIND_NOW
         sym: list[int] = [] if runs[0] < 0 else [runs[0]]
         for i, w in enumerate(words):
             if i:   # a gap is SEP (either kind of run matches it) unless punctuation between longer pieces
@@ -438,8 +486,7 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
             sym.extend(word_symbols(w))
         if runs[-1] >= 0 and words:
             sym.append(runs[-1])         # "countries/": the match ends on the separator (a new one)
-            return tuple(sym), runs[-1]
-        return tuple(sym), (alpha.cls(words[-1][-1]) if words else SEP)
+        return tuple(sym), kind
 
     for f, v, pr in zip(folded, values, priority):
         forms = [f]
@@ -447,13 +494,13 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         if spaced and _SPACED_MIN <= len(elems) == len(f) <= _SPACED_MAX:
             forms.append(" ".join(elems))
         for form in forms:
-            sym, last = pattern(form)
+            sym, kind = pattern(form)
             key = (sym, v)
             if key in seen:
                 continue
             seen.add(key)
             pats.append(list(sym))
-            kinds.append(word_boundaries and bool(alpha.is_word[last]))
+            kinds.append(kind)
             pv.append(v)
             pp.append(pr)
     # where a PSEP edge and a SEP edge leave one node, a punctuation run takes the PSEP edge (see
@@ -475,9 +522,9 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
     delta = dense_transitions(trie, fail)
     _punct_column(trie, fail, delta)
     N = trie.num_nodes
-    kinds_a = np.asarray(kinds, bool)
+    kinds_a = np.asarray(kinds, np.int64)
     outs = []
-    for want in (True, False):
+    for want in (KIND_WORD, KIND_NOW, KIND_SPELLED):
         own = np.full(N, -1, np.int64)
         pri = np.full(N, -np.inf)
         sel = np.nonzero(kinds_a == want)[0]
@@ -488,5 +535,6 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         own[ends[first]] = np.asarray(pv, np.int64)[order[first]]
         pri[ends[first]] = np.asarray(pp)[order[first]]
         outs.append(propagate_best(trie, fail, own, pri).astype(np.int32))
-    return CharAutomaton(delta, outs[0], outs[1], alpha, len(pats), excluded)
+    triple_end = (trie.symbol == SQ3).astype(np.int32)
+    return CharAutomaton(delta, outs[0], outs[1], outs[2], triple_end, alpha, len(pats), excluded)
 

@@ -18,9 +18,10 @@ Two automata, both on the device:
   also letters split by separators (``b.o.m.b``, ``b o m b``, ``b-o-m-b``, ``b_o_m_b``), stretched
   letters (``booomb``) and Unicode look-alikes (UTS #39).
 
-The state is one ``[B, 6]`` int64 tensor: token state, character state, character context (previous
-class and its run length), a partial UTF-8 character (codepoint bits, bytes still needed), and the
-character state before the current run's first repeat (for stretched letters); ``[B, 9]``
+The state is one ``[B, 7]`` int64 tensor: token state, character state, character context (previous
+class and its repeats), a partial UTF-8 character (codepoint bits, bytes still needed), the
+character state before the current run's first repeat (for stretched letters), and a pending
+spelled-out match (decided up to two characters after its last letter); ``[B, 10]``
 (:attr:`DeviceMatcher.state_width`) when regular regex entities run on the device too (one search
 DFA in three more columns: :mod:`~fastsafe.safety.regex_automaton`).
 :meth:`advance`, :meth:`banned_bitmask` and :meth:`check_candidates` read no tensor back to the host
@@ -43,7 +44,8 @@ import numpy as np
 import torch
 
 from ..ops.dispatch import backend_for
-from .char_automaton import BND, CP_LIMIT, NUM_SPECIAL, OTHER_NONWORD, SQ2, SQ3, action_tables, build_char_automaton
+from .char_automaton import (BND, CP_LIMIT, FLAG_BND, FLAG_CONFIRM, FLAG_SEPARATOR, FLAG_WORD, NUM_SPECIAL,
+                             OTHER_NONWORD, SQ2, SQ3, SQ4, action_tables, build_char_automaton)
 from .ban_owners import ban_owner_table, banned_entity
 from .regex_automaton import REGEX_COLUMNS, RegexTables, device_regexes, regex_step, regex_token_tables
 from .entity_list import active_entities, config_entities, eos_id_set
@@ -57,11 +59,15 @@ __all__ = ["DeviceMatcher", "STATE_WIDTH"]
 
 #: Columns of the state tensor: token state, character state, character context
 #: (``previous class * 4 + run length``), partial UTF-8 character bits, its missing bytes, and the
-#: character state before the current run's first repeat (-1: none).
-STATE_WIDTH = 6
+#: character state before the current run's first repeat (-1: none), and the pending spelled-out
+#: match (-1: none, else ``entity * 4 + 2 * new + level2``: ``level2`` 0 after the separator run that
+#: follows its last letter, 1 after a single letter behind that run; ``new`` = its last letter is
+#: in the token being checked, or it is still undecided from the token before).
+STATE_WIDTH = 7
 #: Phrase sets up to this size get the canonical text alphabet by default (build speed: cached tables).
 CANONICAL_MAX_PHRASES = 10_000
-_TOK, _CHR, _CTX, _CP, _NEED, _SHADOW = range(STATE_WIDTH)
+_TOK, _CHR, _CTX, _CP, _NEED, _SHADOW, _PEND = range(STATE_WIDTH)
+_TEXT_COLUMNS = (_CHR, _CTX, _CP, _NEED, _SHADOW, _PEND)
 
 
 class DeviceMatcher:
@@ -131,12 +137,16 @@ class DeviceMatcher:
             self._delta = i32(char.delta.reshape(-1))
             self._out_word = i32(char.out_word)
             self._out_now = i32(char.out_now)
+            self._out_spelled = i32(char.out_spelled)
+            self._triple_end = t(char.triple_end > 0, torch.bool)
             act = action_tables(char.alphabet.is_word, word_boundaries, char.alphabet.plain_repeat)
             self._act_ctx = t(act["ctx"].reshape(-1))
             self._act_sym = t(np.maximum(act["sym"], 0).reshape(-1))
             self._act_emit = t(act["sym"].reshape(-1) >= 0, torch.bool)
             self._act_bnd = t((act["flags"].reshape(-1) & 1) > 0, torch.bool)
-            self._act_conf = t((act["flags"].reshape(-1) & 4) > 0, torch.bool)
+            self._act_conf = t((act["flags"].reshape(-1) & FLAG_CONFIRM) > 0, torch.bool)
+            self._act_word = t((act["flags"].reshape(-1) & FLAG_WORD) > 0, torch.bool)
+            self._act_sep = t((act["flags"].reshape(-1) & FLAG_SEPARATOR) > 0, torch.bool)
             self._delta_bnd = i32(char.delta[:, BND])
             self._slots = i32(slots["slots"])
             self.max_token_chars = int(slots["slots"].shape[1])
@@ -149,13 +159,15 @@ class DeviceMatcher:
             self.text_excluded = list(char.excluded)
             text_tables = [self._delta, self._out_word, self._out_now, self._act_ctx, self._act_sym, self._act_emit,
                            self._act_bnd, self._act_conf, self._delta_bnd, self._slots, self._head_n, self._head_bits,
-                           self._tail_n, self._tail_bits, self._tail_need, self._body, self._cp0, self._cp1]
-            # the native kernels' action table: new context, symbol (-1: none), flags (bit 0 BND, bit 2 word end)
+                           self._tail_n, self._tail_bits, self._tail_need, self._body, self._cp0, self._cp1,
+                           self._out_spelled, self._triple_end, self._act_word, self._act_sep]
+            # the native kernels' action table: new context, symbol (-1: none), flags (bit 0 BND, bit 2 word
+            # end, bit 3 word character, bit 4 separator)
             native_act = [i32(act["ctx"].reshape(-1)), i32(act["sym"].reshape(-1)),
-                          i32(act["flags"].reshape(-1) & 5)]
+                          i32(act["flags"].reshape(-1) & (FLAG_BND | FLAG_CONFIRM | FLAG_WORD | FLAG_SEPARATOR))]
             text_native = [self._delta.view(-1, C), self._out_word, self._out_now, *native_act, self._slots,
                            self._head_n, self._head_bits, self._tail_n, self._tail_bits, self._tail_need, self._body,
-                           self._cp0, self._cp1]
+                           self._cp0, self._cp1, self._out_spelled, i32(char.triple_end)]
         else:
             self._classes = 1
             self.text_excluded = []
@@ -164,7 +176,7 @@ class DeviceMatcher:
             text_tables = []
             one = i32([0])
             text_native = [i32([[0] * NUM_SPECIAL]), i32([-1]), i32([-1])] + [one] * 3 + [i32([[NUM_SPECIAL]])] + \
-                [one] * 8
+                [one] * 8 + [i32([-1]), i32([0])]
         self.device = self._goto_keys.device
         # regular regex entities: one search DFA in three more state columns (fastsafe.safety.regex_automaton)
         self._rx = RegexTables(regex[0], regex[1], dev) if regex is not None else None
@@ -412,7 +424,7 @@ class DeviceMatcher:
         row (:meth:`entity`), -1 where the token is not banned by the token automaton.
 
         Args:
-            state: ``[B, 6]`` int64 on :attr:`device`.
+            state: ``[B, state_width]`` int64 on :attr:`device`.
             token_ids: ``[B]`` int64 (or int32) on :attr:`device`.
 
         A tensor program (no host read), for ``token_ban`` events recorded on the device.
@@ -458,12 +470,13 @@ class DeviceMatcher:
 
     # ------------------------------------------------------------------ state
     def initial_state(self, batch_size: int) -> torch.Tensor:
-        """``[batch_size, 5]`` int64 state of empty histories, on :attr:`device`."""
+        """``[batch_size, state_width]`` int64 state of empty histories, on :attr:`device`."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size: expected a non-negative int, got {batch_size!r}")
         s = torch.zeros(batch_size, self.state_width, dtype=torch.int64, device=self.device)
         s[:, _CTX] = OTHER_NONWORD * 4       # start of text: as after a non-word character
         s[:, _SHADOW] = -1
+        s[:, _PEND] = -1
         return s
 
     def state_from_histories(self, histories) -> torch.Tensor:
@@ -473,7 +486,7 @@ class DeviceMatcher:
             histories: ``[B, T]`` integer tensor or a list of ``B`` token-id lists (ragged is fine).
 
         Returns:
-            ``[B, 6]`` int64 on :attr:`device`, equal to advancing :meth:`initial_state` token by token.
+            ``[B, state_width]`` int64 on :attr:`device`, equal to advancing :meth:`initial_state` token by token.
             Costs ``T`` masked steps (host-driven; not part of the per-step graph).
         """
         if isinstance(histories, torch.Tensor):
@@ -525,7 +538,7 @@ class DeviceMatcher:
         """Packed mask of the tokens allowed next.
 
         Args:
-            state: ``[B, 6]`` int64 from :meth:`initial_state` / :meth:`advance`.
+            state: ``[B, state_width]`` int64 from :meth:`initial_state` / :meth:`advance`.
             vocab_size: optional check that the logits width equals the matcher's ``V``.
 
         Returns:
@@ -570,45 +583,72 @@ class DeviceMatcher:
         return out[:, :W]
 
     # ------------------------------------------------------------------ text level
-    def _char_step(self, s, ctx, shadow, c, hit, fresh, track: bool):
+    def _char_step(self, s, ctx, shadow, pend, c, hit, fresh, track: bool):
         """One folded character (class ``c``; ``C`` = none) through the character DFA.
 
-        Repeats (``SQ2``/``SQ3``): a dead ``SQ2`` goes to the root and remembers the state before it
-        (``shadow``); a dead ``SQ3`` returns to the shadow (a run of 3+ read as one letter) or, after
-        a live ``SQ2``, stays (a stretched double); after a run of 3+, a character that is dead from
-        the double's state is read from the shadow instead.
+        Repeats (``SQ2``/``SQ3``/``SQ4``): a dead ``SQ2`` goes to the root and remembers the state
+        before it (``shadow``); a dead ``SQ3`` or ``SQ4`` returns to the shadow (a run of 3+ read as
+        one letter) or, after a live ``SQ2``, stays (a stretched double); a dead ``SQ4`` right after
+        a live ``SQ3`` (a tripled letter matched exactly) returns to the shadow too; after a run of
+        3+, a character that is dead from the double's state is read from the shadow instead.
+
+        Spelled-out matches (``pend``, see ``STATE_WIDTH``): the state's spelled entity becomes
+        pending at the separator after its last letter; it matches at a non-word, non-separator
+        character there, or at a word character after the single letter that follows the run, and
+        is dropped at any other character after that letter. ``fresh``: some character of this
+        token changed the state (an occurrence whose last letter is older is not new).
         """
         C = self._classes
         i = ctx * (C + 1) + c
         emit = self._act_emit[i]
         sym = self._act_sym[i]
+        conf = self._act_conf[i]
+        word = self._act_word[i]
+        sep = self._act_sep[i]
+        other = conf & ~sep                      # a non-word character that is not a separator
+        # ---- spelled-out runs (before the character moves the DFA)
+        has = pend >= 0
+        lvl2 = has & ((pend & 1) == 1)
+        lvl1 = has & ~lvl2
+        pent = pend >> 2
+        osp = self._out_spelled[s]
+        if track:
+            ow = self._out_word[s]
+            hit = torch.where(conf & fresh & (ow >= 0), ow, hit)
+            new = (pend & 2) == 2
+            hit = torch.where(new & ((lvl1 & other) | (lvl2 & word)), pent, hit)
+            hit = torch.where(other & fresh & (osp >= 0), osp, hit)
+        present = conf | word | sep
+        pend2 = torch.where(lvl1 & sep, pend, torch.where(lvl1 & word, pend | 1, torch.where(has & present, -1, pend)))
+        pend2 = torch.where(sep & (osp >= 0), osp * 4 + fresh.long() * 2, pend2)
+        # ---- the DFA
         s1 = torch.where(self._act_bnd[i], self._delta_bnd[s], s) if self.word_boundaries else s
         raw = self._delta[torch.where(emit, s1 * C + sym, sym)]      # no emission: read row 0 (cached)
         dead = raw == 0
         sq2 = sym == SQ2
-        sq3 = sym == SQ3
+        rep = (sym == SQ3) | (sym == SQ4)
         has_shadow = shadow >= 0
         from_shadow = self._delta[shadow.clamp(min=0) * C + sym]
-        run3 = (ctx & 3) == 3
-        s_sq3 = torch.where(dead, torch.where(has_shadow & (s == 0), shadow, s), raw)
+        run3 = (ctx & 3) >= 2
+        broken = (sym == SQ4) & self._triple_end[s]
+        s_rep = torch.where(dead, torch.where(has_shadow & ((s == 0) | broken), shadow,
+                                              torch.where(broken, 0, s)), raw)
         s_other = torch.where(dead & run3 & has_shadow, from_shadow, raw)
-        s2 = torch.where(emit, torch.where(sq3, s_sq3, torch.where(sq2, raw, s_other)), s)
-        shadow2 = torch.where(emit, torch.where(sq2, s, torch.where(sq3, shadow, -1)), shadow)
+        s2 = torch.where(emit, torch.where(rep, s_rep, torch.where(sq2, raw, s_other)), s)
+        shadow2 = torch.where(emit, torch.where(sq2, s, torch.where(rep, shadow, -1)), shadow)
+        changed = emit & ~(dead & (sq2 | rep))       # a repeat no pattern uses is not a new character
         if track:
-            ow = self._out_word[s]
-            hit = torch.where(self._act_conf[i] & fresh & (ow >= 0), ow, hit)
-            changed = emit & ~(dead & (sq2 | sq3))       # a repeat no pattern uses is not a new character
             nw = self._out_now[s2]
             hit = torch.where(changed & (nw >= 0), nw, hit)
-            fresh = fresh | changed
-        return s2, self._act_ctx[i], shadow2, hit, fresh
+        fresh = fresh | changed
+        return s2, self._act_ctx[i], shadow2, pend2, hit, fresh
 
     def _text_run(self, st: list, ids: torch.Tensor, track: bool):
         """Feed tokens ``ids`` (any shape, broadcast with the state columns ``st``) through the DFA."""
-        s, ctx, cp, need, shadow = st
+        s, ctx, cp, need, shadow, pend = st
         C = self._classes
         hit = torch.full_like(s, -1) if track else None
-        fresh = torch.zeros_like(s, dtype=torch.bool) if track else None
+        fresh = torch.zeros_like(s, dtype=torch.bool)
         V = self.vocab_size
         row = torch.where((ids >= 0) & (ids < V), ids, V)
         # a character split across tokens: this token's continuation bytes finish the pending one
@@ -623,43 +663,49 @@ class DeviceMatcher:
         partial = (need > hn) & (hn > 0)           # still unfinished after this token's head
         cp = torch.where(partial, (cp << (6 * hn)) | hb, cp)
         need = torch.where(partial, need - hn, need)
-        s, ctx, shadow, hit, fresh = self._char_step(s, ctx, shadow, c0, hit, fresh, track)
-        s, ctx, shadow, hit, fresh = self._char_step(s, ctx, shadow, c1, hit, fresh, track)
+        s, ctx, shadow, pend, hit, fresh = self._char_step(s, ctx, shadow, pend, c0, hit, fresh, track)
+        s, ctx, shadow, pend, hit, fresh = self._char_step(s, ctx, shadow, pend, c1, hit, fresh, track)
         rows = self._slots[row]
         for j in range(self.max_token_chars):
-            s, ctx, shadow, hit, fresh = self._char_step(s, ctx, shadow, rows[..., j], hit, fresh, track)
+            s, ctx, shadow, pend, hit, fresh = self._char_step(s, ctx, shadow, pend, rows[..., j], hit, fresh, track)
         # an unfinished character at the token's end becomes the pending one
         body = self._body[row] > 0
         tn = self._tail_n[row]
         cp = torch.where(tn > 0, self._tail_bits[row], torch.where(body | done, 0, cp))
         need = torch.where(tn > 0, self._tail_need[row], torch.where(body | done, 0, need))
-        if track:
+        lvl1 = (pend >= 0) & ((pend & 1) == 0)
+        if track:                                  # the text may end after the candidate
             ow = self._out_word[s]
             hit = torch.where(fresh & (ow >= 0), ow, hit)
-        return [s, ctx, cp, need, shadow], hit
+            osp = self._out_spelled[s]
+            hit = torch.where(fresh & (osp >= 0), osp, hit)
+            hit = torch.where(lvl1 & ((pend & 2) == 2), pend >> 2, hit)
+        # a match waiting after its separator run was reported at this token's end: old from now on
+        pend = torch.where(lvl1, pend & ~2, pend)
+        return [s, ctx, cp, need, shadow, pend], hit
 
     # ------------------------------------------------------------------ the step
     def _advance(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         t = token_ids.to(torch.int64)
         cols = [self._token_step(state[:, _TOK], t)]
         if self._has_text:
-            st = [state[:, i] for i in (_CHR, _CTX, _CP, _NEED, _SHADOW)]
+            st = [state[:, i] for i in _TEXT_COLUMNS]
             st, _ = self._text_run(st, t, track=False)
             cols += st
         else:
-            cols += [state[:, i] for i in (_CHR, _CTX, _CP, _NEED, _SHADOW)]
+            cols += [state[:, i] for i in _TEXT_COLUMNS]
         return torch.stack([c.long() for c in cols], dim=1)
 
     def advance(self, state: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """The state after each row appends one token.
 
         Args:
-            state: ``[B, 6]`` int64 on :attr:`device`.
+            state: ``[B, state_width]`` int64 on :attr:`device`.
             token_ids: ``[B]`` int64 (or int32) on :attr:`device`; ids outside ``[0, V)`` reset the
                 token state and add no text.
 
         Returns:
-            The new ``[B, 6]`` state (the input is not modified).
+            The new ``[B, state_width]`` state (the input is not modified).
         """
         self._check_state(state)
         self._check_ids("token_ids", token_ids, 1, state.shape[0])
@@ -680,7 +726,7 @@ class DeviceMatcher:
         """Text-level check of ``k`` candidate next tokens per row.
 
         Args:
-            state: ``[B, 6]`` int64 on :attr:`device`.
+            state: ``[B, state_width]`` int64 on :attr:`device`.
             cand_ids: ``[B, k]`` int64 (or int32) on :attr:`device`; ids outside ``[0, V)`` (e.g. -1
                 padding) are not allowed and have entity -1.
 
@@ -712,7 +758,7 @@ class DeviceMatcher:
         if not self._has_text:
             return valid, torch.full(c.shape, -1, dtype=torch.int32, device=c.device)
         k = c.shape[1]
-        st = [state[:, i].unsqueeze(1).expand(-1, k) for i in (_CHR, _CTX, _CP, _NEED, _SHADOW)]
+        st = [state[:, i].unsqueeze(1).expand(-1, k) for i in _TEXT_COLUMNS]
         _, hit = self._text_run(st, c, track=True)
         return valid & (hit < 0), hit.to(torch.int32)
 

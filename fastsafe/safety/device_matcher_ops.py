@@ -28,18 +28,21 @@ from __future__ import annotations
 import torch
 
 from ..ops.dispatch import native_module
-from .char_automaton import BND, CP_LIMIT, OTHER_NONWORD, SQ2, SQ3
+from .char_automaton import BND, CP_LIMIT, FLAG_BND, FLAG_CONFIRM, FLAG_SEPARATOR, FLAG_WORD, OTHER_NONWORD, SQ2, SQ3, SQ4
 
 # the kernels' copies of these constants (csrc/device_matcher_step.h)
-assert (OTHER_NONWORD, BND, SQ2, SQ3, CP_LIMIT) == (0, 3, 4, 5, 0x30000), \
-    "char_automaton's special classes moved: update kOtherNonword/kBnd/kSq2/kSq3/kCpLimit in csrc/device_matcher_step.h"
+assert (OTHER_NONWORD, BND, SQ2, SQ3, SQ4, CP_LIMIT) == (0, 3, 4, 5, 7, 0x30000), \
+    "char_automaton's special classes moved: update kOtherNonword/kBnd/kSq2/kSq3/kSq4/kCpLimit in csrc/device_matcher_step.h"
+assert (FLAG_BND, FLAG_CONFIRM, FLAG_WORD, FLAG_SEPARATOR) == (1, 4, 8, 16), \
+    "char_automaton's action flags moved: update kFlag* in csrc/device_matcher_step.h"
 
 __all__ = ["NATIVE_TABLES", "NATIVE_META", "advance_op", "banned_bitmask_op", "check_candidates_op"]
 
 #: The tables passed to the native ops, in order (int64 ``goto_keys``, the rest int32).
 NATIVE_TABLES = ("goto_keys", "goto_next", "chain_next", "ban_first", "ban_next", "ban_off", "ban_cnt", "heavy_id",
                  "ban_word", "ban_mask", "heavy_rows", "base", "delta", "out_word", "out_now", "act_ctx", "act_sym",
-                 "act_flags", "slots", "head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body", "cp0", "cp1")
+                 "act_flags", "slots", "head_n", "head_bits", "tail_n", "tail_bits", "tail_need", "body", "cp0", "cp1",
+                 "out_spelled", "triple_end")
 #: The ints passed to the native ops, in order.
 NATIVE_META = ("vocab_size", "chain_depth", "ban_depth", "has_text", "classes", "word_boundaries")
 

@@ -11,7 +11,7 @@ into one slot per folded character (its class). A character split across tokens 
 the device from each token's *head* (UTF-8 continuation bytes at its start) and *tail* (an
 unfinished character at its end); the first two folded characters of the completed codepoint are
 fed before the token's own slots. Runs that cannot change the automaton are shortened (a run of
-separators or of ``OTHER_NONWORD`` to one slot, a run of one word class to three, except ``i``
+separators or of ``OTHER_NONWORD`` to one slot, a run of one word class to four, except ``i``
 whose repeats are plain characters, and a run of another non-word class to one more than its
 longest run in any entity: ``"#" * 80`` is two slots unless an entity has ``"##"``).
 """
@@ -168,8 +168,9 @@ def _shorten(out: list[int], alphabet: CharAlphabet) -> list[int]:
         n = cap[c]
         if n and len(res) >= n and all(x == c for x in res[-n:]):
             continue                        # longer than any entity's run of c (+1): the state is stable
-        if alphabet.is_word[c] and not alphabet.plain_repeat[c] and len(res) >= 3 and res[-1] == res[-2] == res[-3] == c:
-            continue
+        if alphabet.is_word[c] and not alphabet.plain_repeat[c] and len(res) >= 4 and res[-1] == res[-2] == res[-3] \
+                == res[-4] == c:
+            continue                        # a 5th repeat of a letter and later ones are nothing (SQ4 is the 4th)
         res.append(c)
     return res
 
