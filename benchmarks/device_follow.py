@@ -24,7 +24,15 @@ import time
 import torch
 
 
-def _store(path, n):
+def filler_store(path, n: int):
+    """A new :class:`~fastsafe.safety.RiskEntityStore` at ``path`` holding ``n`` distinct two-word
+    filler phrases over 600 made-up words (the word units tokenise once each); also the store of
+    ``tests/test_fail_closed.py``'s freshness tests.
+
+    Example:
+        >>> len(filler_store(tmp / "f.db", 1000))      # doctest: +SKIP
+        1000
+    """
     from fastsafe.safety import RiskEntityStore
     rng = random.Random(0)
     syll = ["ka", "lo", "mi", "zu", "re", "ta", "po", "ne", "shi", "vo", "gra", "bel"]
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
     for n in args.entities:
         for background in (True, False):
             with tempfile.TemporaryDirectory() as d:
-                store = _store(os.path.join(d, "r.db"), n)
+                store = filler_store(os.path.join(d, "r.db"), n)
                 r = {"entities": n, "background": background, **_run(store, tok, args.batch, args.step_ms, background)}
             print(json.dumps(r), file=sys.stderr)
             res["runs"].append(r)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sqlite3
 import threading
 import time
@@ -22,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fastsafe
+from benchmarks.device_follow import filler_store
 from fastsafe import SafeLogitsProcessor, SafetyConfig, TSDIBias
 from fastsafe.cli import main as cli
 from fastsafe.safety import LiveMatcher, PhraseMatcher, RiskEntity, RiskEntityStore, RiskStoreError
@@ -133,17 +133,7 @@ def test_1_a_phrase_whose_normalisation_raises_is_skipped_with_one_reason_everyw
 # --------------------------------------------------------------------------- 2. freshness
 def _big_store(path, n: int = 100_000) -> RiskEntityStore:
     """``n`` two-word filler entities over 600 made-up words (the word units tokenise once each)."""
-    rng = random.Random(0)
-    syll = ["ka", "lo", "mi", "zu", "re", "ta", "po", "ne", "shi", "vo", "gra", "bel"]
-    vocab: set = set()
-    while len(vocab) < 600:
-        vocab.add("".join(rng.choice(syll) for _ in range(rng.randint(2, 4))))
-    vocab = sorted(vocab)
-    phrases: set = set()
-    while len(phrases) < n:
-        phrases.add(f"{rng.choice(vocab)} {rng.choice(vocab)}")
-    store = RiskEntityStore(path)
-    store.add_many(sorted(phrases), category="filler")
+    store = filler_store(path, n)
     assert len(store) == n
     return store
 
