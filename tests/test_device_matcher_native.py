@@ -22,11 +22,16 @@ from tests.test_matcher import CORPUS, tiny_tokenizer
 pytestmark = pytest.mark.skipif(not backends(op="device_matcher")["cpp"].available,
                                 reason="fastsafe._C built without the device matcher kernels")
 
-TEXT_ENTITIES = ENTITIES + ["b\u00f6se", "\u0431\u043e\u043c\u0431\u0430", "\u4e2d\u6587", "zz##z", "ass", "tit"]
+TEXT_ENTITIES = ENTITIES + ["b\u00f6se", "\u0431\u043e\u043c\u0431\u0430", "\u4e2d\u6587", "zz##z", "ass", "tit", "xxx", "xx",
+                             "caaak", "s_h_i_", "shit"]
 WRITTEN = SPELLINGS + [" b.o.m.b", " b o m b", " b-o-m-b", " b_o_m_b", " booomb", " bommmbbb", " k.1.l.l", " kkkill",
                        " \u0432\u043e\u043c\u0432", " b\u0585mb", " \U0001d41b\U0001d428\U0001d426\U0001d41b", " B\u00d6SE",
                        " bo\u0308se", " \u0431\u043e\u043c\u0431\u0430", "\u4e2d\u6587", " zz####z", " asss", " tiiit",
-                       " e mail", " nerve   agent", " \u00e9\u00e8\u00ea", " \U0001f4a3 bomb"]
+                       " e mail", " nerve   agent", " \u00e9\u00e8\u00ea", " \U0001f4a3 bomb", " xxxx", " xxx", " caaaak",
+                       " booooomb", " s.h.i.e.l.d", " s.h.i.t", " s h i t now", " b.o.m.b.s", " b o m b!", " s_h_i_ x",
+                       " s.h.i.t.a"]
+# states with a spelled-out match pending, a tripled letter, a run of four
+PENDING = ["the b.o.m.b", "the b.o.m.b.", "a s.h.i.t.a", "a s h i", "x xxx", "a boooo", "a caaa"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,12 +103,14 @@ def test_text_rules_equal_the_reference(which, word_boundaries):
 def test_every_token_from_partial_states_equals_the_reference():
     """Each of a few states (mid-character, after a stretched letter, after a separator) x every token id."""
     tok, dm, ref = text_matchers("micro")
-    texts = ["I will b", "a bo", "x b\u00f6", "a boo", "the b.o.", "\u4e2d", "a \u0432\u043e"]
+    texts = ["I will b", "a bo", "x b\u00f6", "a boo", "the b.o.", "\u4e2d", "a \u0432\u043e"] + PENDING
     hists = []
     for t in texts:
         ids = tok.encode(t, add_special_tokens=False)
         hists += [ids, ids[:-1]]
     st = dm.state_from_histories(hists)
+    pend = st[:, 6]
+    assert ((pend >= 0) & (pend % 2 == 0)).any() and ((pend >= 0) & (pend % 2 == 1)).any()   # both levels pending
     V = len(tok)
     cand = torch.arange(-1, V + 1).repeat(len(hists), 1)
     assert_same_step(dm, ref, st, cand[:, 5], cand)
@@ -279,7 +286,9 @@ def test_emulated_cuda_kernels_equal_the_cpu_kernels(emulated_cuda_step):
     rng = random.Random(7)
     hists = [_random_split_ids(tok, rng.choice(["a", "I will"]) + rng.choice(WRITTEN), rng) for _ in range(5)]
     hists = [h[:rng.randint(0, len(h) - 1)] for h in hists] + [[]]
+    hists += [tok.encode(t, add_special_tokens=False) for t in PENDING]
     st = dm.state_from_histories(hists)
+    assert (st[:, 6] >= 0).any()                                  # some rows have a spelled match pending
     V = len(tok)
     toks = torch.tensor([rng.randrange(-1, V + 1) for _ in hists])
     cands = torch.tensor([[rng.randrange(-1, V + 1) for _ in range(6)] for _ in hists])
