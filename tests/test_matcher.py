@@ -530,3 +530,14 @@ def test_live_matcher_warns_once_when_the_store_cannot_be_read(tmp_path):
         assert live.current() is m and live.current() is m
     assert len([w for w in rec if "cannot be read" in str(w.message)]) == 1
     assert isinstance(live.last_error, RuntimeError)
+
+
+@pytest.mark.parametrize("bad, message", [(None, "vocab_size: required when tokenizer is None"),
+                                          (0, "vocab_size: expected a positive int, got 0"),
+                                          (True, "vocab_size: expected a positive int, got True"),
+                                          (2.5, "vocab_size: expected a positive int, got 2.5")])
+def test_both_matchers_check_vocab_size_alike(bad, message):
+    from fastsafe.safety import DeviceMatcher
+    for build in (PhraseMatcher.build, DeviceMatcher.build):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            build(None, token_id_phrases=[[1]], vocab_size=bad)

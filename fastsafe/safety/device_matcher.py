@@ -48,7 +48,7 @@ from .char_automaton import (BND, CP_LIMIT, FLAG_BND, FLAG_CONFIRM, FLAG_SEPARAT
                              OTHER_NONWORD, SQ2, SQ3, SQ4, action_tables, build_char_automaton)
 from .ban_owners import ban_owner_table, banned_entity
 from .regex_automaton import REGEX_COLUMNS, RegexTables, device_regexes, regex_step, regex_token_tables
-from .entity_list import active_entities, config_entities, eos_id_set
+from .entity_list import active_entities, config_entities, eos_id_set, matcher_vocab_size
 from .store import RiskEntity
 from .token_automaton import build_token_automaton
 from .text_tables import text_tables
@@ -244,12 +244,7 @@ class DeviceMatcher:
             >>> (~unpack_bitmask(dm.banned_bitmask(s), 10)).nonzero()[:, 1].tolist()
             [3, 7]
         """
-        if vocab_size is None:
-            if tokenizer is None:
-                raise ValueError("vocab_size: required when tokenizer is None")
-            vocab_size = len(tokenizer)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+        vocab_size = matcher_vocab_size(tokenizer, vocab_size)
         if vocab_size > (1 << 20):
             raise ValueError(f"vocab_size: at most {1 << 20} supported, got {vocab_size}")
         try:

@@ -1,5 +1,5 @@
 """The entity list a matcher is built from: config entries (phrases, token-id lists, regexes)
-first, then a store's active entities, and the set of EOS ids that are never banned.
+first, then a store's active entities, the set of EOS ids that are never banned, and ``V``.
 
 Shared by :class:`fastsafe.safety.PhraseMatcher` (the host reference) and
 :class:`fastsafe.safety.DeviceMatcher`, so both see the same entities in the same order (the
@@ -19,7 +19,7 @@ import torch
 
 from .store import RiskEntity
 
-__all__ = ["config_entities", "active_entities", "eos_id_set"]
+__all__ = ["config_entities", "active_entities", "eos_id_set", "matcher_vocab_size"]
 
 
 def config_entities(phrases: Iterable = (), token_id_phrases: Iterable = (), regexes: Iterable = ()) -> list:
@@ -81,3 +81,22 @@ def eos_id_set(tokenizer, eos_token_id) -> set:
     if isinstance(eos_token_id, int):
         return {int(eos_token_id)}
     return {int(x) for x in eos_token_id}
+
+
+def matcher_vocab_size(tokenizer, vocab_size) -> int:
+    """``V`` of a matcher: ``vocab_size``, or ``len(tokenizer)`` when it is None; a positive int.
+
+    Raises:
+        ValueError: ``vocab_size`` None without a tokenizer, or not a positive int.
+
+    Example:
+        >>> matcher_vocab_size(None, 10)
+        10
+    """
+    if vocab_size is None:
+        if tokenizer is None:
+            raise ValueError("vocab_size: required when tokenizer is None")
+        vocab_size = len(tokenizer)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+    return vocab_size

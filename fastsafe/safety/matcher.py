@@ -47,7 +47,7 @@ import torch
 from fastsafe.ops.bitmask import ban_tokens_, full_bitmask
 from fastsafe.ops.validate import check_history_tensor, token_rows
 
-from .entity_list import active_entities, config_entities, eos_id_set
+from .entity_list import active_entities, config_entities, eos_id_set, matcher_vocab_size
 from .events import SafetyEvent
 from .normalize import deleet_forms, is_word_char, light_normalize, normalize_text
 from .regex import compile_regex
@@ -363,12 +363,7 @@ class PhraseMatcher:
             >>> sorted(m.banned_tokens([1, 5])), m.max_phrase_tokens
             ([3, 7], 2)
         """
-        if vocab_size is None:
-            if tokenizer is None:
-                raise ValueError("vocab_size: required when tokenizer is None")
-            vocab_size = len(tokenizer)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+        vocab_size = matcher_vocab_size(tokenizer, vocab_size)
         eos_ids = eos_id_set(tokenizer, eos_token_id)
         ents = config_entities(phrases, token_id_phrases, regexes)
         n_config = len(ents)                 # ents[:n_config] raise on errors; the rest may be skipped
