@@ -97,3 +97,15 @@ def acc_dtype(*items) -> torch.dtype:
 def metric(x: torch.Tensor) -> torch.Tensor:
     """A logged metric: a detached 0-d float32 tensor (call ``.item()`` when logging; no sync here)."""
     return x.detach().to(torch.float32).reshape(())
+
+
+def check_targets(flat_t: torch.Tensor, ignore_index: int, vocab_size: int) -> torch.Tensor:
+    """``[M]`` bool ``flat_t != ignore_index``; ValueError if another id is outside ``[0, vocab_size)``
+    (the token_logps targets; also run inside the op ``fastsafe::token_targets_valid``)."""
+    valid = flat_t != ignore_index
+    bad = valid & ((flat_t < 0) | (flat_t >= vocab_size))
+    if bool(bad.any()):
+        vals = flat_t[bad]
+        raise ValueError(f"targets: expected ids in [0, V) = [0, {vocab_size}) or ignore_index = {ignore_index}, "
+                         f"got {vals.numel()} out of range (min {vals.min().item()}, max {vals.max().item()})")
+    return valid

@@ -26,7 +26,8 @@ import torch
 
 from fastsafe.ops.dispatch import OPS, backend_for
 
-from ._checks import acc_dtype, check_float, check_int_tensor, check_real, check_same_device, check_tensor
+from ._checks import (acc_dtype, check_float, check_int_tensor, check_real, check_same_device, check_targets,
+                      check_tensor)
 from .token_logps_merge import merge_partials, reduce_hidden_grad
 from .token_logps_vocab_parallel import vocab_shard
 
@@ -483,12 +484,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                                backend=backend)
     out_shape = targets.shape
     flat_t = targets.reshape(-1)
-    valid = flat_t != ignore_index
-    bad = valid & ((flat_t < 0) | (flat_t >= V_all))
-    if bool(bad.any()):
-        vals = flat_t[bad]
-        raise ValueError(f"targets: expected ids in [0, V) = [0, {V_all}) or ignore_index = {ignore_index}, got "
-                         f"{vals.numel()} out of range (min {vals.min().item()}, max {vals.max().item()})")
+    valid = check_targets(flat_t, ignore_index, V_all)
     if active is not None:
         check_tensor("active", active)
         if active.shape != targets.shape:

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import acc_dtype, check_same_device, check_tensor
+from ._checks import acc_dtype, check_same_device, check_targets, check_tensor
 from .token_logps import ChunkedTokenLogps, default_chunk_size, token_logps_backend, unpack_outputs
 
 __all__ = ["token_logps_op", "run_token_logps", "check_targets"]
@@ -236,17 +236,6 @@ def token_logps_op(backend: str, hidden, weight, bias, targets, ref_hidden, ref_
 # ----------------------------------------------------------------------------------------------
 # target check (an op, so it also runs inside a compiled graph)
 # ----------------------------------------------------------------------------------------------
-
-def check_targets(flat_t: torch.Tensor, ignore_index: int, vocab_size: int) -> torch.Tensor:
-    """``[M]`` bool ``flat_t != ignore_index``; ValueError if another id is outside ``[0, vocab_size)``."""
-    valid = flat_t != ignore_index
-    bad = valid & ((flat_t < 0) | (flat_t >= vocab_size))
-    if bool(bad.any()):
-        vals = flat_t[bad]
-        raise ValueError(f"targets: expected ids in [0, V) = [0, {vocab_size}) or ignore_index = {ignore_index}, "
-                         f"got {vals.numel()} out of range (min {vals.min().item()}, max {vals.max().item()})")
-    return valid
-
 
 def _valid_impl(flat_t, ignore_index, vocab_size):
     if flat_t.is_cuda and torch.cuda.is_current_stream_capturing():
