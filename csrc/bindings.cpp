@@ -297,6 +297,15 @@ void check_state_values(const fastsafe::MatcherTables& t, const at::Tensor& stat
 
 int cpu_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
 
+// The rows part of a step op's call (the op fills in its inputs and outputs).
+fastsafe::MatcherCall matcher_call(const at::Tensor& state) {
+  fastsafe::MatcherCall call;
+  call.state = state.data_ptr<int64_t>();
+  call.width = state.size(1);
+  call.batch = state.size(0);
+  return call;
+}
+
 at::Tensor matcher_advance_cpu_op(const at::Tensor& state, const at::Tensor& token_ids,
                                   const std::vector<at::Tensor>& tables, const std::vector<int64_t>& meta) {
   TORCH_CHECK_VALUE(state.device().is_cpu(), "state: expected a CPU tensor, got ", state.device());
@@ -307,8 +316,10 @@ at::Tensor matcher_advance_cpu_op(const at::Tensor& state, const at::Tensor& tok
   at::Tensor out = at::empty(state.sizes(), state.options());
   if (state.size(0) == 0) return out;
   pybind11::gil_scoped_release no_gil;
-  fastsafe::matcher_advance_cpu(t, state.data_ptr<int64_t>(), state.size(1), token_ids.data_ptr<int64_t>(),
-                                state.size(0), out.data_ptr<int64_t>(), cpu_threads());
+  fastsafe::MatcherCall call = matcher_call(state);
+  call.ids = token_ids.data_ptr<int64_t>();
+  call.out_state = out.data_ptr<int64_t>();
+  fastsafe::matcher_advance_cpu(t, call, cpu_threads());
   return out;
 }
 
@@ -321,8 +332,9 @@ at::Tensor matcher_banned_bitmask_cpu_op(const at::Tensor& state, const std::vec
   at::Tensor out = at::empty({state.size(0), t.words}, state.options().dtype(at::kInt));
   if (state.size(0) == 0) return out;
   pybind11::gil_scoped_release no_gil;
-  fastsafe::matcher_banned_bitmask_cpu(t, state.data_ptr<int64_t>(), state.size(1), state.size(0),
-                                       out.data_ptr<int32_t>(), cpu_threads());
+  fastsafe::MatcherCall call = matcher_call(state);
+  call.words = out.data_ptr<int32_t>();
+  fastsafe::matcher_banned_bitmask_cpu(t, call, cpu_threads());
   return out;
 }
 
@@ -338,9 +350,12 @@ std::tuple<at::Tensor, at::Tensor> matcher_check_candidates_cpu_op(const at::Ten
   at::Tensor ent = at::empty(cand_ids.sizes(), state.options().dtype(at::kInt));
   if (cand_ids.numel() == 0) return {ok, ent};
   pybind11::gil_scoped_release no_gil;
-  fastsafe::matcher_check_candidates_cpu(t, state.data_ptr<int64_t>(), state.size(1), cand_ids.data_ptr<int64_t>(),
-                                         state.size(0), cand_ids.size(1), ok.data_ptr<bool>(),
-                                         ent.data_ptr<int32_t>(), cpu_threads());
+  fastsafe::MatcherCall call = matcher_call(state);
+  call.ids = cand_ids.data_ptr<int64_t>();
+  call.k = cand_ids.size(1);
+  call.ok = ok.data_ptr<bool>();
+  call.entity = ent.data_ptr<int32_t>();
+  fastsafe::matcher_check_candidates_cpu(t, call, cpu_threads());
   return {ok, ent};
 }
 
@@ -365,10 +380,10 @@ at::Tensor matcher_advance_cuda_op(const at::Tensor& state, const at::Tensor& to
   check_ids(token_ids, "token_ids", 1, state);
   at::Tensor out = at::empty(state.sizes(), state.options());
   if (state.size(0) == 0) return out;
-  check_launch(fastsafe::matcher_advance_cuda(t, state.data_ptr<int64_t>(), state.size(1),
-                                              token_ids.data_ptr<int64_t>(), state.size(0), out.data_ptr<int64_t>(),
-                                              stream_of(state)),
-               "device_matcher_advance_cuda");
+  fastsafe::MatcherCall call = matcher_call(state);
+  call.ids = token_ids.data_ptr<int64_t>();
+  call.out_state = out.data_ptr<int64_t>();
+  check_launch(fastsafe::matcher_advance_cuda(t, call, stream_of(state)), "device_matcher_advance_cuda");
   return out;
 }
 
@@ -378,9 +393,9 @@ at::Tensor matcher_banned_bitmask_cuda_op(const at::Tensor& state, const std::ve
   const fastsafe::MatcherTables t = cuda_matcher_tables(state, tables, meta);
   at::Tensor out = at::empty({state.size(0), t.words}, state.options().dtype(at::kInt));
   if (state.size(0) == 0) return out;
-  check_launch(fastsafe::matcher_banned_bitmask_cuda(t, state.data_ptr<int64_t>(), state.size(1), state.size(0),
-                                                     out.data_ptr<int32_t>(), stream_of(state)),
-               "device_matcher_banned_bitmask_cuda");
+  fastsafe::MatcherCall call = matcher_call(state);
+  call.words = out.data_ptr<int32_t>();
+  check_launch(fastsafe::matcher_banned_bitmask_cuda(t, call, stream_of(state)), "device_matcher_banned_bitmask_cuda");
   return out;
 }
 
@@ -394,9 +409,12 @@ std::tuple<at::Tensor, at::Tensor> matcher_check_candidates_cuda_op(const at::Te
   at::Tensor ok = at::empty(cand_ids.sizes(), state.options().dtype(at::kBool));
   at::Tensor ent = at::empty(cand_ids.sizes(), state.options().dtype(at::kInt));
   if (cand_ids.numel() == 0) return {ok, ent};
-  check_launch(fastsafe::matcher_check_candidates_cuda(t, state.data_ptr<int64_t>(), state.size(1),
-                                                       cand_ids.data_ptr<int64_t>(), state.size(0), cand_ids.size(1),
-                                                       ok.data_ptr<bool>(), ent.data_ptr<int32_t>(), stream_of(state)),
+  fastsafe::MatcherCall call = matcher_call(state);
+  call.ids = cand_ids.data_ptr<int64_t>();
+  call.k = cand_ids.size(1);
+  call.ok = ok.data_ptr<bool>();
+  call.entity = ent.data_ptr<int32_t>();
+  check_launch(fastsafe::matcher_check_candidates_cuda(t, call, stream_of(state)),
                "device_matcher_check_candidates_cuda");
   return {ok, ent};
 }

@@ -15,51 +15,31 @@ namespace {
 constexpr int kThreads = 128;           // rows / candidates per block
 constexpr int kBitmaskThreads = 256;    // threads per row of the bitmask
 
-struct AdvanceParams {
+// The kernels' one parameter struct.
+struct StepParams {
   MatcherTables t;
-  const int64_t* state;
-  int64_t width;
-  const int64_t* tokens;
-  int64_t batch;
-  int64_t* out;
-};
-
-struct BitmaskParams {
-  MatcherTables t;
-  const int64_t* state;
-  int64_t width;
-  int32_t* words;
-};
-
-struct CheckParams {
-  MatcherTables t;
-  const int64_t* state;
-  int64_t width;
-  const int64_t* cand;
-  int64_t n_items;
-  int64_t k;
-  bool* ok;
-  int32_t* entity;
+  MatcherCall c;
 };
 
 // One thread per row.
-__global__ void __launch_bounds__(kThreads) advance_kernel(const AdvanceParams p) {
+__global__ void __launch_bounds__(kThreads) advance_kernel(const StepParams p) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= p.batch) return;
-  advance_row(p.t, p.state + b * p.width, p.out + b * p.width, p.width, p.tokens[b]);
+  const MatcherCall& c = p.c;
+  if (b >= c.batch) return;
+  advance_row(p.t, c.state + b * c.width, c.out_state + b * c.width, c.width, c.ids[b]);
 }
 
 // One block per row: the threads copy base, then apply the chain's nodes one after another (a
 // node's pairs have distinct words, so thread j applies pairs j, j + blockDim, ...; a barrier
 // separates nodes). The chain walk is the same in every thread (no divergent barrier).
-__global__ void __launch_bounds__(kBitmaskThreads) bitmask_kernel(const BitmaskParams p) {
+__global__ void __launch_bounds__(kBitmaskThreads) bitmask_kernel(const StepParams p) {
   const MatcherTables& t = p.t;
   const int64_t b = blockIdx.x;
   const int64_t W = t.words;
-  int32_t* row = p.words + b * W;
+  int32_t* row = p.c.words + b * W;
   for (int64_t w = threadIdx.x; w < W; w += blockDim.x) row[w] = t.base[w];
   __syncthreads();        // a ban pair may hit a word another thread copied
-  const int64_t s = clamp64(p.state[b * p.width + kStTok], 0, t.tok_states - 1);
+  const int64_t s = clamp64(p.c.state[b * p.c.width + kStTok], 0, t.tok_states - 1);
   int64_t node = t.ban_first[s];
   for (int32_t d = 0; d < t.ban_depth && node >= 0; ++d) {
     const int64_t off = t.ban_off[node], cnt = t.ban_cnt[node];
@@ -75,10 +55,11 @@ __global__ void __launch_bounds__(kBitmaskThreads) bitmask_kernel(const BitmaskP
 }
 
 // One thread per (row, candidate).
-__global__ void __launch_bounds__(kThreads) check_kernel(const CheckParams p) {
+__global__ void __launch_bounds__(kThreads) check_kernel(const StepParams p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= p.n_items) return;
-  check_one(p.t, p.state + (i / p.k) * p.width, p.cand[i], p.ok + i, p.entity + i);
+  const MatcherCall& c = p.c;
+  if (i >= c.batch * c.k) return;
+  check_one(p.t, c.state + (i / c.k) * c.width, c.ids[i], c.ok + i, c.entity + i);
 }
 
 unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
@@ -86,30 +67,23 @@ unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + 
 }  // namespace
 
 #ifndef FASTSAFE_CUDA_EMULATION
-cudaError_t matcher_advance_cuda(const MatcherTables& t, const int64_t* state, int64_t width, const int64_t* tokens,
-                                 int64_t batch, int64_t* out, cudaStream_t stream) {
-  if (batch <= 0) return cudaSuccess;
-  const AdvanceParams p{t, state, width, tokens, batch, out};
-  advance_kernel<<<blocks_for(batch, kThreads), kThreads, 0, stream>>>(p);
+cudaError_t matcher_advance_cuda(const MatcherTables& t, const MatcherCall& call, cudaStream_t stream) {
+  if (call.batch <= 0) return cudaSuccess;
+  advance_kernel<<<blocks_for(call.batch, kThreads), kThreads, 0, stream>>>(StepParams{t, call});
   return cudaGetLastError();
 }
 
-cudaError_t matcher_banned_bitmask_cuda(const MatcherTables& t, const int64_t* state, int64_t width, int64_t batch,
-                                        int32_t* words, cudaStream_t stream) {
-  if (batch <= 0) return cudaSuccess;
-  if (batch > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  const BitmaskParams p{t, state, width, words};
-  bitmask_kernel<<<static_cast<unsigned>(batch), kBitmaskThreads, 0, stream>>>(p);
+cudaError_t matcher_banned_bitmask_cuda(const MatcherTables& t, const MatcherCall& call, cudaStream_t stream) {
+  if (call.batch <= 0) return cudaSuccess;
+  if (call.batch > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  bitmask_kernel<<<static_cast<unsigned>(call.batch), kBitmaskThreads, 0, stream>>>(StepParams{t, call});
   return cudaGetLastError();
 }
 
-cudaError_t matcher_check_candidates_cuda(const MatcherTables& t, const int64_t* state, int64_t width,
-                                          const int64_t* cand, int64_t batch, int64_t k, bool* ok, int32_t* entity,
-                                          cudaStream_t stream) {
-  const int64_t n = batch * k;
+cudaError_t matcher_check_candidates_cuda(const MatcherTables& t, const MatcherCall& call, cudaStream_t stream) {
+  const int64_t n = call.batch * call.k;
   if (n <= 0) return cudaSuccess;
-  const CheckParams p{t, state, width, cand, n, k, ok, entity};
-  check_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(p);
+  check_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(StepParams{t, call});
   return cudaGetLastError();
 }
 #endif

@@ -12,17 +12,15 @@
 
 namespace fastsafe {
 
-// One thread per row. Returns the launch error.
-cudaError_t matcher_advance_cuda(const MatcherTables& t, const int64_t* state, int64_t width, const int64_t* tokens,
-                                 int64_t batch, int64_t* out, cudaStream_t stream);
+// The fields of `call` each op uses are listed at MatcherCall (device pointers). Each returns the
+// launch error.
+// advance: one thread per row.
+cudaError_t matcher_advance_cuda(const MatcherTables& t, const MatcherCall& call, cudaStream_t stream);
 
-// One block per row: the threads copy `base` and apply the row's bans to their own words.
-cudaError_t matcher_banned_bitmask_cuda(const MatcherTables& t, const int64_t* state, int64_t width, int64_t batch,
-                                        int32_t* words, cudaStream_t stream);
+// banned_bitmask: one block per row; the threads copy `base` and apply the row's bans to their own words.
+cudaError_t matcher_banned_bitmask_cuda(const MatcherTables& t, const MatcherCall& call, cudaStream_t stream);
 
-// One thread per (row, candidate).
-cudaError_t matcher_check_candidates_cuda(const MatcherTables& t, const int64_t* state, int64_t width,
-                                          const int64_t* cand, int64_t batch, int64_t k, bool* ok, int32_t* entity,
-                                          cudaStream_t stream);
+// check_candidates: one thread per (row, candidate).
+cudaError_t matcher_check_candidates_cuda(const MatcherTables& t, const MatcherCall& call, cudaStream_t stream);
 
 }  // namespace fastsafe

@@ -144,6 +144,23 @@ inline MatcherTables make_matcher_tables(const void* const* ptr, const int64_t* 
   return t;
 }
 
+// One call of a step op on a batch of rows (what the CPU and CUDA launchers take, besides the
+// tables and their threads / stream). Each op reads and writes the fields it names:
+//   advance:          state, width, batch, ids = tokens [batch]             -> out_state [batch, width]
+//   banned_bitmask:   state, width, batch                                   -> words [batch, W]
+//   check_candidates: state, width, batch, ids = candidates [batch, k], k   -> ok, entity [batch, k]
+struct MatcherCall {
+  const int64_t* state = nullptr;   // [batch, width] int64, width >= kMatcherStateColumns
+  int64_t width = 0;
+  int64_t batch = 0;
+  const int64_t* ids = nullptr;
+  int64_t k = 0;
+  int64_t* out_state = nullptr;
+  int32_t* words = nullptr;
+  bool* ok = nullptr;
+  int32_t* entity = nullptr;
+};
+
 // The text part of a row's state.
 struct TextState {
   int64_t s, ctx, cp, need, shadow, pend;

@@ -68,14 +68,24 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> ok(B * k);
   std::vector<int32_t> entity(B * k);
   if (B > 0) {
-    emu_launch(advance_kernel, blocks_for(B, kThreads), kThreads,
-               AdvanceParams{t, state.data(), width, tokens.data(), B, out.data()});
-    emu_launch(bitmask_kernel, static_cast<unsigned>(B), kBitmaskThreads,
-               BitmaskParams{t, out.data(), width, words.data()});
-    if (k > 0)
-      emu_launch(check_kernel, blocks_for(B * k, kThreads), kThreads,
-                 CheckParams{t, out.data(), width, cand.data(), B * k, k, reinterpret_cast<bool*>(ok.data()),
-                             entity.data()});
+    MatcherCall adv;
+    adv.state = state.data();
+    adv.width = width;
+    adv.batch = B;
+    adv.ids = tokens.data();
+    adv.out_state = out.data();
+    emu_launch(advance_kernel, blocks_for(B, kThreads), kThreads, StepParams{t, adv});
+    MatcherCall next;                 // the bitmask and the check read the new state
+    next.state = out.data();
+    next.width = width;
+    next.batch = B;
+    next.words = words.data();
+    next.ids = cand.data();
+    next.k = k;
+    next.ok = reinterpret_cast<bool*>(ok.data());
+    next.entity = entity.data();
+    emu_launch(bitmask_kernel, static_cast<unsigned>(B), kBitmaskThreads, StepParams{t, next});
+    if (k > 0) emu_launch(check_kernel, blocks_for(B * k, kThreads), kThreads, StepParams{t, next});
   }
   FILE* o = fopen(argv[2], "wb");
   if (o == nullptr) {
