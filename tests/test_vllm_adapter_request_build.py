@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastsafe.integrations.vllm import RequestArgs
-from fastsafe.integrations.vllm.built import RequestMatchers, interim_matcher
+from fastsafe.integrations.vllm.built import RequestMatchers
+from fastsafe.integrations.vllm.interim import row_mask, start_rule
 from fastsafe.ops import unpack_bitmask
 from fastsafe.safety import DeviceMatcher
 from fastsafe.safety.char_automaton import fold_text
@@ -33,21 +34,85 @@ def _first_tokens(tok, phrases):
     return {int(flat[s]) for s in starts}, flat, lens
 
 
-def test_interim_matcher_bans_every_first_token_and_the_full_sequences():
+def _banned(words, V):
+    return set((~unpack_bitmask(torch.as_tensor(words), V)).nonzero().flatten().tolist())
+
+
+def test_interim_rule_bans_every_first_token_and_what_the_full_matcher_bans_at_token_level():
     tok = tiny_tokenizer()
     V = len(tok)
-    im = interim_matcher(tok, PHRASES, vocab_size=V, device="cpu", eos_token_id=0)
+    tries = RequestMatchers(tok, vocab_size=V, device="cpu", eos_token_id=0).tries
+    rule = start_rule(tries, PHRASES)
     full = DeviceMatcher.build(tok, list(PHRASES), vocab_size=V, eos_token_id=0)
     firsts, _, _ = _first_tokens(tok, PHRASES)
-    assert len(firsts) >= 4 and not im.has_text_rules
-    banned0 = ~unpack_bitmask(im.banned_bitmask(im.initial_state(1)), V)[0]
-    assert set(banned0.nonzero()[:, 0].tolist()) == firsts - {0}
+    banned0 = _banned(rule.allowed, V)
+    # a canonical variant that starts with a lone space token: the phrase's text starts in the next one
+    space = {t for t in firsts if not tok.decode([t]).strip()}
+    assert len(firsts - space) >= 4 and firsts - space - {0} <= banned0 and 0 not in banned0
+    assert rule.banned == len(banned0) and not space & banned0
+    # any tokenisation's first token: the phrase spelled letter by letter, in capitals, after punctuation
+    for text in ["q", "Q", "(quick", "LAZY", "l", ", lazy"]:
+        holder = next(t for t in enc(tok, text) if any(c.isalpha() for c in tok.decode([t])))
+        assert holder in banned0, text
+    assert not {enc(tok, w)[0] for w in (" the", " fox", " over")} & banned0     # unrelated words stay allowed
     # at least as strict as the full matcher's token level on histories (prompt-started phrases too)
-    for text in ["the quick", "a lazy", "quick", "the", "lazy dog and the quick"]:
-        h = [enc(tok, text)]
-        bi = ~unpack_bitmask(im.banned_bitmask(im.state_from_histories(h)), V)[0]
-        bf = ~unpack_bitmask(full.banned_bitmask(full.state_from_histories(h)), V)[0]
-        assert not (bf & ~bi).any(), text
+    for text in ["the quick", "a lazy", "quick", "the", "lazy dog and the quick", "THE QUICK", "the lazy"]:
+        h = enc(tok, text)
+        bi = _banned(row_mask(tries, rule, h), V)
+        bf = _banned(full.banned_bitmask(full.state_from_histories([h])), V)
+        assert bf - {0} <= bi, text                       # (the interim rule never bans EOS, id 0 here)
+    assert enc(tok, " brown")[0] in _banned(row_mask(tries, rule, enc(tok, "the quick")), V)
+    assert enc(tok, " brown")[0] not in _banned(row_mask(tries, rule, enc(tok, "the slow")), V)
+
+
+def test_interim_rule_of_a_phrase_without_letters_bans_every_token_holding_its_first_byte():
+    tok = tiny_tokenizer()
+    V = len(tok)
+    tries = RequestMatchers(tok, vocab_size=V, device="cpu", eos_token_id=0).tries
+    banned = _banned(start_rule(tries, ["?!"]).allowed, V)
+    holding = {t for t in range(V) if b"?" in tries.token_text[t]}
+    assert holding and banned == holding
+
+
+def test_admission_does_no_tokenisation_and_builds_no_matcher_on_the_step_thread(tmp_path, blocked_build,
+                                                                                   monkeypatch):
+    """Work counted, not timed: admitting a request with new phrases calls the tokenizer 0 times and
+    constructs no DeviceMatcher on the calling thread; the interim rule is one start rule per set and
+    one row mask per row."""
+    import threading
+    rows, tok, _ = make_rows(tmp_path)
+    prompt = enc(tok, "the quick")
+    calls = []
+    main = threading.current_thread()
+    for name in ("__call__", "encode", "tokenize", "_encode_plus", "_batch_encode_plus", "batch_decode", "decode"):
+        real = getattr(type(tok), name, None)
+        if real is None:
+            continue
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            if threading.current_thread() is main:
+                calls.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(type(tok), name, spy)
+    real_init = DeviceMatcher.__init__
+
+    def init(self, *a, **k):
+        if threading.current_thread() is main:
+            calls.append("DeviceMatcher")
+        real_init(self, *a, **k)
+    monkeypatch.setattr(DeviceMatcher, "__init__", init)
+    phrases = tuple(f"phrase number {i} of the request" for i in range(1000)) + PHRASES
+    for slot in range(3):
+        assert rows.admit(slot, RequestArgs(None, banned_phrases=phrases))
+    _derive(rows, [0, 1, 2], [prompt] * 3)
+    V = rows.vocab_size
+    logits = torch.zeros(3, V)
+    got = rows.apply(logits, rows.plan(torch.tensor([0, 1, 2]).numpy()), positions=torch.zeros(3, dtype=torch.int64))
+    assert calls == []
+    rm = rows.request_matchers
+    assert rm.interim_builds == 1 and rows.interim_row_masks == 3 and rm.builds == 0
+    assert torch.isneginf(got[:, enc(tok, " brown")[0]]).all()         # fail closed from the first step
+    assert torch.isneginf(got[:, enc(tok, " lazy")[0]]).all()
 
 
 def test_slow_build_never_delays_the_rows_and_the_full_matcher_takes_over(tmp_path, blocked_build):

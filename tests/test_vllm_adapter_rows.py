@@ -10,6 +10,7 @@ import torch
 from fastsafe import TSDIBias
 from fastsafe.integrations.vllm import Policy, RequestArgs
 from fastsafe.integrations.vllm.engine import SafetyRows
+from fastsafe.integrations.vllm.interim import row_mask
 from fastsafe.ops import unpack_bitmask
 from fastsafe.safety import DeviceMatcher
 from tests.test_matcher import tiny_tokenizer
@@ -49,14 +50,20 @@ def reference(rows, logits, slot_hist, row_slots):
         if b is not None and b.table is not None:
             x -= float(rows.slot_scale[s]) * b.table[min(n_out, b.table.shape[0] - 1)]
         ms = rows.matchers_of(s)
-        states = [m.state_from_histories([hist]) for m in ms]
+        states = [None if m is rows.interim else m.state_from_histories([hist]) for m in ms]
         for m, st in zip(ms, states):
-            x[~unpack_bitmask(m.banned_bitmask(st), V)[0]] = NEG
+            if m is rows.interim:           # request phrases still building: the mask of the row's admission history
+                words = torch.from_numpy(row_mask(rows.request_matchers.tries, rows._interim_rule[s],
+                                                  hist[:len(hist) - n_out][-rows.window:]))
+            else:
+                words = m.banned_bitmask(st)[0]
+            x[~unpack_bitmask(words, V)] = NEG
         if any(m.has_text_rules for m in ms):
             vals, cands = x.topk(10 if b is None else b.top_k)
             ok = torch.isfinite(vals)
             for m, st in zip(ms, states):
-                ok &= m.check_candidates(st, cands[None])[0][0]
+                if m.has_text_rules:
+                    ok &= m.check_candidates(st, cands[None])[0][0]
             x[cands[~ok]] = NEG
             dead = not bool(ok.any())
         else:

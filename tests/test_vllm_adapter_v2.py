@@ -213,8 +213,9 @@ def test_v2_request_only_matcher_built_in_the_background(setup, monkeypatch):
     assert ud
     run.staged(proc)
     interim = proc.rows.slot_request_matcher[d]
-    firsts = set((~unpack_bitmask(interim.banned_bitmask(interim.initial_state(1)), run.rs.vocab_size))[0]
-                 .nonzero()[:, 0].tolist())
+    assert interim is proc.rows.interim
+    firsts = set((~unpack_bitmask(proc.rows._interim_words[d], run.rs.vocab_size)).nonzero()[:, 0].tolist())
+    assert enc(tok, " brown")[0] in firsts and enc(tok, " lazy")[0] in firsts    # the prompt's "quick" continued
     for _ in range(4):
         got, _ = step(proc, run, [d], g)
         assert torch.isneginf(got[0, sorted(firsts)]).all()

@@ -57,6 +57,21 @@ def _device_text(matcher) -> bool:
     return bool(getattr(matcher, "has_device_text", matcher.alphabet is not None))
 
 
+class InterimRule:
+    """The stand-in "matcher" of rows whose request-only phrases are still building (one per
+    :class:`SafetyRows`): a per-slot packed mask (:mod:`.interim`) instead of an automaton state."""
+    has_text_rules = False
+    has_regexes = False
+    has_device_text = False
+    alphabet = None
+
+    def entity(self, index):
+        return None
+
+    def __repr__(self) -> str:
+        return "InterimRule()"
+
+
 class _Group:
     """The rows of one policy that one matcher checks."""
     __slots__ = ("matcher", "key", "slots", "rows", "local", "host_rows", "seqs")
@@ -137,7 +152,13 @@ class SafetyRows:
         self.request_matchers = RequestMatchers(tokenizer, vocab_size=self.vocab_size, device=self.device,
                                                 eos_token_id=self.eos_token_id,
                                                 background=background_request_builds, logger=logger)
+        self.request_matchers.prepare()           # the interim rule's vocabulary tables, at start
         self._interim_slots: set = set()          # slots whose request-only matcher is still the interim one
+        self.interim = InterimRule()
+        self._interim_rule: list = [None] * self.capacity            # per interim slot: its set's StartRule
+        W = (self.vocab_size + 31) // 32
+        self._interim_words = torch.full((self.capacity, W), -1, dtype=torch.int32, device=self.device)
+        self.interim_row_masks = 0                # row masks computed (admission / derive), for tests
         self.audit = Audit(list(self.policies) + [OPT_OUT], logger, text=self.text, log_interval=log_interval,
                            log_events=log_events)
         # host bookkeeping per slot
@@ -175,10 +196,15 @@ class SafetyRows:
         pol = args.policy if args is not None else None
         self.slot_policy[slot] = pol
         self._interim_slots.discard(slot)
+        self._interim_rule[slot] = None
         if args is not None and args.banned_phrases:
             m, final = self.request_matchers.lookup(args.banned_phrases)     # never waits for a full build
-            self.slot_request_matcher[slot] = m
-            if not final:
+            if final:
+                self.slot_request_matcher[slot] = m
+            else:                                 # the interim rule: start bans now, the row's own at derive
+                self.slot_request_matcher[slot] = self.interim
+                self._interim_rule[slot] = m
+                self._interim_words[slot] = torch.from_numpy(m.allowed).to(self.device)
                 self._interim_slots.add(slot)
         else:
             self.slot_request_matcher[slot] = None
@@ -195,6 +221,7 @@ class SafetyRows:
         """The request in ``slot`` left the batch (a request-only matcher no row uses any more loses its state)."""
         had_own = self.slot_request_matcher[slot] is not None
         self._interim_slots.discard(slot)
+        self._interim_rule[slot] = None
         self.slot_args[slot] = None
         self.slot_policy[slot] = None
         self.slot_request_matcher[slot] = None
@@ -245,6 +272,11 @@ class SafetyRows:
         for i, s in enumerate(slots):
             for m in (self.matchers_of(s) if matchers is None else [m for m in matchers if m in self.matchers_of(s)]):
                 by_matcher.setdefault(id(m), (m, []))[1].append(i)
+        interim = by_matcher.pop(id(self.interim), None)
+        if interim is not None:
+            self._derive_interim([slots[i] for i in interim[1]], tokens.index_select(
+                0, to_device(interim[1], torch.int64, self.device)), valid.index_select(
+                0, to_device(interim[1], torch.int64, self.device)))
         for m, idx in by_matcher.values():
             ii = to_device(idx, torch.int64, self.device)
             tok, ok = tokens.index_select(0, ii), valid.index_select(0, ii)
@@ -253,6 +285,17 @@ class SafetyRows:
                 st = torch.where(ok[:, j:j + 1], m.advance(st, tok[:, j].contiguous()), st)
             sl = to_device([slots[i] for i in idx], torch.int64, self.device)
             self._state(m).index_copy_(0, sl, st)
+
+    def _derive_interim(self, slots, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Interim slots: their set's start bans and the continuation bans of their own recent tokens
+        (:func:`.interim.row_mask`; the tokens are read on the host: once per admission)."""
+        from .interim import row_mask
+        tok, ok = tokens.cpu().numpy(), valid.cpu().numpy()
+        tries = self.request_matchers.tries
+        for s, t, o in zip(slots, tok, ok):
+            words = row_mask(tries, self._interim_rule[s], t[o].tolist())
+            self._interim_words[s] = torch.from_numpy(words).to(self.device)
+            self.interim_row_masks += 1
 
     def poll_swaps(self):
         """Store policies whose newest built matcher differs from the one in force, and request-only
@@ -267,6 +310,7 @@ class SafetyRows:
             if m is None:
                 continue
             self._interim_slots.discard(s)
+            self._interim_rule[s] = None
             self.slot_request_matcher[s] = m
             slots.append(s)
             if all(m is not x for x in new):
@@ -341,6 +385,8 @@ class SafetyRows:
             valid: ``[num_rows, m]`` bool (``False``: no token at that place).
         """
         for g in plan.groups:
+            if g.matcher is self.interim:            # a mask per slot, no automaton state
+                continue
             state = self._state(g.matcher)
             st = state.index_select(0, g.slots)
             tok, ok = tokens.index_select(0, g.rows), valid.index_select(0, g.rows)
@@ -381,9 +427,12 @@ class SafetyRows:
         for pr in plan.policies:
             text_groups = []
             for g in pr.groups:
-                st = self._state(g.matcher).index_select(0, g.slots)
-                best, hit = ban_(logits, g.rows, g.matcher.banned_bitmask(st), row_max.index_select(0, g.rows),
-                                 sparse=sparse)
+                if g.matcher is self.interim:
+                    st, words = None, self._interim_words.index_select(0, g.slots)
+                else:
+                    st = self._state(g.matcher).index_select(0, g.slots)
+                    words = g.matcher.banned_bitmask(st)
+                best, hit = ban_(logits, g.rows, words, row_max.index_select(0, g.rows), sparse=sparse)
                 if _device_text(g.matcher):           # the entity the banned token completes (text check of it)
                     ent = g.matcher.check_candidates(st, best[:, None])[1][:, 0].to(torch.int64)
                 else:
