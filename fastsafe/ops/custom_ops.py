@@ -74,20 +74,11 @@ def _torch_impl(*args):
 
 
 def _cpp_impl(*args):
-    return _native().safe_topk_cpu(*args)
+    return native_module().safe_topk_cpu(*args)   # imported on first use: the op exists without the build
 
 
 def _cuda_impl(*args):
-    return _native().safe_topk_cuda(*args)
-
-
-_NATIVE = []
-
-
-def _native():
-    if not _NATIVE:                       # imported on first use: the op exists even without the build
-        _NATIVE.append(native_module())
-    return _NATIVE[0]
+    return native_module().safe_topk_cuda(*args)
 
 
 _LIB.define("safe_topk_torch" + SAFE_TOPK_SCHEMA)

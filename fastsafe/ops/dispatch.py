@@ -84,8 +84,10 @@ class BackendInfo:
         return f"{self.name:7s} [{'/'.join(self.devices)}] {state}"
 
 
+@functools.cache
 def native_module():
-    """The compiled extension ``fastsafe._C``, or raise ImportError with the reason."""
+    """The compiled extension ``fastsafe._C`` (imported on first use and kept; a failed import is
+    not kept, it raises ImportError with the reason on every call)."""
     return importlib.import_module("fastsafe._C")
 
 

@@ -52,24 +52,16 @@ _LIB.define("device_matcher_banned_bitmask(Tensor state, Tensor[] tables, int[] 
 _LIB.define("device_matcher_check_candidates(Tensor state, Tensor cand_ids, Tensor[] tables, int[] meta) "
             "-> (Tensor, Tensor)")
 
-_NATIVE = []
-
-
-def _native():
-    if not _NATIVE:                       # imported on first use: the ops exist even without the build
-        _NATIVE.append(native_module())
-    return _NATIVE[0]
-
 
 def _impls(suffix: str):
     def advance(state, token_ids, tables, meta):
-        return getattr(_native(), "device_matcher_advance_" + suffix)(state, token_ids, tables, meta)
+        return getattr(native_module(), "device_matcher_advance_" + suffix)(state, token_ids, tables, meta)
 
     def banned_bitmask(state, tables, meta):
-        return getattr(_native(), "device_matcher_banned_bitmask_" + suffix)(state, tables, meta)
+        return getattr(native_module(), "device_matcher_banned_bitmask_" + suffix)(state, tables, meta)
 
     def check_candidates(state, cand_ids, tables, meta):
-        return getattr(_native(), "device_matcher_check_candidates_" + suffix)(state, cand_ids, tables, meta)
+        return getattr(native_module(), "device_matcher_check_candidates_" + suffix)(state, cand_ids, tables, meta)
 
     return advance, banned_bitmask, check_candidates
 
