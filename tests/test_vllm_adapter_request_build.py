@@ -237,3 +237,19 @@ def test_from_token_sequences_equals_build_of_token_id_phrases():
         assert torch.equal(ref.banned_bitmask(a), dm.banned_bitmask(b)), h
     with pytest.raises(ValueError, match=r"flat: expected token ids in \[0, 50\)"):
         DeviceMatcher.from_token_sequences([], np.asarray([50]), np.asarray([1]), np.asarray([0]), vocab_size=V)
+
+
+def test_worker_side_request_args_do_not_normalise_the_phrases_again(monkeypatch):
+    """Work counted: the worker (step thread) trusts the admission check of each phrase."""
+    from fastsafe.integrations.vllm import Policy, request_args
+    from fastsafe.safety import normalize
+    calls = []
+    real = normalize.entity_forms
+    monkeypatch.setattr(normalize, "entity_forms", lambda p: (calls.append(p), real(p))[1])
+    pol = {"default": Policy("default", phrases=("make a bomb",))}
+    extra = {"fastsafe": {"banned_phrases": ["lazy dog", "quick brown", "lazy dog"]}}
+    assert request_args(extra, pol).banned_phrases == ("lazy dog", "quick brown") and len(calls) == 3
+    calls.clear()
+    assert request_args(extra, pol, checked=True).banned_phrases == ("lazy dog", "quick brown") and calls == []
+    with pytest.raises(ValueError, match="banned_phrases: at most"):
+        request_args({"fastsafe": {"banned_phrases": ["x"] * 10_001}}, pol, checked=True)

@@ -98,13 +98,15 @@ def _raw(extra_args) -> dict | None:
     return merged
 
 
-def _phrases(value) -> tuple[str, ...]:
+def _phrases(value, checked: bool = False) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"fastsafe: banned_phrases: expected a list of strings, got {type(value).__name__}")
     if len(value) > MAX_REQUEST_PHRASES:
         raise ValueError(f"fastsafe: banned_phrases: at most {MAX_REQUEST_PHRASES} phrases per request, got {len(value)}")
+    if checked and all(isinstance(p, str) for p in value):     # the worker: admission checked each phrase
+        return tuple(dict.fromkeys(value))
     from fastsafe.safety.normalize import entity_forms
     seen: dict[str, None] = {}
     for i, p in enumerate(value):
@@ -119,7 +121,7 @@ def _phrases(value) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def request_args(extra_args, policies: dict[str, Policy] | None) -> RequestArgs:
+def request_args(extra_args, policies: dict[str, Policy] | None, *, checked: bool = False) -> RequestArgs:
     """Check and resolve one request's fastsafe arguments.
 
     Args:
@@ -127,6 +129,10 @@ def request_args(extra_args, policies: dict[str, Policy] | None) -> RequestArgs:
         policies: the server's policies (:func:`~.policies.policies_from_env`), ``None`` when
             ``FASTSAFE_VLLM_POLICIES`` is unset (then nothing is filtered and fastsafe arguments
             are refused, so a client does not believe it is protected).
+        checked: the request passed this check at admission (the worker, on the step thread): the
+            phrases are not normalised again (~10 us each: 0.1 s at 10,000), only deduplicated. A
+            phrase that normalises to nothing then fails the background build, and the row keeps
+            the interim rule (fail closed).
 
     Returns:
         The resolved :class:`RequestArgs`.
@@ -175,5 +181,5 @@ def request_args(extra_args, policies: dict[str, Policy] | None) -> RequestArgs:
             what = "no policy" if policy is None else f"policy {policy.name!r} has no tsdi table"
             raise ValueError(f"fastsafe: tsdi_scale: {scale} given but {what} (nothing to scale)")
         scale = float(scale)
-    phrases = _phrases(raw["banned_phrases"]) if raw.get("banned_phrases") is not None else ()
+    phrases = _phrases(raw["banned_phrases"], checked) if raw.get("banned_phrases") is not None else ()
     return RequestArgs(policy=None if policy is None else policy.name, tsdi_scale=scale, banned_phrases=phrases)

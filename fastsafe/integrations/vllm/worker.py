@@ -103,10 +103,11 @@ def validate(sampling_params) -> None:
 
 
 def args_of(sampling_params, policies, log) -> RequestArgs:
-    """The request's arguments in the worker. They were checked at admission; should the policies
-    file have changed since, the request gets the default policy (fail closed) and an error line."""
+    """The request's arguments in the worker (on the step thread). They were checked at admission, so
+    the phrases are not normalised again; should the policies file have changed since, the request
+    gets the default policy (fail closed) and an error line."""
     try:
-        return request_args(getattr(sampling_params, "extra_args", None), policies)
+        return request_args(getattr(sampling_params, "extra_args", None), policies, checked=True)
     except ValueError as exc:
         log.error("fastsafe: request arguments refused in the worker (%s); the default policy applies", exc)
         return request_args(None, policies)
