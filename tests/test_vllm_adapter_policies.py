@@ -134,3 +134,17 @@ def test_fastsafe_args_without_policies_file_are_refused():
 def test_a_thousand_request_phrases_are_accepted():
     phrases = [f"secret project {i}" for i in range(1000)]
     assert len(request_args({"fastsafe": {"banned_phrases": phrases}}, POLICIES).banned_phrases) == 1000
+
+
+def test_policies_read_with_tomli_where_tomllib_is_missing_and_a_clear_error_without_either(tmp_path, monkeypatch):
+    """Python 3.10 has no tomllib: tomli is used; with neither, the error names what to install."""
+    import sys
+    import tomllib
+    p = _write(tmp_path, '[policy.default]\nphrases = ["make a bomb"]\n')
+    monkeypatch.setitem(sys.modules, "tomllib", None)                # import tomllib -> ImportError
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)               # a stand-in tomli with the same API
+    assert load_policies(p)["default"].phrases == ("make a bomb",)
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(ImportError, match=r"needs tomllib \(Python >= 3.11\) or, on Python 3.10, the tomli "
+                                          r"package: pip install tomli"):
+        load_policies(p)

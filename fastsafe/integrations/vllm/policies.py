@@ -32,10 +32,20 @@ import re
 import threading
 from dataclasses import dataclass
 
-try:
-    import tomllib
-except ModuleNotFoundError:          # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+
+def _toml():
+    """The TOML reader: ``tomllib`` (Python >= 3.11), else ``tomli`` (Python 3.10), else a clear error."""
+    try:
+        import tomllib
+        return tomllib
+    except ImportError:
+        pass
+    try:
+        import tomli
+        return tomli
+    except ImportError:
+        raise ImportError(f"fastsafe.integrations.vllm: reading the policies file ({ENV_VAR}) needs tomllib "
+                          f"(Python >= 3.11) or, on Python 3.10, the tomli package: pip install tomli") from None
 
 __all__ = ["Policy", "PolicyError", "load_policies", "policies_from_env", "ENV_VAR", "DEFAULT_POLICY", "OPT_OUT",
            "POLICY_KEYS"]
@@ -196,6 +206,7 @@ def load_policies(path) -> dict[str, Policy]:
         5
     """
     path = os.fspath(path)
+    tomllib = _toml()
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
