@@ -109,3 +109,11 @@ def check_targets(flat_t: torch.Tensor, ignore_index: int, vocab_size: int) -> t
         raise ValueError(f"targets: expected ids in [0, V) = [0, {vocab_size}) or ignore_index = {ignore_index}, "
                          f"got {vals.numel()} out of range (min {vals.min().item()}, max {vals.max().item()})")
     return valid
+
+
+def check_active(active, targets: torch.Tensor, hidden: torch.Tensor) -> None:
+    """``active``: a tensor of ``targets``' shape on ``hidden``'s device (token_logps' mask of the tokens to compute)."""
+    check_tensor("active", active)
+    if active.shape != targets.shape:
+        raise ValueError(f"active: expected targets' shape {list(targets.shape)}, got {list(active.shape)}")
+    check_same_device("active", active, hidden, "hidden")

@@ -26,8 +26,8 @@ import torch
 
 from fastsafe.ops.dispatch import OPS, backend_for
 
-from ._checks import (acc_dtype, check_float, check_int_tensor, check_real, check_same_device, check_targets,
-                      check_tensor)
+from ._checks import (acc_dtype, check_active, check_float, check_int_tensor, check_real, check_same_device,
+                      check_targets)
 from .token_logps_merge import merge_partials, reduce_hidden_grad
 from .token_logps_vocab_parallel import vocab_shard
 
@@ -486,10 +486,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     flat_t = targets.reshape(-1)
     valid = check_targets(flat_t, ignore_index, V_all)
     if active is not None:
-        check_tensor("active", active)
-        if active.shape != targets.shape:
-            raise ValueError(f"active: expected targets' shape {list(targets.shape)}, got {list(active.shape)}")
-        check_same_device("active", active, hidden, "hidden")
+        check_active(active, targets, hidden)
         valid = valid & (active.reshape(-1) != 0)
 
     M_all = flat_t.numel()

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import acc_dtype, check_same_device, check_targets, check_tensor
+from ._checks import acc_dtype, check_active, check_targets
 from .token_logps import ChunkedTokenLogps, default_chunk_size, token_logps_backend, unpack_outputs
 
 __all__ = ["token_logps_op", "run_token_logps", "check_targets"]
@@ -273,10 +273,7 @@ def run_token_logps(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_b
     compiling = torch.compiler.is_compiling()
     valid = _VALID(flat_t, ignore_index, V) if compiling else check_targets(flat_t, ignore_index, V)
     if active is not None:
-        check_tensor("active", active)
-        if active.shape != targets.shape:
-            raise ValueError(f"active: expected targets' shape {list(targets.shape)}, got {list(active.shape)}")
-        check_same_device("active", active, hidden, "hidden")
+        check_active(active, targets, hidden)
     chosen = token_logps_backend(hidden, backend)     # under torch.compile: a trace-time constant
 
     if compiling:
