@@ -44,9 +44,13 @@ request-only phrases, on top of the policy). Bad arguments are refused at admiss
 **What a step does** (per row, for the row's policy; rows of several policies in one batch are
 grouped on the host when the batch changes): subtract the TSDI row of the response position;
 set every token the automaton bans to ``-inf`` (token level: every banned token sequence, the rule
-of ``NoBadWordsLogitsProcessor``); check the row's ``top_k`` candidates at text level (normalised
-characters, any tokenisation) and set failing ones to ``-inf``; a row left with nothing gets EOS
-(counted as ``all_banned_fallback``), never token 0. Automaton states live on the device, one per
+of ``NoBadWordsLogitsProcessor``); check the row's ``top_k`` candidates (one fused
+:func:`fastsafe.ops.safe_topk` pass) at text level (normalised characters, any tokenisation) and
+set failing ones to ``-inf``; a row left with nothing gets EOS (counted as
+``all_banned_fallback``), never token 0. Every edit is in place; on the CPU the bans and the
+fallback touch only the banned entries (:mod:`.inplace`; the audit's "best token banned" comes
+from a row maximum, not an argmax), so at 32 rows, V = 49,152 and 128 words a step costs ~2.5 ms
+on one shared core (~20 ms before; vLLM's own ``bad_words`` ~2 ms there). Automaton states live on the device, one per
 request, advanced from the ids vLLM feeds back; ``apply`` reads nothing back to the host (regex
 entities excepted). Under sampling, tokens outside ``top_k`` get the token-level bans but not
 the text check (as with ``SafeLogitsProcessor``). Reward re-scoring (Algorithm 1) is not run in the
@@ -63,37 +67,31 @@ processor refuses it at start (draft rows are not followed yet).
 **Request-only phrases**: their matcher is kept by content (the 64 most recent phrase sets; a
 repeated set costs nothing; two requests with the same set share one matcher). A *new* set is
 built in a background thread of the worker, never on the step thread, and the step never waits
-for it. Until it is ready the row is under the **interim rule**, fail closed: a token-level ban
-of every token sequence the full matcher bans (every variant of every phrase, with and without a
-leading space) **plus the first token of each of them, banned at every position** (EOS excepted).
-So no phrase can start in one of its variants' tokenisations, and one already started in the
-prompt is stopped at its last token; the price is that those first tokens (say ``" quick"`` for
-``"quick brown"``) are unavailable to the row for the build's duration. What the interim rule does
-not have is the text check: a phrase spelled in other tokens (letter by letter, confusables) is
-caught only once the full matcher is in force. Between two steps (V1 ``update_state``, V2
-``apply_staged_writes``) a finished build replaces the interim matcher and the row's state is
-re-derived from its last 64 ids, so a phrase in progress is followed from there. A build that
-fails keeps the interim rule for that request (logged). ``FASTSAFE_VLLM_REQUEST_BUILD=step``
-restores the old in-step build (the step waits).
+for it. Until it is ready the row is under the **interim rule** (:mod:`.interim`), fail closed and
+built without the tokenizer: **start bans** — every token that can begin a phrase under any
+tokenisation (its lowercased text, from a word start inside it, is a prefix of the phrase, or the
+whole phrase then a non-word byte), found by a vectorised walk of the phrases through a byte trie
+of the vocabulary made once per worker — and **continuation bans** for the phrases the row's last
+64 tokens already began (a prompt ending in ``"the quick"`` cannot go on with ``" brown"``). So no
+phrase can appear at a word start in the row's lowercased text; the price is that the tokens that
+can begin a phrase (``" quick"``, ``"qu"``, ``"q"`` for ``"quick brown"``) are unavailable to the row
+for the build's duration. What the interim rule does not have is the full matcher's normalisation
+(NFKC, confusables, leetspeak, separators between letters): a phrase spelled that way is caught
+only once the full matcher is in force. Between two steps (V1 ``update_state``, V2
+``apply_staged_writes``) a finished build replaces the interim rule and the row's state is derived
+from its last 64 ids. A build that fails keeps the interim rule for that request (logged).
+``FASTSAFE_VLLM_REQUEST_BUILD=step`` restores the old in-step build (the step waits).
 
-Measured for 1,000 phrases (``fastsafe.safety.benchmark.synthetic_entities``) with the SmolLM2
-tokenizer on this 2-core CPU, shared with other jobs (load average 6-12, so wall times run 2-3x
-the CPU times given here; CPU seconds of the building thread):
-
-* interim rule (on the step thread, at admission): ~0.09 s CPU for a new set (the tokenizer's
-  batch encode of the variants; ~0.04 s when its words were encoded before);
-* full matcher (background): the first in a process ~1.4 s CPU (3.4-3.7 s wall: the folding
-  table of every codepoint, once per process, and the tokenizer's per-token tables), then 0.08-0.13 s CPU
-  (0.17-0.33 s wall) for a new set whose characters are in the canonical alphabet (printable
-  ASCII and common typographic punctuation: the per-vocabulary tables come from
-  ``fastsafe.safety.text_tables``' cache), ~0.5 s CPU for a set with other characters (CJK, ``√``:
-  a new alphabet, its tables built and cached; 4 alphabets kept per tokenizer).
-
-Before this, the same build ran on the step thread: 1.0-1.9 s per new set (~6 s for the first).
-What is left on the step thread is the interim rule (linear in the phrases: ~0.1 s CPU at 1,000,
-~0.8 s at the 10,000 allowed). The background build is Python and numpy, so it holds the GIL part of
-the time and can slow the step thread's own Python work while it runs (it never blocks it). Put
-phrase sets that many requests share in a policy (built once, at start).
+On the step thread a new set costs (SmolLM2 tokenizer, one shared CPU core, load average ~6):
+~1 ms at 1,000 phrases and ~9 ms at 10,000 for the start bans (no tokenizer call, no matcher
+built: the tests count both), well under 1 ms per row for its continuation bans; the worker does
+not normalise the phrases again (admission did). Before, the interim rule tokenised every variant
+and built a token automaton on the step thread: ~0.09 s at 1,000 phrases, ~0.8 s at 10,000, plus
+~0.1 s of normalisation at 10,000. The vocabulary tables cost ~1 s once, when the processor starts.
+The background build (full matcher: the first in a process ~1.4 s CPU, then 0.08-0.13 s for a set
+in the canonical alphabet, ~0.5 s for one with other characters) is Python and numpy, so it holds
+the GIL part of the time and slows the step thread's own Python work while it runs (it never
+blocks it). Put phrase sets that many requests share in a policy (built once, at start).
 
 **Store hot swap**: a policy with a ``store`` polls its version (every 0.5 s,
 ``FASTSAFE_VLLM_POLL_INTERVAL``) and builds the new matcher in a background thread; the swap happens

@@ -12,8 +12,11 @@ matcher, built on the host when the layout changes, its index tensors kept on th
 
 1. each row's new tokens advance its states (masked: ``-1`` pads add nothing);
 2. the TSDI bias row of each row's response position, times the row's scale, is subtracted;
-3. every matcher's ``banned_bitmask`` of the rows' states sets banned tokens to ``-inf``;
-4. the policy's ``top_k`` candidates get the text-level check (``check_candidates``); failing ones
+3. every matcher's ``banned_bitmask`` of the rows' states (a row whose request-only phrases are
+   still building: its interim mask, :mod:`.interim`) sets banned tokens to ``-inf``, in place
+   (:mod:`.inplace`: only the banned entries on the CPU);
+4. the policy's ``top_k`` candidates (one fused :func:`fastsafe.ops.safe_topk` pass) get the
+   text-level check (``check_candidates``); failing ones
    become ``-inf``;
 5. a row left with nothing (every token banned, or every checked candidate failing) gets EOS only;
 6. the interventions are recorded on the device (:mod:`.audit`).
@@ -21,7 +24,8 @@ matcher, built on the host when the layout changes, its index tensors kept on th
 No step reads a device tensor back to the host (regex entities excepted: they run on the host,
 as everywhere in fastsafe). States of new rows, of rows whose token list was rewritten, and of every
 row after a store swap are re-derived from the last ``window`` tokens of their histories
-(:meth:`SafetyRows.derive`): ``window`` masked steps for all such rows together, between steps.
+(:meth:`SafetyRows.derive`): ``window`` masked steps for all such rows together, between steps
+(an interim row's tokens are read on the host there, once, for its continuation bans).
 """
 from __future__ import annotations
 
