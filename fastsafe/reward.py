@@ -42,6 +42,16 @@ __all__ = ["SafetyReward", "CandidateReward", "DenseReward", "SequenceClassifier
 FORMS = ("candidate", "dense")
 
 
+def _candidate_rows(histories, candidate_ids) -> tuple[int, int]:
+    """``(B, k)`` of ``candidate_ids`` ``[B, k]`` (a tensor), with one history per row."""
+    if not isinstance(candidate_ids, torch.Tensor) or candidate_ids.dim() != 2:
+        raise ValueError(f"candidate_ids: expected a [B, k] tensor, got {getattr(candidate_ids, 'shape', candidate_ids)!r}")
+    B, k = candidate_ids.shape
+    if len(histories) != B:
+        raise ValueError(f"histories: expected {B} rows (one per candidate row), got {len(histories)}")
+    return B, k
+
+
 @runtime_checkable
 class SafetyReward(Protocol):
     """What fastsafe needs from a safety reward: a ``form`` and the matching scoring method.
@@ -281,11 +291,7 @@ class SequenceClassifierReward:
     @torch.no_grad()
     def score_candidates(self, histories, candidate_ids, tokenizer=None) -> torch.Tensor:
         """``[B, k]`` float32 rewards of appending each candidate to each row (see the class docstring)."""
-        if not isinstance(candidate_ids, torch.Tensor) or candidate_ids.dim() != 2:
-            raise ValueError(f"candidate_ids: expected a [B, k] tensor, got {getattr(candidate_ids, 'shape', candidate_ids)!r}")
-        B, k = candidate_ids.shape
-        if len(histories) != B:
-            raise ValueError(f"histories: expected {B} rows (one per candidate row), got {len(histories)}")
+        B, k = _candidate_rows(histories, candidate_ids)
         out_device = candidate_ids.device
         if B == 0:
             return torch.zeros(0, k, device=out_device)
@@ -442,11 +448,7 @@ class ProfanityReward:
         """``[B, k]`` float32 rewards (see the class docstring)."""
         if tokenizer is None:
             raise ValueError("tokenizer: the policy tokenizer is needed to decode candidate text")
-        if not isinstance(candidate_ids, torch.Tensor) or candidate_ids.dim() != 2:
-            raise ValueError(f"candidate_ids: expected a [B, k] tensor, got {getattr(candidate_ids, 'shape', candidate_ids)!r}")
-        B, k = candidate_ids.shape
-        if len(histories) != B:
-            raise ValueError(f"histories: expected {B} rows (one per candidate row), got {len(histories)}")
+        B, k = _candidate_rows(histories, candidate_ids)
         tails = token_rows("histories", histories, self.context_tokens)
         texts = tokenizer.batch_decode([t + [c] for t, cs in zip(tails, candidate_ids.tolist()) for c in cs],
                                        skip_special_tokens=True)

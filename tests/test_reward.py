@@ -115,6 +115,11 @@ def test_classifier_argument_checks(tok):
     with pytest.raises(ValueError, match="histories"):
         r.score_candidates([[1, 2]], torch.tensor([[3], [4]]), tok)
     assert isinstance(r, SafetyReward)
+    for reward in (r, ProfanityReward()):          # both candidate rewards check their rows alike
+        with pytest.raises(ValueError, match=r"^histories: expected 2 rows \(one per candidate row\), got 1$"):
+            reward.score_candidates([[1, 2]], torch.tensor([[3], [4]]), tok)
+        with pytest.raises(ValueError, match=r"^candidate_ids: expected a \[B, k\] tensor, got torch.Size\(\[3\]\)$"):
+            reward.score_candidates([[1, 2]], torch.tensor([3, 4, 5]), tok)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
