@@ -71,7 +71,8 @@ from .normalize import is_word_char, normalize_text
 
 __all__ = ["SEPARATORS", "fold_char", "fold_text", "CharAlphabet", "CharAutomaton", "build_char_automaton",
            "stream_symbols", "char_action", "action_tables", "CANONICAL_CHARS", "OTHER_NONWORD", "OTHER_WORD", "SEP", "PSEP", "BND", "SQ2", "SQ3",
-           "SQ4", "NUM_SPECIAL", "KIND_NOW", "KIND_WORD", "KIND_SPELLED"]
+           "SQ4", "NUM_SPECIAL", "KIND_NOW", "KIND_WORD", "KIND_SPELLED", "FLAG_BND", "FLAG_REPEAT", "FLAG_CONFIRM",
+           "FLAG_WORD", "FLAG_SEPARATOR"]
 
 #: Folded characters that separate letters (a run of them is one ``SEP`` symbol).
 SEPARATORS = frozenset(" .-_*~|/\\,\u00b7\u2022")
