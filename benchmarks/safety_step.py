@@ -141,7 +141,7 @@ def main(argv=None) -> int:
             entry["batches"].append(row)
             print(json.dumps(row), file=sys.stderr)
         res["runs"].append(entry)
-        del pm, dm, ref
+        pm = dm = ref = None      # freed before the next size (a del would make pyflakes flag the lambdas)
     out = json.dumps(res, indent=2)
     print(out)
     path = args.output or os.path.join(os.path.dirname(__file__), "results", f"safety-step-{dev.type}.json")

@@ -125,7 +125,8 @@ def test_1_a_phrase_whose_normalisation_raises_is_skipped_with_one_reason_everyw
     assert host == {2: "cannot be normalised (UnicodeError: no fold)",
                     3: "empty after normalisation (nothing to match)"}
     seen: dict = {}
-    flat, lens, owners = banned_sequences(tok, ents, len(tok), set(), fail=lambda i, why: seen.setdefault(ents[i].id, why))
+    flat, lens, owners = banned_sequences(tok, ents, len(tok), set(),
+                                          fail=lambda i, why: seen.setdefault(ents[i].id, why))
     assert seen == host and set(owners.tolist()) == {0}
     assert set(m._forms) == {"fine words", "\u200b"}        # the reuse cache holds what could be normalised
     with pytest.raises(ValueError, match="entity 'boom': cannot be normalised"):

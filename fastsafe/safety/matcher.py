@@ -456,7 +456,8 @@ class PhraseMatcher:
                 fail(i, f"unknown kind {e.kind!r}")
 
         # ---- filter phrase variants the model cannot emit; add token-id sequences; drop [eos]
-        flat, lens, vals = drop_sequences(ph_flat, ph_lens, ph_vals, unemittable(ph_flat, ph_lens, tokenizer, vocab_size))
+        cannot_emit = unemittable(ph_flat, ph_lens, tokenizer, vocab_size)
+        flat, lens, vals = drop_sequences(ph_flat, ph_lens, ph_vals, cannot_emit)
         if tid_seqs:
             flat = np.concatenate([flat, np.fromiter((t for s in tid_seqs for t in s), np.int64)])
             lens = np.concatenate([lens, np.asarray([len(s) for s in tid_seqs], np.int64)])

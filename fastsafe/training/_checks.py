@@ -112,7 +112,8 @@ def check_targets(flat_t: torch.Tensor, ignore_index: int, vocab_size: int) -> t
 
 
 def check_active(active, targets: torch.Tensor, hidden: torch.Tensor) -> None:
-    """``active``: a tensor of ``targets``' shape on ``hidden``'s device (token_logps' mask of the tokens to compute)."""
+    """``active``: a tensor of ``targets``' shape on ``hidden``'s device (token_logps' mask of the
+    tokens to compute)."""
     check_tensor("active", active)
     if active.shape != targets.shape:
         raise ValueError(f"active: expected targets' shape {list(targets.shape)}, got {list(active.shape)}")
