@@ -437,12 +437,13 @@ class SafetyRows:
                     st = self._state(g.matcher).index_select(0, g.slots)
                     words = g.matcher.banned_bitmask(st)
                 best, hit = ban_(logits, g.rows, words, row_max.index_select(0, g.rows), sparse=sparse)
-                if _device_text(g.matcher):           # the entity the banned token completes (text check of it)
-                    ent = g.matcher.check_candidates(st, best[:, None])[1][:, 0].to(torch.int64)
-                else:
-                    ent = torch.full_like(best, -1)
-                self.audit.record("token_ban", pr.name, self.step, g.host_rows, g.seqs,
-                                  torch.stack([best, hit.to(torch.int64), ent], dim=1), g.matcher)
+                if not sparse or bool(hit.any()):     # (CPU: a record only when there is an event)
+                    if _device_text(g.matcher):       # the entity the banned token completes (text check of it)
+                        ent = g.matcher.check_candidates(st, best[:, None])[1][:, 0].to(torch.int64)
+                    else:
+                        ent = torch.full_like(best, -1)
+                    self.audit.record("token_ban", pr.name, self.step, g.host_rows, g.seqs,
+                                      torch.stack([best, hit.to(torch.int64), ent], dim=1), g.matcher)
                 if g.matcher.has_text_rules:
                     text_groups.append((g, st))
             x = logits if pr.all_rows else logits.index_select(0, pr.rows)
@@ -455,8 +456,9 @@ class SafetyRows:
                     okg = torch.ones_like(c, dtype=torch.bool)
                     if _device_text(g.matcher):
                         okg, ent = g.matcher.check_candidates(st, c)
-                        self.audit.record("text_match", pr.name, self.step, g.host_rows, g.seqs,
-                                          torch.cat([c, ent.to(torch.int64)], dim=1), g.matcher)
+                        if not sparse or bool((ent >= 0).any()):
+                            self.audit.record("text_match", pr.name, self.step, g.host_rows, g.seqs,
+                                              torch.cat([c, ent.to(torch.int64)], dim=1), g.matcher)
                     if g.matcher.has_regexes:          # the host path (RE2 over recent text): reads cands back
                         okr, events = g.matcher.host_regex_check(host_histories(g.host_rows), c.cpu())
                         okg = okg & okr.to(okg.device)
@@ -477,5 +479,6 @@ class SafetyRows:
             else:
                 dead = torch.isneginf(x.amax(dim=-1))
             fallback_(logits, pr.rows, dead, self.eos_token_id, sparse=sparse, all_rows=pr.all_rows)   # never token 0
-            self.audit.record("all_banned_fallback", pr.name, self.step, pr.host_rows, pr.seqs, dead)
+            if not sparse or bool(dead.any()):
+                self.audit.record("all_banned_fallback", pr.name, self.step, pr.host_rows, pr.seqs, dead)
         return logits

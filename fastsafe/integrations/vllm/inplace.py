@@ -2,12 +2,12 @@
 
 Two forms of each, with the same results:
 
-- **sparse** (the default on the CPU): only the banned entries are touched. A matcher's packed
-  bitmask (``[b, ceil(V/32)]`` int32, bit = 1 allowed) has few zero bits, so the words holding one
-  are found first (``b * V / 32`` compares), then only their bits are unpacked. The cost is linear
-  in the banned tokens, not in ``V``: at ``B = 32, V = 49,152`` about 0.1 ms where unpacking the mask
-  and a masked fill over ``[B, V]`` took ~8 ms on one CPU thread. It finds the banned entries with
-  ``nonzero`` (a host sync on a GPU, none on the CPU), so it is not used on CUDA.
+- **sparse** (CPU tensors only; the default there): only the banned entries are touched. A
+  matcher's packed bitmask (``[b, ceil(V/32)]`` int32, bit = 1 allowed) has few zero bits, so the
+  words holding one are found first (``b * V / 32`` compares), then only their bits are unpacked
+  (numpy on the host arrays). The cost is linear in the banned tokens, not in ``V``: at ``B = 32,
+  V = 49,152`` about 0.1-0.2 ms where unpacking the mask and a masked fill over ``[B, V]`` took
+  ~8 ms on one CPU thread.
 - **dense** (the default on other devices): unpack the mask to ``[b, V]`` and fill; no host sync, so
   a step stays capturable in a CUDA graph, and on a GPU the ``[b, V]`` passes cost microseconds.
 
@@ -26,6 +26,7 @@ Example:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fastsafe.ops.bitmask import unpack_bitmask
@@ -33,25 +34,17 @@ from fastsafe.ops.bitmask import unpack_bitmask
 __all__ = ["banned_positions", "ban_", "fallback_"]
 
 _NEG_INF = float("-inf")
-_SHIFTS: dict = {}
-
-
-def _shifts(device) -> torch.Tensor:
-    t = _SHIFTS.get(device)
-    if t is None:
-        t = _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
-    return t
 
 
 def banned_positions(words: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(row, token)`` pairs whose bit is 0 in a packed bitmask (the banned tokens), sparse.
 
     Args:
-        words: ``[b, ceil(V/32)]`` int32 (bit = 1 allowed).
+        words: ``[b, ceil(V/32)]`` int32 (bit = 1 allowed), on the CPU.
         vocab_size: ``V`` (padding bits past it are ignored).
 
     Returns:
-        ``rows [n]``, ``tokens [n]`` int64, ordered by row then token id.
+        ``rows [n]``, ``tokens [n]`` int64 (CPU), ordered by row then token id.
 
     Example:
         >>> from fastsafe.ops import pack_bitmask
@@ -59,14 +52,17 @@ def banned_positions(words: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor
         >>> [t.tolist() for t in banned_positions(m, 3)]
         [[0, 1], [1, 0]]
     """
-    r, w = (words != -1).nonzero(as_tuple=True)
-    bits = (words[r, w].unsqueeze(1) >> _shifts(words.device)) & 1            # [n_words, 32]
-    j, b = (bits == 0).nonzero(as_tuple=True)
-    rows, tokens = r[j], w[j] * 32 + b
-    if vocab_size % 32:                                                         # padding bits of the last word
+    w = words.contiguous().numpy()
+    W = w.shape[1]
+    at = np.flatnonzero(w.reshape(-1) != -1)                        # the words holding a banned bit
+    bits = np.unpackbits(w.reshape(-1)[at].astype("<i4").view(np.uint8).reshape(-1, 4), axis=1,
+                         bitorder="little")                          # [n_words, 32], 1 = allowed
+    j, b = np.nonzero(bits == 0)
+    rows, tokens = at[j] // W, (at[j] % W) * 32 + b
+    if vocab_size % 32:                                               # padding bits of the last word
         keep = tokens < vocab_size
         rows, tokens = rows[keep], tokens[keep]
-    return rows, tokens
+    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(tokens.astype(np.int64))
 
 
 def ban_(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor, row_max: torch.Tensor, *,
@@ -86,16 +82,17 @@ def ban_(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor, row_max:
     """
     V = logits.shape[1]
     b = rows.shape[0]
-    if sparse:
+    if sparse:                       # the CPU: small host arrays (numpy), two torch ops on the logits
         r, tok = banned_positions(words, V)
-        lr = rows.index_select(0, r)
-        v = logits[lr, tok]
-        at_max = (v == row_max.index_select(0, r)) & torch.isfinite(v)
-        rm, tm = r[at_max], tok[at_max]
-        hit = torch.zeros(b, dtype=torch.bool, device=logits.device).index_fill_(0, rm, True)
-        best = torch.full((b,), V, dtype=torch.int64, device=logits.device).scatter_reduce_(0, rm, tm, "amin")
-        logits.index_put_((lr, tok), torch.tensor(_NEG_INF, dtype=logits.dtype, device=logits.device))
-        return torch.where(hit, best, 0), hit
+        lr = torch.from_numpy(rows.numpy()[r.numpy()])
+        v = logits[lr, tok].float().numpy()
+        rn, tn = r.numpy(), tok.numpy()
+        at = (v == row_max.float().numpy()[rn]) & np.isfinite(v)
+        best = np.full(b, V, dtype=np.int64)
+        np.minimum.at(best, rn[at], tn[at])
+        hit = best < V
+        logits.index_put_((lr, tok), torch.tensor(_NEG_INF, dtype=logits.dtype))
+        return torch.from_numpy(np.where(hit, best, 0)), torch.from_numpy(hit)
     allowed = unpack_bitmask(words, V)
     x = logits.index_select(0, rows)
     at_max = ~allowed & (x == row_max[:, None].to(x.dtype)) & torch.isfinite(x)
