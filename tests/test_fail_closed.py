@@ -131,6 +131,24 @@ def test_1_a_phrase_whose_normalisation_raises_is_skipped_with_one_reason_everyw
     assert set(m._forms) == {"fine words", "\u200b"}        # the reuse cache holds what could be normalised
     with pytest.raises(ValueError, match="entity 'boom': cannot be normalised"):
         PhraseMatcher.build(tok, entities=ents[:2])
+def test_1_b_a_phrase_with_a_lone_surrogate_is_skipped_not_a_crash():
+    """A phrase no tokenizer can take (a lone surrogate, e.g. from a damaged import) is skipped by
+    both builders with one reason; the tokenizer's TypeError never reaches the caller."""
+    from fastsafe.safety import DeviceMatcher
+    tok = tiny_tokenizer()
+    ents = [RiskEntity(1, "fine words"), RiskEntity(2, "bo\ud800mb"), RiskEntity(3, "a\udc00+", "regex")]
+    host = PhraseMatcher.build(tok, entities=ents, skip_invalid=True, warn=False)
+    dev = DeviceMatcher.build(tok, entities=ents, vocab_size=len(tok), skip_invalid=True, warn=False)
+    for m in (host, dev):
+        reasons = {s.entity.id: s.reason for s in m.skipped}
+        assert set(reasons) == {2, 3}
+        assert reasons[2].startswith("cannot be normalised (UnicodeEncodeError") and "surrogate" in reasons[3]
+    fine = tok("fine words", add_special_tokens=False)["input_ids"]
+    assert fine[-1] in host.banned_tokens(fine[:-1])           # the valid entity is in force
+    with pytest.raises(ValueError, match="entity 'bo.*cannot be normalised"):
+        PhraseMatcher.build(tok, entities=ents[:2])
+
+
 # --------------------------------------------------------------------------- 2. freshness
 def _big_store(path, n: int = 100_000) -> RiskEntityStore:
     """``n`` two-word filler entities over 600 made-up words (the word units tokenise once each)."""

@@ -176,6 +176,7 @@ def phrase_forms(entities: list[RiskEntity], fail, forms: dict | None = None) ->
         f = forms_in.get(e.phrase)
         if f is None:
             try:
+                e.phrase.encode("utf-8")       # a lone surrogate: no tokenizer takes it
                 f = entity_forms(e.phrase.strip())
             except Exception as exc:  # noqa: BLE001 - any text a store holds must not stop the build
                 fail(i, f"cannot be normalised ({type(exc).__name__}: {exc})")
