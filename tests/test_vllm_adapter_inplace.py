@@ -70,3 +70,29 @@ def test_fallback_gives_eos_only_to_dead_rows(sparse, all_rows):
     got = logits.clone()
     fallback_(got, rows, dead, eos, sparse=sparse, all_rows=all_rows)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("all_rows", [True, False])
+def test_bans_every_row_shares_take_the_column_path_and_equal_the_reference(all_rows):
+    """A large set bans the same tokens in every row (its single-token entities): split off and filled
+    per column (more than SHARED_MIN_WORDS words of them), with the rows' own bans on top."""
+    from fastsafe.integrations.vllm import inplace
+    V, B = 40 * 32 + 5, 5
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, V, generator=g).round(decimals=1)
+    rows = torch.arange(B) if all_rows else torch.tensor([4, 1, 2])
+    shared = torch.rand(V, generator=g) < 0.3
+    allowed = ~shared & (torch.rand(len(rows), V, generator=g) > 0.05)
+    x = logits[rows]
+    logits[rows[0], int((x[0] * shared).argmax())] = 9.0          # row 0: its best token is a shared ban
+    logits[rows[1], 3] = 9.0                                        # row 1: a tie at the max ...
+    allowed[1, 3] = True
+    shared_id = int(shared.nonzero()[5])
+    logits[rows[1], shared_id] = 9.0                                # ... with a shared ban of a higher id
+    want, best_ref, hit_ref = _reference(logits, rows, allowed)
+    got = logits.clone()
+    words = pack_bitmask(allowed)
+    assert inplace._shared_bans(words.numpy(), V) is not None       # the column path is the one tested
+    best, hit = ban_(got, rows, words, got.amax(-1).index_select(0, rows), sparse=True)
+    assert torch.equal(got, want)
+    assert hit.tolist() == hit_ref.tolist() and best.tolist() == best_ref.tolist() and bool(hit[0]) and bool(hit[1])

@@ -65,6 +65,30 @@ def banned_positions(words: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor
     return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(tokens.astype(np.int64))
 
 
+#: A sparse ban splits off the tokens every row bans when they fill more than this many words (then
+#: one column fill and one column gather serve all rows, instead of per-entry writes).
+SHARED_MIN_WORDS = 32
+_SHARED: dict = {}
+
+
+def _shared_bans(w: np.ndarray, V: int):
+    """The token ids every row of ``w`` bans (sorted int64 tensor, cached by content), or ``None`` when few."""
+    if w.shape[0] < 2:
+        return None
+    union = np.bitwise_or.reduce(w, axis=0)                    # bit 0: banned in every row
+    if int((union != -1).sum()) < SHARED_MIN_WORDS:
+        return None
+    key = (V, union.tobytes())
+    hit = _SHARED.get(key)
+    if hit is None:
+        bits = np.unpackbits(union.astype("<i4").view(np.uint8), bitorder="little")[:V]
+        hit = torch.from_numpy(np.flatnonzero(bits == 0).astype(np.int64))
+        if len(_SHARED) >= 16:
+            _SHARED.clear()
+        _SHARED[key] = hit
+    return hit
+
+
 def ban_(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor, row_max: torch.Tensor, *,
          sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Set the tokens ``words`` bans to ``-inf`` in the logits rows ``rows`` (in place).
@@ -82,16 +106,32 @@ def ban_(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor, row_max:
     """
     V = logits.shape[1]
     b = rows.shape[0]
-    if sparse:                       # the CPU: small host arrays (numpy), two torch ops on the logits
-        r, tok = banned_positions(words, V)
+    if sparse:                       # the CPU: small host arrays (numpy), a few torch ops on the logits
+        w = words.contiguous().numpy()
+        shared = _shared_bans(w, V)  # tokens every row bans (a large set's single-token entities)
+        if shared is not None:
+            w = w | ~np.bitwise_or.reduce(w, axis=0)       # the rest: each row's own bans
+        r, tok = banned_positions(torch.from_numpy(w), V)
         lr = torch.from_numpy(rows.numpy()[r.numpy()])
         v = logits[lr, tok].float().numpy()
         rn, tn = r.numpy(), tok.numpy()
-        at = (v == row_max.float().numpy()[rn]) & np.isfinite(v)
+        m = row_max.float().numpy()
+        at = (v == m[rn]) & np.isfinite(v)
         best = np.full(b, V, dtype=np.int64)
         np.minimum.at(best, rn[at], tn[at])
+        neg = torch.tensor(_NEG_INF, dtype=logits.dtype)
+        if shared is not None:
+            every = b == logits.shape[0] and bool((rows == torch.arange(b)).all())
+            xs = logits.index_select(1, shared) if every else logits[rows[:, None], shared[None, :]]
+            smax, sarg = xs.float().max(dim=1)                 # first index of the max: the lowest id
+            smax, sarg = smax.numpy(), shared.numpy()[sarg.numpy()]
+            best = np.where((smax == m) & np.isfinite(smax), np.minimum(best, sarg), best)
+            if every:
+                logits.index_fill_(1, shared, _NEG_INF)
+            else:
+                logits.index_put_((rows[:, None], shared[None, :]), neg)
         hit = best < V
-        logits.index_put_((lr, tok), torch.tensor(_NEG_INF, dtype=logits.dtype))
+        logits.index_put_((lr, tok), neg)
         return torch.from_numpy(np.where(hit, best, 0)), torch.from_numpy(hit)
     allowed = unpack_bitmask(words, V)
     x = logits.index_select(0, rows)
