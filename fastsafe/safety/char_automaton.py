@@ -71,16 +71,20 @@ from .normalize import is_word_char, normalize_text
 
 __all__ = ["SEPARATORS", "fold_char", "fold_text", "CharAlphabet", "CharAutomaton", "build_char_automaton",
            "stream_symbols", "char_action", "action_tables", "CANONICAL_CHARS", "OTHER_NONWORD", "OTHER_WORD", "SEP", "PSEP", "BND", "SQ2", "SQ3",
-           "SQ4", "NUM_SPECIAL", "KIND_NOW", "KIND_WORD", "KIND_SPELLED", "FLAG_BND", "FLAG_REPEAT", "FLAG_CONFIRM",
+           "SQ4", "USEP", "NUM_SPECIAL", "KIND_NOW", "KIND_WORD", "KIND_SPELLED", "FLAG_BND", "FLAG_REPEAT", "FLAG_CONFIRM",
            "FLAG_WORD", "FLAG_SEPARATOR"]
 
 #: Folded characters that separate letters (a run of them is one ``SEP`` symbol).
 SEPARATORS = frozenset(" .-_*~|/\\,\u00b7\u2022")
-OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3, PSEP, SQ4 = range(8)
-NUM_SPECIAL = 8
+OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3, PSEP, SQ4, USEP = range(9)
+NUM_SPECIAL = 9
 #: How a pattern's match is reported: at once, after a word end, after the end of a spelled-out run.
 KIND_NOW, KIND_WORD, KIND_SPELLED = range(3)
-_SEPS = (SEP, PSEP)
+_SEPS = (SEP, PSEP, USEP)
+#: The text kinds of separator run a pattern's separator symbol admits (its edge is followed by them).
+_ADMITS = {SEP: (SEP, PSEP, USEP), PSEP: (PSEP, USEP), USEP: (USEP,)}
+#: The edges a text run of each kind follows, most specific first (:func:`_separator_columns`).
+_PREFERS = {SEP: (SEP,), PSEP: (PSEP, SEP), USEP: (USEP, PSEP, SEP)}
 _RUNS = re.compile("[\\s" + re.escape("".join(sorted(SEPARATORS))) + "]+|[^\\s" + re.escape("".join(sorted(SEPARATORS))) + "]+")
 CP_LIMIT = 0x30000            # codepoints folded through a table (above: OTHER_NONWORD)
 _SPACED_MIN = 3               # single-word entities of 3 .. 24 characters also match spaced out
@@ -129,12 +133,20 @@ def _is_word(ch: str) -> bool:
     return ch != "_" and is_word_char(ch)
 
 
-def _base_class(ch: str) -> int:
-    """The class of a folded character that is in no alphabet (what :meth:`CharAlphabet.cls` falls back to)."""
+def _separator_kind(ch: str) -> int:
+    """``SEP`` (whitespace), ``USEP`` (``_``), ``PSEP`` (another separator) or -1 (not a separator)."""
     if ch.isspace():
         return SEP
     if ch in SEPARATORS:
-        return PSEP
+        return USEP if ch == "_" else PSEP
+    return -1
+
+
+def _base_class(ch: str) -> int:
+    """The class of a folded character that is in no alphabet (what :meth:`CharAlphabet.cls` falls back to)."""
+    k = _separator_kind(ch)
+    if k >= 0:
+        return k
     return OTHER_WORD if _is_word(ch) else OTHER_NONWORD
 
 
@@ -211,10 +223,9 @@ class CharAlphabet:
 
     def cls(self, ch: str) -> int:
         """Class of one folded character."""
-        if ch.isspace():
-            return SEP
-        if ch in SEPARATORS:
-            return PSEP
+        k = _separator_kind(ch)
+        if k >= 0:
+            return k
         i = self.index.get(ch)
         if i is not None:
             return i
@@ -243,7 +254,7 @@ class CharAlphabet:
             cps = cps[order]
             cls = np.asarray([self.index[self.chars[i]] for i in order], np.int16)
             pos = np.minimum(np.searchsorted(cps, first_cp), len(cps) - 1)
-            hit = (cps[pos] == first_cp) & (base != SEP) & (base != PSEP) & (base >= 0)
+            hit = (cps[pos] == first_cp) & (base != SEP) & (base != PSEP) & (base != USEP) & (base >= 0)
             per[hit] = cls[pos[hit]]
         return per[ids]
 
@@ -329,7 +340,7 @@ def _action_tables(is_word_b: bytes, word_boundaries: bool, plain_b: bytes | Non
     flags = np.zeros((4 * C, C + 1), np.int64)
     kind = np.zeros(C + 1, np.int64)
     kind[:C] = np.where(is_word, FLAG_WORD, 0)
-    kind[[SEP, PSEP]] = FLAG_SEPARATOR
+    kind[list(_SEPS)] = FLAG_SEPARATOR
     for prev in range(C):
         for run in range(4):
             for c in range(C + 1):
@@ -377,21 +388,71 @@ class CharAutomaton:
                 + self.triple_end.nbytes)
 
 
-def _punct_column(trie, fail: np.ndarray, delta: np.ndarray) -> None:
-    """Set ``delta[:, PSEP]``: a punctuation run follows the node's ``PSEP`` edge, else its ``SEP``
-    edge (a whitespace gap of an entity matches punctuation too), else the failure node's choice."""
+def _separator_columns(trie, fail: np.ndarray, delta: np.ndarray) -> None:
+    """Set ``delta[:, PSEP]`` and ``delta[:, USEP]``: a separator run follows the node's edge of the
+    most specific kind it may take (``USEP``: a ``USEP`` edge, else ``PSEP``, else ``SEP``; ``PSEP``:
+    a ``PSEP`` edge, else ``SEP``; see :data:`_PREFERS`), else the failure node's choice."""
     N = trie.num_nodes
     child, sym, par = np.arange(1, N), trie.symbol[1:], trie.parent[1:]
-    own = np.full(N, -1, np.int64)
-    own[par[sym == SEP]] = child[sym == SEP]
-    own[par[sym == PSEP]] = child[sym == PSEP]          # a PSEP edge wins over a SEP edge
-    col = np.zeros(N, delta.dtype)
+    edge = {}
+    for x in _SEPS:
+        e = np.full(N, -1, np.int64)
+        e[par[sym == x]] = child[sym == x]
+        edge[x] = e
     ls = trie.level_starts
-    for d in range(len(ls) - 1):
-        v = np.arange(ls[d], ls[d + 1])
-        inherited = col[fail[v]] if d > 0 else np.zeros(len(v), delta.dtype)
-        col[v] = np.where(own[v] >= 0, own[v], inherited)
-    delta[:, PSEP] = col
+    for t in (PSEP, USEP):
+        own = np.full(N, -1, np.int64)
+        for y in reversed(_PREFERS[t]):          # the more specific edges overwrite
+            own = np.where(edge[y] >= 0, edge[y], own)
+        col = np.zeros(N, delta.dtype)
+        for d in range(len(ls) - 1):
+            v = np.arange(ls[d], ls[d + 1])
+            inherited = col[fail[v]] if d > 0 else np.zeros(len(v), delta.dtype)
+            col[v] = np.where(own[v] >= 0, own[v], inherited)
+        delta[:, t] = col
+
+
+def _separator_copies(pats: list, kinds: list, pv: list, pp: list) -> None:
+    """Where edges of several separator kinds leave one node, a text run takes the most specific one
+    it may (:func:`_separator_columns`): a pattern through a less specific edge that admits that run
+    gets a copy through the more specific edge (until no new copy appears; in place)."""
+    seen = {(tuple(q), v, k) for q, v, k in zip(pats, pv, kinds)}
+    todo = range(len(pats))
+    old_spec: dict = {}
+    while True:
+        spec: dict = {}                           # prefix -> the PSEP / USEP edges that leave it
+        for q in pats:
+            for j, x in enumerate(q):
+                if x == PSEP or x == USEP:
+                    spec.setdefault(tuple(q[:j]), set()).add(x)
+        if not spec:
+            return
+        if spec != old_spec:
+            todo = range(len(pats))               # new edges: every pattern may need a copy
+        old_spec = spec
+        n = len(pats)
+        for i in todo:
+            q = pats[i]
+            for j, x in enumerate(q):
+                if x != SEP and x != PSEP:
+                    continue
+                es = spec.get(tuple(q[:j]))
+                if not es:
+                    continue
+                for t in _ADMITS[x]:
+                    e = next(y for y in _PREFERS[t] if y == x or y in es)
+                    if e != x:
+                        c = q[:j] + [e] + q[j + 1:]
+                        key = (tuple(c), pv[i], kinds[i])
+                        if key not in seen:
+                            seen.add(key)
+                            pats.append(c)
+                            kinds.append(kinds[i])
+                            pv.append(pv[i])
+                            pp.append(pp[i])
+        if len(pats) == n:
+            return
+        todo = range(n, len(pats))
 
 
 def entity_text(phrase: str) -> str:
@@ -458,13 +519,13 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
         return sw
 
     def gaps(form: str) -> tuple[list[str], list[int]]:
-        """The words of ``form`` and the kind (``SEP`` / ``PSEP``, ``-1``: none) of the separator run
-        before each word and after the last one (``len(words) + 1`` runs)."""
+        """The words of ``form`` and the kind (``SEP`` / ``PSEP`` / ``USEP``, ``-1``: none) of the
+        separator run before each word and after the last one (``len(words) + 1`` runs)."""
         words, runs = [], [-1]
         for m in _RUNS.finditer(form):
             t = m.group()
             if t[0] in SEPARATORS or t[0].isspace():
-                runs[-1] = SEP if t[0].isspace() else PSEP
+                runs[-1] = _separator_kind(t[0])
             else:
                 words.append(t)
                 runs.append(-1)
@@ -473,16 +534,21 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
     def pattern(form: str) -> tuple[tuple, int]:
         """The symbols of ``form`` and how their match is reported (``KIND_*``)."""
         words, runs = gaps(form)
-        if word_boundaries and len(words) >= 2 and all(len(w) == 1 and alpha.is_word[alpha.cls(w)] for w in words):
-            runs = [-1] * len(runs)         # spelled out: its own edge separators do not end the run
+        letters = len(words) >= 2 and all(len(w) == 1 and alpha.is_word[alpha.cls(w)] for w in words)
+        if not letters:                     # an edge "_" is punctuation there ("countries_" = "countries.")
+            runs = [PSEP if r == USEP else r for r in runs]
+        if word_boundaries and letters:
+            runs = [-1] + runs[1:-1] + [-1]  # spelled out: its own edge separators do not end the run
             kind = KIND_SPELLED
         else:
             last = runs[-1] if runs[-1] >= 0 and words else alpha.cls(words[-1][-1]) if words else SEP
             kind = KIND_WORD if word_boundaries and alpha.is_word[last] else KIND_NOW
         sym: list[int] = [] if runs[0] < 0 else [runs[0]]
         for i, w in enumerate(words):
-            if i:   # a gap is SEP (either kind of run matches it) unless punctuation between longer pieces
-                hard = runs[i] == PSEP and len(words[i - 1]) > 1 and len(w) > 1
+            if i and letters:   # written letter by letter: the gap needs its kind of run (_PREFERS)
+                sym.append(runs[i])
+            elif i:   # SEP (any kind of run matches it) unless punctuation between longer pieces
+                hard = runs[i] in (PSEP, USEP) and len(words[i - 1]) > 1 and len(w) > 1
                 sym.append(PSEP if hard else SEP)
             sym.extend(word_symbols(w))
         if runs[-1] >= 0 and words:
@@ -504,24 +570,15 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
             kinds.append(kind)
             pv.append(v)
             pp.append(pr)
-    # where a PSEP edge and a SEP edge leave one node, a punctuation run takes the PSEP edge (see
-    # _punct_column): the patterns through the SEP edge get a copy through the PSEP one
-    hard = {tuple(q[:j]) for q in pats for j, x in enumerate(q) if x == PSEP}
-    if hard:
-        for i in range(len(pats)):
-            q = pats[i]
-            for j, x in enumerate(q):
-                if x == SEP and tuple(q[:j]) in hard:
-                    pats.append(q[:j] + [PSEP] + q[j + 1:])
-                    kinds.append(kinds[i])
-                    pv.append(pv[i])
-                    pp.append(pp[i])
+    # where edges of several separator kinds leave one node, a run takes the most specific one it
+    # may (_separator_columns): the patterns through the others get copies through it
+    _separator_copies(pats, kinds, pv, pp)
     lens = np.asarray([len(p) for p in pats], np.int64)
     flat = np.asarray([s for p in pats for s in p], np.int64)
     trie = build_trie(flat, lens, alpha.num_classes)
     fail = failure_links(trie)
     delta = dense_transitions(trie, fail)
-    _punct_column(trie, fail, delta)
+    _separator_columns(trie, fail, delta)
     N = trie.num_nodes
     kinds_a = np.asarray(kinds, np.int64)
     outs = []

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from .char_automaton import OTHER_NONWORD, PSEP, SEP, CharAlphabet, fold_char
+from .char_automaton import OTHER_NONWORD, PSEP, SEP, USEP, CharAlphabet, fold_char
 
 __all__ = ["token_bytes", "token_slots", "bytes_slots"]
 
@@ -156,14 +156,17 @@ def bytes_slots(b: bytes, alphabet: CharAlphabet, memo: dict | None = None) -> t
     return head, _shorten(out, alphabet), tail
 
 
+_SEPS = (SEP, PSEP, USEP)
+
+
 def _shorten(out: list[int], alphabet: CharAlphabet) -> list[int]:
     """Drop the slots of runs that cannot change the automaton (see the module docstring)."""
-    if all(a != b and not (a in (SEP, PSEP) and b in (SEP, PSEP)) for a, b in zip(out, out[1:])):
+    if all(a != b and not (a in _SEPS and b in _SEPS) for a, b in zip(out, out[1:])):
         return out                          # no two neighbours alike: nothing to drop
     res: list[int] = []
     cap = alphabet.run_cap
     for c in out:
-        if res and (c == res[-1] == OTHER_NONWORD or c in (SEP, PSEP) and res[-1] in (SEP, PSEP)):
+        if res and (c == res[-1] == OTHER_NONWORD or c in _SEPS and res[-1] in _SEPS):
             continue                        # later separators of a run change nothing (its first decides)
         n = cap[c]
         if n and len(res) >= n and all(x == c for x in res[-n:]):
