@@ -17,7 +17,8 @@ Python bookkeeping per row and grows a dynamic KV cache. This loop instead:
   the stop string as in the eager loop), the audit records become events, and the store's new
   matcher (if any) is swapped in between two steps (a swap changes tensors, not the step).
 
-The prompt (prefill) runs eagerly: its length varies from call to call.
+The prompt (prefill) is compiled too, with its length marked dynamic (one graph per bucket for
+every prompt length).
 
 Refused under ``compile=True`` (a clear ``ValueError``): what needs the host inside a step — the
 host matcher's text check is replaced by the device matcher (``matcher="host"`` configs run
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import time
 import types
 import weakref
@@ -64,14 +66,18 @@ def batch_bucket(batch: int) -> int:
 
 
 def cache_bucket(length: int, limit: int | None = None) -> int:
-    """The static cache length for ``length`` positions: a power of two >= ``max(length, 64)``,
-    capped at ``limit`` (the model's context) when given.
+    """The static cache length for ``length`` positions: ``max(length, 64)`` rounded up to a
+    multiple of an eighth of its power of two (four buckets per octave: 64, 80, 96, 112, 128, 160,
+    ...), capped at ``limit`` (the model's context) when given. Attention reads the whole static
+    cache every step, so a bucket much longer than needed costs time; four per octave keep the
+    waste under 25% and the recompiles few.
 
-    >>> [cache_bucket(n) for n in (10, 64, 65, 300)]
-    [64, 64, 128, 512]
+    >>> [cache_bucket(n) for n in (10, 64, 65, 89, 300)]
+    [64, 64, 80, 96, 320]
     """
     n = max(int(length), MIN_CACHE)
-    b = 1 << (n - 1).bit_length()
+    step = 1 << ((n - 1).bit_length() - 3)
+    b = -(-n // step) * step
     return max(int(length), min(b, limit)) if limit is not None else b
 
 
@@ -107,7 +113,7 @@ def _static_cache(model, batch: int, length: int, device, dtype):
 
 
 class _Decoder:
-    """The static cache and the compiled step of one (model, batch bucket, cache bucket, options)."""
+    """The static cache and the compiled step and prefill of one (model, batch bucket, cache bucket, options)."""
 
     def __init__(self, model, batch: int, length: int, device, options: tuple, compile_options: dict):
         self.model = model
@@ -120,7 +126,31 @@ class _Decoder:
             kw["mode"] = "reduce-overhead"
         kw.update(compile_options)
         self.step = torch.compile(_own_code(self._step, f"decode_step_b{batch}_l{length}"), **kw)
+        # the prompt: one graph for every prompt length (its dimension is marked dynamic at each call)
+        # (no CUDA graphs there: one per prompt length would be recorded)
+        pre = {"dynamic": None, **compile_options}
+        self._prefill = torch.compile(_own_code(self.forward, f"prefill_b{batch}_l{length}"), **pre)
+        self.gqa = _GroupedAttention(torch.device(device))
         self.options = options
+        self._initialize_cache(device)
+
+    @torch.no_grad()
+    def _initialize_cache(self, device) -> None:
+        """One eager forward of a token per row, then a reset: transformers' ``StaticCache`` allocates
+        its tensors at the first update and marks their addresses static only outside a trace, so the
+        compiled prefill must not be the first to write it (it would also recompile for the second)."""
+        ids = torch.zeros((self.batch, 1), dtype=torch.long, device=device)
+        self.forward(ids, ids, torch.zeros(1, dtype=torch.long, device=device),
+                     torch.ones((self.batch, self.length), dtype=torch.long, device=device))
+        self.cache.reset()
+
+    def prefill(self, ids, position_ids, cache_position, attention_mask):
+        """``[B, V]`` logits of the prompts' last position; fills the static cache (compiled, any ``T``)."""
+        for t in (ids, position_ids):
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        torch._dynamo.maybe_mark_dynamic(cache_position, 0)
+        with self.gqa:
+            return self._prefill(ids, position_ids, cache_position, attention_mask)
 
     def forward(self, ids, position_ids, cache_position, attention_mask):
         out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -150,6 +180,38 @@ class _Decoder:
                 sel.ban_entity)
 
 
+class _GroupedAttention:
+    """While entered (around the compiled calls, on the CPU only): transformers' SDPA attention passes
+    ``enable_gqa=True`` to ``scaled_dot_product_attention`` instead of copying each key / value head
+    to its query heads (``repeat_kv``: a ``[B, H, L, D]`` copy of the whole static cache per layer and
+    step). PyTorch's CPU attention kernel reads the grouped heads in place; its results are the
+    same bits (checked on SmolLM2's shapes). transformers reads the switch, the environment variable
+    ``TRANSFORMERS_SDPA_FORCE_GQA``, while dynamo traces, and dynamo guards on it, so it is set for
+    every compiled call and restored after (the variable is process-wide: another thread's eager
+    SDPA call on the CPU in that window also takes the grouped path, with the same results)."""
+
+    NAME = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+    def __init__(self, device):
+        self.on = device.type == "cpu"
+        self._saved = []
+
+    def __enter__(self):
+        if self.on:
+            self._saved.append(os.environ.get(self.NAME))
+            os.environ[self.NAME] = "1"
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            old = self._saved.pop()
+            if old is None:
+                os.environ.pop(self.NAME, None)
+            else:
+                os.environ[self.NAME] = old
+        return False
+
+
 def _own_code(method, name: str):
     """``method`` with a code object of its own: dynamo keeps its compiled graphs (and its recompile
     limit) per code object, so each decoder's step is cached apart from the other buckets'."""
@@ -171,6 +233,16 @@ def _decoder(model, batch, length, device, options, compile_options: dict) -> _D
 def _graphs() -> int:
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
+
+
+def _count_compiles(before: int, t0: float) -> float:
+    """Seconds since ``t0`` when graphs were compiled since ``before`` (counted in :func:`compile_stats`), else 0."""
+    if _graphs() == before:
+        return 0.0
+    seconds = time.perf_counter() - t0
+    _STATS["compiles"] += _graphs() - before
+    _STATS["compile_seconds"] += seconds
+    return seconds
 
 
 @torch.no_grad()
@@ -210,10 +282,11 @@ def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: in
     dec = _decoder(model, Bb, Lb, device, options, dict(compile_options or {}))
     dec.cache.reset()
 
-    # ---- prefill (eager: the prompt length varies)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache_position=torch.arange(T, device=device),
-                use_cache=True, **{dec.cache_name: dec.cache}, **dec.extra)
-    logits = out.logits[:, -1, :]
+    # ---- prefill (compiled with the prompt length dynamic: one graph per bucket for every T)
+    compile_seconds = 0.0
+    before, t0 = _graphs(), time.perf_counter()
+    logits = dec.prefill(ids, pos, torch.arange(T, device=device), mask)
+    compile_seconds += _count_compiles(before, t0)
     histories = [list(r) for r in rows] + [[pad_token_id]] * (Bb - B)
     safety.start(histories)
     eos_t = torch.tensor(eos if eos else [-1], dtype=torch.long, device=device)
@@ -228,7 +301,6 @@ def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: in
     pending: list = []                           # [Bb] token tensors since the last check
     posinf_any = torch.zeros(Bb, dtype=torch.bool, device=device)
     dead_any = torch.zeros(Bb, dtype=torch.bool, device=device)
-    compile_seconds = 0.0
     cuda = device.type == "cuda"
 
     def noise_for():                             # drawn outside the graph, as choose draws it eagerly
@@ -251,12 +323,9 @@ def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: in
             args = (safety, matcher, state, nxt.unsqueeze(1), last_pos, cache_position, mask, finished, position,
                     noise_for(), eos_t, pad_t)
             before, t0 = _graphs(), time.perf_counter()
-            res = dec.step(*args)
-            if _graphs() != before:              # this call compiled (first call, or a guard failed)
-                seconds = time.perf_counter() - t0
-                compile_seconds += seconds
-                _STATS["compiles"] += _graphs() - before
-                _STATS["compile_seconds"] += seconds
+            with dec.gqa:
+                res = dec.step(*args)
+            compile_seconds += _count_compiles(before, t0)
             if cuda:                             # CUDA graph outputs are overwritten by the next replay
                 res = tuple(None if t is None else t.clone() for t in res)
         (nxt, new_state, new_finished, posinf, values, indices, lse, all_banned, ok, dead, ban_best, ban_hit,
