@@ -23,14 +23,14 @@ pytestmark = pytest.mark.skipif(not backends(op="device_matcher")["cpp"].availab
                                 reason="fastsafe._C built without the device matcher kernels")
 
 TEXT_ENTITIES = ENTITIES + ["b\u00f6se", "\u0431\u043e\u043c\u0431\u0430", "\u4e2d\u6587", "zz##z", "ass", "tit", "xxx", "xx",
-                             "caaak", "s_h_i_", "shit", "s_h_i_t", "s.o.b.", "he-she"]
+                             "caaak", "s_h_i_", "shit", "s_h_i_t", "s.o.b.", "he-she", "x b c", "bcd"]
 WRITTEN = SPELLINGS + [" b.o.m.b", " b o m b", " b-o-m-b", " b_o_m_b", " booomb", " bommmbbb", " k.1.l.l", " kkkill",
                        " \u0432\u043e\u043c\u0432", " b\u0585mb", " \U0001d41b\U0001d428\U0001d426\U0001d41b", " B\u00d6SE",
                        " bo\u0308se", " \u0431\u043e\u043c\u0431\u0430", "\u4e2d\u6587", " zz####z", " asss", " tiiit",
                        " e mail", " nerve   agent", " \u00e9\u00e8\u00ea", " \U0001f4a3 bomb", " xxxx", " xxx", " caaaak",
                        " booooomb", " s.h.i.e.l.d", " s.h.i.t", " s h i t now", " b.o.m.b.s", " b o m b!", " s_h_i_ x",
                        " s.h.i.t.a", " s_h_i_", " s_h_i_t", " s_o_b", " s.o.b.", " s.h.i", " s__h_.i", " s_o b",
-                       " he_she", " he-_she", " he_-she"]
+                       " he_she", " he-_she", " he_-she", " x b c", " x b.c.d", " x b.c"]
 # states with a spelled-out match pending, a tripled letter, a run of four
 PENDING = ["the b.o.m.b", "the b.o.m.b.", "a s.h.i.t.a", "a s h i", "x xxx", "a boooo", "a caaa", "a s_h_i",
            "a s_h_i_", "a s.o.b"]

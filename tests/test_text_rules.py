@@ -147,7 +147,7 @@ def test_benchmark_words_of_the_last_version():
 
 
 # --------------------------------------------------------------------------- "_" gaps of entities written letter by letter
-UNDERSCORE_ENTITIES = ["s_h_i_", "s_h_i_t", "bomb", "s.o.b.", "He-she"]
+UNDERSCORE_ENTITIES = ["s_h_i_", "s_h_i_t", "bomb", "s.o.b.", "He-she", "x b c", "bcd"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +193,7 @@ def _device_verdicts(text: str) -> list:
 @pytest.mark.parametrize("text,entities", [
     (" s_h_i_", {"s_h_i_"}), (" s_h_i_ now", {"s_h_i_"}), (" s_h_i_t", {"s_h_i_", "s_h_i_t"}), (" s.o.b.", {"s.o.b."}),
     (" s-o-b", {"s.o.b."}), (" s_o_b", {"s.o.b."}), (" b.o.m.b", {"bomb"}), (" b_o_m_b", {"bomb"}),
-    (" b-o-m-b", {"bomb"}),
+    (" b-o-m-b", {"bomb"}), (" x b c", {"x b c"}), (" x  b c!", {"x b c"}), (" x b.c.d", {"bcd"}),
     (" b o m b", {"bomb"}), (" he_she", {"He-she"}), (" he-she", {"He-she"})])
 def test_an_underscore_gap_needs_an_underscore_blocked(text, entities):
     """An entity written letter by letter with "_" ("s_h_i_") is caught written with "_" in any tokenisation;
@@ -203,15 +203,16 @@ def test_an_underscore_gap_needs_an_underscore_blocked(text, entities):
 
 
 @pytest.mark.parametrize("text", [" s.h.i.e.l.d", " s.h.i", " s.h.i.", " s h i e l d", " s-h-i-e-l-d", " s/h/i",
-                                  " s h i", " s o b", " he she"])
+                                  " s h i", " s o b", " he she", " x b.c", " x_b_c", " x-b-c"])
 def test_an_underscore_gap_needs_an_underscore_allowed(text):
     """"s.h.i.e.l.d" written one character per token (SmolLM2 does) is not "s_h_i_" at its "i" any more:
-    "_" gaps need "_" in the text; "s.o.b." needs punctuation ("s o b" is not it)."""
+    "_" gaps need "_" in the text; "s.o.b." needs punctuation ("s o b" is not it), "x b c" whitespace."""
     got = _device_verdicts(text)
     assert all(v is None for v in got), (text, got)
 
 
-@pytest.mark.parametrize("text", [" s_h_i_", " s_h_i_t", " s_h_i_ ok", " s.o.b.", " b_o_m_b", " he_she", " bomb"])
+@pytest.mark.parametrize("text", [" s_h_i_", " s_h_i_t", " s_h_i_ ok", " s.o.b.", " b_o_m_b", " he_she", " bomb",
+                                  " x b c"])
 def test_the_host_check_of_underscore_entities_catches_nothing_the_device_misses(text):
     tok, ms, pm = _underscore_matchers()
     pre = tok.encode("I said", add_special_tokens=False)

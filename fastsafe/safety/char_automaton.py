@@ -29,15 +29,18 @@ and ``"make_a_bomb"``, ``"e-mail"`` also ``"e mail"``), except
 * the gaps of an entity that is itself written letter by letter (``"s_h_i_"``, ``"s.o.b."``,
   ``"s/h/i/t"``): each gap keeps its kind, so ``"s_h_i_"`` needs ``_`` between the letters in the
   text (``USEP`` edges: the benign ``"s.h.i.e.l.d"``, which SmolLM2 writes one character per
-  token, does not match it at its ``"i"``), ``"s.o.b."`` punctuation or ``_`` (not ``"s o b"``);
-  a space-written one (``"s h i"``) keeps ``SEP`` edges (any kind of run). Such an entity's
-  letters get no spaced pattern of their own (``"sob"`` spaced out is caught only if ``"sob"`` is listed).
+  token, does not match it at its ``"i"``), ``"s.o.b."`` punctuation or ``_`` (not ``"s o b"``),
+  ``"s h i"`` whitespace (not ``"s.h.i"``: its ``SEP`` edges are *strict*, a pattern without output
+  through a ``PSEP`` edge beside each takes the other runs away). Such an entity's letters get no
+  spaced pattern of their own (``"sob"`` spaced out is caught only if ``"sob"`` is listed).
 
 In the DFA a separator run follows the edge of the most specific kind it may take: ``USEP`` a
 ``USEP`` edge, else ``PSEP``, else ``SEP``; ``PSEP`` a ``PSEP`` edge, else ``SEP``
-(:func:`_separator_columns`), so one pattern per entity serves every kind; where edges of several
+(:func:`_separator_automaton`), so one pattern per entity serves every kind; where edges of several
 kinds leave one node, the patterns through the less specific ones get copies through the more
-specific ones (:func:`_separator_copies`). The host :class:`~fastsafe.safety.PhraseMatcher` treats
+specific ones (:func:`_separator_copies`), and the failure links are taken through the same
+preference (:func:`_separator_automaton`: after ``"x b.c"`` the spaced ``"b c d"`` is still in
+progress). The host :class:`~fastsafe.safety.PhraseMatcher` treats
 ``_`` as a word character and matches ``"s_h_i_"`` literally; every literal occurrence is caught
 here too, in any tokenisation. Plus a **spaced** pattern (each character a word of
 its own, ``"b o m b"`` = ``BND b SEP BND o SEP BND m SEP BND b``) for single-word entities of 3 to
@@ -81,7 +84,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .automaton import build_trie, dense_transitions, failure_links, propagate_best
+from .automaton import build_trie, propagate_best
 from .confusables import confusable_map
 from .normalize import is_word_char, normalize_text
 
@@ -96,10 +99,11 @@ OTHER_NONWORD, OTHER_WORD, SEP, BND, SQ2, SQ3, PSEP, SQ4, USEP = range(9)
 NUM_SPECIAL = 9
 #: How a pattern's match is reported: at once, after a word end, after the end of a spelled-out run.
 KIND_NOW, KIND_WORD, KIND_SPELLED = range(3)
+KIND_NONE = 3                 # a pattern without output (see _separator_copies)
 _SEPS = (SEP, PSEP, USEP)
 #: The text kinds of separator run a pattern's separator symbol admits (its edge is followed by them).
 _ADMITS = {SEP: (SEP, PSEP, USEP), PSEP: (PSEP, USEP), USEP: (USEP,)}
-#: The edges a text run of each kind follows, most specific first (:func:`_separator_columns`).
+#: The edges a text run of each kind follows, most specific first (:func:`_separator_automaton`).
 _PREFERS = {SEP: (SEP,), PSEP: (PSEP, SEP), USEP: (USEP, PSEP, SEP)}
 _RUNS = re.compile("[\\s" + re.escape("".join(sorted(SEPARATORS))) + "]+|[^\\s" + re.escape("".join(sorted(SEPARATORS))) + "]+")
 CP_LIMIT = 0x30000            # codepoints folded through a table (above: OTHER_NONWORD)
@@ -404,53 +408,92 @@ class CharAutomaton:
                 + self.triple_end.nbytes)
 
 
-def _separator_columns(trie, fail: np.ndarray, delta: np.ndarray) -> None:
-    """Set ``delta[:, PSEP]`` and ``delta[:, USEP]``: a separator run follows the node's edge of the
-    most specific kind it may take (``USEP``: a ``USEP`` edge, else ``PSEP``, else ``SEP``; ``PSEP``:
-    a ``PSEP`` edge, else ``SEP``; see :data:`_PREFERS`), else the failure node's choice."""
-    N = trie.num_nodes
+def _separator_automaton(trie) -> tuple[np.ndarray, np.ndarray]:
+    """``(fail [N], delta [N, C])``: Aho-Corasick over the trie, where a separator run follows the
+    node's edge of the most specific kind it may take (``USEP``: a ``USEP`` edge, else ``PSEP``,
+    else ``SEP``; ``PSEP``: a ``PSEP`` edge, else ``SEP``; see :data:`_PREFERS`), else the failure
+    node's choice; the failure links are taken through those same columns (the node after a
+    ``PSEP`` edge fails to where the parent's failure node goes on a punctuation run)."""
+    N, A = trie.num_nodes, trie.alphabet
     child, sym, par = np.arange(1, N), trie.symbol[1:], trie.parent[1:]
     edge = {}
     for x in _SEPS:
         e = np.full(N, -1, np.int64)
         e[par[sym == x]] = child[sym == x]
         edge[x] = e
-    ls = trie.level_starts
+    pref = {}
     for t in (PSEP, USEP):
         own = np.full(N, -1, np.int64)
         for y in reversed(_PREFERS[t]):          # the more specific edges overwrite
             own = np.where(edge[y] >= 0, edge[y], own)
-        col = np.zeros(N, delta.dtype)
-        for d in range(len(ls) - 1):
-            v = np.arange(ls[d], ls[d + 1])
-            inherited = col[fail[v]] if d > 0 else np.zeros(len(v), delta.dtype)
-            col[v] = np.where(own[v] >= 0, own[v], inherited)
-        delta[:, t] = col
+        pref[t] = own
+    fail = np.zeros(N, np.int64)
+    delta = np.zeros((N, A), np.int32)
+    ls = trie.level_starts
+    for d in range(len(ls) - 1):
+        lo, hi = ls[d], ls[d + 1]
+        if d >= 2:      # rows of depth < d - 1 are final: the parent's failure node is one of them
+            fail[lo:hi] = delta[fail[trie.parent[lo:hi]], trie.symbol[lo:hi]]
+        if d > 0:
+            delta[lo:hi] = delta[fail[lo:hi]]
+        if d + 1 < len(ls) - 1:
+            c = np.arange(ls[d + 1], ls[d + 2])
+            delta[trie.parent[c], trie.symbol[c]] = c
+        for t in (PSEP, USEP):
+            own = pref[t][lo:hi]
+            delta[lo:hi, t] = np.where(own >= 0, own, delta[lo:hi, t])
+    return fail, delta
 
 
-def _separator_copies(pats: list, kinds: list, pv: list, pp: list) -> None:
+def _separator_copies(pats: list, kinds: list, pv: list, pp: list, strict: list) -> None:
     """Where edges of several separator kinds leave one node, a text run takes the most specific one
-    it may (:func:`_separator_columns`): a pattern through a less specific edge that admits that run
-    gets a copy through the more specific edge (until no new copy appears; in place)."""
-    seen = {(tuple(q), v, k) for q, v, k in zip(pats, pv, kinds)}
+    it may (:func:`_separator_automaton`): a pattern through a less specific edge that admits that run
+    gets a copy through the more specific edge (until no new copy appears; in place).
+
+    ``strict[i]``: the positions of pattern ``i`` that are ``SEP`` edges only whitespace may follow
+    (the gaps of an entity written letter by letter with spaces): a pattern without output
+    (``KIND_NONE``) through a ``PSEP`` edge there takes the punctuation runs away from them."""
+    seps = set(_SEPS)
+    at = [[j for j, x in enumerate(q) if x in seps] if SEP in q or PSEP in q or USEP in q else []
+          for q in pats]                                                  # the separator positions
+    seen: set = set()
+
+    def add(c, k, v, pr, st, pos):
+        if not seen:
+            seen.update((tuple(q), v, k) for q, v, k in zip(pats, pv, kinds))
+        key = (tuple(c), v, k)
+        if key not in seen:
+            seen.add(key)
+            pats.append(c)
+            kinds.append(k)
+            pv.append(v)
+            pp.append(pr)
+            strict.append(st)
+            at.append(pos)
+
     todo = range(len(pats))
     old_spec: dict = {}
     while True:
+        n = len(pats)
+        for i in todo:
+            for j in strict[i]:
+                add(pats[i][:j] + [PSEP], KIND_NONE, -1, 0.0, frozenset(k for k in strict[i] if k < j),
+                    [k for k in at[i] if k < j] + [j])
         spec: dict = {}                           # prefix -> the PSEP / USEP edges that leave it
-        for q in pats:
-            for j, x in enumerate(q):
-                if x == PSEP or x == USEP:
-                    spec.setdefault(tuple(q[:j]), set()).add(x)
+        for q, pos in zip(pats, at):
+            for j in pos:
+                if q[j] != SEP:
+                    spec.setdefault(tuple(q[:j]), set()).add(q[j])
         if not spec:
             return
         if spec != old_spec:
             todo = range(len(pats))               # new edges: every pattern may need a copy
         old_spec = spec
-        n = len(pats)
         for i in todo:
             q = pats[i]
-            for j, x in enumerate(q):
-                if x != SEP and x != PSEP:
+            for j in at[i]:
+                x = q[j]
+                if x == USEP or j in strict[i]:
                     continue
                 es = spec.get(tuple(q[:j]))
                 if not es:
@@ -458,14 +501,7 @@ def _separator_copies(pats: list, kinds: list, pv: list, pp: list) -> None:
                 for t in _ADMITS[x]:
                     e = next(y for y in _PREFERS[t] if y == x or y in es)
                     if e != x:
-                        c = q[:j] + [e] + q[j + 1:]
-                        key = (tuple(c), pv[i], kinds[i])
-                        if key not in seen:
-                            seen.add(key)
-                            pats.append(c)
-                            kinds.append(kinds[i])
-                            pv.append(pv[i])
-                            pp.append(pp[i])
+                        add(q[:j] + [e] + q[j + 1:], kinds[i], pv[i], pp[i], strict[i], at[i])
         if len(pats) == n:
             return
         todo = range(n, len(pats))
@@ -524,6 +560,7 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
     kinds: list[int] = []
     pv: list[int] = []
     pp: list[float] = []
+    strict: list[frozenset] = []
     seen: set = set()
     word_cache: dict[str, tuple] = {}
 
@@ -547,8 +584,9 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
                 runs.append(-1)
         return words, runs
 
-    def pattern(form: str) -> tuple[tuple, int]:
-        """The symbols of ``form`` and how their match is reported (``KIND_*``)."""
+    def pattern(form: str, written: bool) -> tuple[tuple, int, frozenset]:
+        """The symbols of ``form``, how their match is reported (``KIND_*``) and the positions of the
+        ``SEP`` edges only whitespace may follow (``written``: the entity as listed, not its spaced form)."""
         words, runs = gaps(form)
         letters = len(words) >= 2 and all(len(w) == 1 and alpha.is_word[alpha.cls(w)] for w in words)
         if not letters:                     # an edge "_" is punctuation there ("countries_" = "countries.")
@@ -560,8 +598,11 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
             last = runs[-1] if runs[-1] >= 0 and words else alpha.cls(words[-1][-1]) if words else SEP
             kind = KIND_WORD if word_boundaries and alpha.is_word[last] else KIND_NOW
         sym: list[int] = [] if runs[0] < 0 else [runs[0]]
+        strict = []
         for i, w in enumerate(words):
             if i and letters:   # written letter by letter: the gap needs its kind of run (_PREFERS)
+                if written and runs[i] == SEP:
+                    strict.append(len(sym))
                 sym.append(runs[i])
             elif i:   # SEP (any kind of run matches it) unless punctuation between longer pieces
                 hard = runs[i] in (PSEP, USEP) and len(words[i - 1]) > 1 and len(w) > 1
@@ -569,15 +610,15 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
             sym.extend(word_symbols(w))
         if runs[-1] >= 0 and words:
             sym.append(runs[-1])         # "countries/": the match ends on the separator (a new one)
-        return tuple(sym), kind
+        return tuple(sym), kind, frozenset(strict)
 
     for f, v, pr in zip(folded, values, priority):
         forms = [f]
         elems = [c for c in f if c not in SEPARATORS and not c.isspace()]
         if spaced and _SPACED_MIN <= len(elems) == len(f) <= _SPACED_MAX:
             forms.append(" ".join(elems))
-        for form in forms:
-            sym, kind = pattern(form)
+        for n, form in enumerate(forms):
+            sym, kind, st = pattern(form, n == 0)
             key = (sym, v)
             if key in seen:
                 continue
@@ -586,15 +627,14 @@ def build_char_automaton(phrases: list[str], values: list[int], priority: list[f
             kinds.append(kind)
             pv.append(v)
             pp.append(pr)
+            strict.append(st)
     # where edges of several separator kinds leave one node, a run takes the most specific one it
-    # may (_separator_columns): the patterns through the others get copies through it
-    _separator_copies(pats, kinds, pv, pp)
+    # may (_separator_automaton): the patterns through the others get copies through it
+    _separator_copies(pats, kinds, pv, pp, strict)
     lens = np.asarray([len(p) for p in pats], np.int64)
     flat = np.asarray([s for p in pats for s in p], np.int64)
     trie = build_trie(flat, lens, alpha.num_classes)
-    fail = failure_links(trie)
-    delta = dense_transitions(trie, fail)
-    _separator_columns(trie, fail, delta)
+    fail, delta = _separator_automaton(trie)
     N = trie.num_nodes
     kinds_a = np.asarray(kinds, np.int64)
     outs = []
