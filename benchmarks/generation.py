@@ -34,12 +34,15 @@ at each batch size (``--batches 1,8,32``) ``hf_eager`` (``model.generate``), ``h
 recipe: ``cache_implementation="static"`` and ``torch.compile(model.forward)``), ``fastsafe_eager``
 and ``fastsafe_compiled`` (``compile=True``) with an empty config, and ``fastsafe_eager_filter`` /
 ``fastsafe_compiled_filter`` with ``--entities`` (default 100,000) on the device matcher; tokens/s
-from the median of ``--repeat`` timed calls, relative to both HF rows, and ``compile_s`` (the first
-call minus the median: compile and warm-up) apart.
+from the median of ``--repeat`` timed calls (interleaved: each round runs every configuration once,
+every other round in reverse order), relative to both HF rows, and ``compile_s`` (the first call
+minus the median: compile and warm-up) apart. ``--only`` keeps some configurations (plus the two HF
+rows, the references).
 
 Run:
     python -m benchmarks.generation                      # default model, 4 prompts x 24 tokens
-    python -m benchmarks.generation --compiled --batches 1,8,32 --entities 100000
+    python -m benchmarks.generation --compiled --batches 1,8,32 --entities 100000 --repeat 5
+    python -m benchmarks.generation --compiled --batches 8 --only fastsafe_compiled --entities 0
     python -m benchmarks.generation --new-tokens 64 --repeat 5
     fastsafe bench generation --quick
 """
@@ -346,6 +349,8 @@ def main_compiled(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--entities", type=int, default=100000, help="entities of the filter rows (0: no filter rows)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated configurations of the table (default: all; hf_eager always runs: the reference)")
     p.add_argument("--device", default=None)
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
@@ -372,13 +377,16 @@ def main_compiled(argv=None) -> int:
     for B in batches:
         rows = all_rows[:B]
         runs = compiled_runs(model, peer, tok, rows, args.new_tokens, args.top_k, entities)
+        if args.only:
+            keep = {"hf_eager", "hf_compiled"} | {w.strip() for w in args.only.split(",")}
+            runs = {n: f for n, f in runs.items() if n in keep}
         first, results = {}, {}
         for name, fn in runs.items():            # the first call compiles (and builds the matcher)
             results[name], first[name] = _timed(fn, device)
             print(f"B={B} {name}: first call {first[name]:.1f} s", file=sys.stderr, flush=True)
         times = {n: [] for n in runs}
-        for _ in range(args.repeat):
-            for name, fn in runs.items():
+        for r in range(args.repeat):                # interleaved, every other round in reverse order
+            for name, fn in (list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]):
                 times[name].append(_timed(fn, device)[1] * 1e3)
         n_tokens = B * args.new_tokens
         ref = results["hf_eager"][0].cpu()
