@@ -453,14 +453,9 @@ def _separator_copies(pats: list, kinds: list, pv: list, pp: list, strict: list)
     ``strict[i]``: the positions of pattern ``i`` that are ``SEP`` edges only whitespace may follow
     (the gaps of an entity written letter by letter with spaces): a pattern without output
     (``KIND_NONE``) through a ``PSEP`` edge there takes the punctuation runs away from them."""
-    seps = set(_SEPS)
-    at = [[j for j, x in enumerate(q) if x in seps] if SEP in q or PSEP in q or USEP in q else []
-          for q in pats]                                                  # the separator positions
-    seen: set = set()
+    seen: set = set()         # the copies made (one equal to a listed pattern is harmless: same output)
 
-    def add(c, k, v, pr, st, pos):
-        if not seen:
-            seen.update((tuple(q), v, k) for q, v, k in zip(pats, pv, kinds))
+    def add(c, k, v, pr, st):
         key = (tuple(c), v, k)
         if key not in seen:
             seen.add(key)
@@ -469,31 +464,42 @@ def _separator_copies(pats: list, kinds: list, pv: list, pp: list, strict: list)
             pv.append(v)
             pp.append(pr)
             strict.append(st)
-            at.append(pos)
+
+    spec: dict = {}                               # prefix -> the PSEP / USEP edges that leave it
+
+    def note(rows) -> bool:
+        """Add the PSEP / USEP edges of patterns ``rows`` to ``spec``; whether a prefix got a new one."""
+        grew = False
+        for i in rows:
+            q = pats[i]
+            if PSEP in q or USEP in q:
+                for j, x in enumerate(q):
+                    if x == PSEP or x == USEP:
+                        es = spec.setdefault(tuple(q[:j]), set())
+                        if x not in es:
+                            es.add(x)
+                            grew = True
+        return grew
 
     todo = range(len(pats))
-    old_spec: dict = {}
+    noted = 0
     while True:
         n = len(pats)
         for i in todo:
             for j in strict[i]:
-                add(pats[i][:j] + [PSEP], KIND_NONE, -1, 0.0, frozenset(k for k in strict[i] if k < j),
-                    [k for k in at[i] if k < j] + [j])
-        spec: dict = {}                           # prefix -> the PSEP / USEP edges that leave it
-        for q, pos in zip(pats, at):
-            for j in pos:
-                if q[j] != SEP:
-                    spec.setdefault(tuple(q[:j]), set()).add(q[j])
+                add(pats[i][:j] + [PSEP], KIND_NONE, -1, 0.0, frozenset(k for k in strict[i] if k < j))
+        if note(range(noted, len(pats))) and noted:
+            # a prefix that got a new edge after the first pass has a PSEP / USEP of a copy in it:
+            # only the patterns with one can go through it
+            todo = [i for i, q in enumerate(pats) if i >= n or PSEP in q or USEP in q]
+        noted = len(pats)
         if not spec:
             return
-        if spec != old_spec:
-            todo = range(len(pats))               # new edges: every pattern may need a copy
-        old_spec = spec
+        m = len(pats)
         for i in todo:
             q = pats[i]
-            for j in at[i]:
-                x = q[j]
-                if x == USEP or j in strict[i]:
+            for j, x in enumerate(q):
+                if x != SEP and x != PSEP or j in strict[i]:
                     continue
                 es = spec.get(tuple(q[:j]))
                 if not es:
@@ -501,10 +507,10 @@ def _separator_copies(pats: list, kinds: list, pv: list, pp: list, strict: list)
                 for t in _ADMITS[x]:
                     e = next(y for y in _PREFERS[t] if y == x or y in es)
                     if e != x:
-                        add(q[:j] + [e] + q[j + 1:], kinds[i], pv[i], pp[i], strict[i], at[i])
-        if len(pats) == n:
+                        add(q[:j] + [e] + q[j + 1:], kinds[i], pv[i], pp[i], strict[i])
+        if len(pats) == m:
             return
-        todo = range(n, len(pats))
+        todo = range(m, len(pats))
 
 
 def entity_text(phrase: str) -> str:
