@@ -117,7 +117,7 @@ class SafetyStep:
     Attributes:
         events: the :class:`fastsafe.safety.SafetyEvent` s recorded so far (``config.on_event``
             is called with each as it is recorded).
-        state: ``[B, 6]`` int64 automaton states of the rows (device matcher only, else None).
+        state: ``[B, W]`` int64 automaton states of the rows (``W = matcher.state_width``) (device matcher only, else None).
     """
 
     def __init__(self, config, tokenizer, *, vocab_size: int, device, fallback_id=None, eos_token_id=None,
@@ -134,7 +134,7 @@ class SafetyStep:
         self.fallback_id = None if fallback_id is None else int(fallback_id)
         self._source = None
         self._device_matcher = None
-        self.state = None                   # [B, 6] automaton states of the rows (device matcher only)
+        self.state = None                   # [B, W] automaton states of the rows (device matcher only)
         self._rows = None                   # RowStates: a store's new matcher swaps in between steps
         self._steps = self._polled = 0      # state moves (start / advance) and the last one matcher() polled at
         self._records: list = []            # device-side event records, turned into events by flush()
@@ -210,7 +210,7 @@ class SafetyStep:
             self.state = self._rows.advance(self._device_matcher, self._live_state(len(token_ids)), token_ids)
 
     def adopt(self, token_ids, state) -> None:
-        """The rows appended ``token_ids`` (``[B]``) and ``state`` is their new ``[B, 6]`` state,
+        """The rows appended ``token_ids`` (``[B]``) and ``state`` is their new ``[B, W]`` state,
         computed by the caller (``matcher.advance`` inside a compiled step): kept as :attr:`state`
         and logged for a store's hot swap, as :meth:`advance` does."""
         if self._device_matcher is not None:
@@ -389,7 +389,7 @@ class SafetyStep:
             record: record the events now (and raise for dead rows without a fallback); False
                 keeps the step a pure tensor program: call :meth:`record` later.
             matcher, state: a compiled step passes the device matcher in force and the rows'
-                ``[B, 6]`` states explicitly (from :meth:`matcher` and :attr:`state`, read outside
+                ``[B, W]`` states explicitly (from :meth:`matcher` and :attr:`state`, read outside
                 the compiled region: the store's hot swap happens there); default: the step's own.
 
         Returns:

@@ -4,7 +4,7 @@ vLLM's two runners speak about requests differently (V1: batch rows that move; M
 persistent request slots, rows reordered every step). Both processors map their requests onto
 *slots* (V1 assigns one from a free list at ``added``; V2's slot is its ``req_idx``) and call
 :class:`SafetyRows`, which keeps, per slot, host bookkeeping (policy, request-only matcher, bias
-scale, request number) and, per :class:`fastsafe.safety.DeviceMatcher` in use, one ``[capacity, 6]``
+scale, request number) and, per :class:`fastsafe.safety.DeviceMatcher` in use, one ``[capacity, state_width]``
 int64 state tensor on the device.
 
 Per step (:meth:`SafetyRows.apply`), for a :class:`Plan` of the batch (rows grouped by policy and
@@ -172,7 +172,7 @@ class SafetyRows:
         self.slot_scale = np.zeros(self.capacity, dtype=np.float32)
         self.slot_seq = np.full(self.capacity, -1, dtype=np.int64)
         self._matchers_of_policy = {name: b.matcher() for name, b in self.built.items()}
-        self._states: dict[int, tuple] = {}                     # id(matcher) -> (matcher, [capacity, 6] state)
+        self._states: dict[int, tuple] = {}                     # id(matcher) -> (matcher, [capacity, state_width] state)
         self._plans: dict = {}
         self.step = 0
         self._next_seq = 0
