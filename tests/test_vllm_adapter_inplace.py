@@ -1,6 +1,7 @@
 """vLLM adapter: the in-place bans and fallback (sparse and dense forms) against a plain torch reference. No vLLM needed."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,7 +93,7 @@ def test_bans_every_row_shares_take_the_column_path_and_equal_the_reference(all_
     want, best_ref, hit_ref = _reference(logits, rows, allowed)
     got = logits.clone()
     words = pack_bitmask(allowed)
-    assert inplace._shared_bans(words.numpy(), V) is not None       # the column path is the one tested
+    assert inplace._shared_bans(np.bitwise_or.reduce(words.numpy(), axis=0), V) is not None       # the column path is the one tested
     best, hit = ban_(got, rows, words, got.amax(-1).index_select(0, rows), sparse=True)
     assert torch.equal(got, want)
     assert hit.tolist() == hit_ref.tolist() and best.tolist() == best_ref.tolist() and bool(hit[0]) and bool(hit[1])

@@ -278,9 +278,9 @@ class SafetyRows:
                 by_matcher.setdefault(id(m), (m, []))[1].append(i)
         interim = by_matcher.pop(id(self.interim), None)
         if interim is not None:
-            self._derive_interim([slots[i] for i in interim[1]], tokens.index_select(
-                0, to_device(interim[1], torch.int64, self.device)), valid.index_select(
-                0, to_device(interim[1], torch.int64, self.device)))
+            ii = to_device(interim[1], torch.int64, self.device)
+            self._derive_interim([slots[i] for i in interim[1]], tokens.index_select(0, ii),
+                                 valid.index_select(0, ii))
         for m, idx in by_matcher.values():
             ii = to_device(idx, torch.int64, self.device)
             tok, ok = tokens.index_select(0, ii), valid.index_select(0, ii)

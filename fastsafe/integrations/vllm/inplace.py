@@ -71,11 +71,10 @@ SHARED_MIN_WORDS = 32
 _SHARED: dict = {}
 
 
-def _shared_bans(w: np.ndarray, V: int):
-    """The token ids every row of ``w`` bans (sorted int64 tensor, cached by content), or ``None`` when few."""
-    if w.shape[0] < 2:
-        return None
-    union = np.bitwise_or.reduce(w, axis=0)                    # bit 0: banned in every row
+def _shared_bans(union: np.ndarray, V: int):
+    """The token ids every row bans (sorted int64 tensor, cached by content), or ``None`` when few.
+
+    ``union``: ``[ceil(V/32)]`` int32, the bitwise or of the rows' packed masks (bit 0: banned in every row)."""
     if int((union != -1).sum()) < SHARED_MIN_WORDS:
         return None
     key = (V, union.tobytes())
@@ -108,9 +107,10 @@ def ban_(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor, row_max:
     b = rows.shape[0]
     if sparse:                       # the CPU: small host arrays (numpy), a few torch ops on the logits
         w = words.contiguous().numpy()
-        shared = _shared_bans(w, V)  # tokens every row bans (a large set's single-token entities)
+        union = np.bitwise_or.reduce(w, axis=0) if b >= 2 else None       # bit 0: banned in every row
+        shared = None if union is None else _shared_bans(union, V)  # (a large set's single-token entities)
         if shared is not None:
-            w = w | ~np.bitwise_or.reduce(w, axis=0)       # the rest: each row's own bans
+            w = w | ~union                                 # the rest: each row's own bans
         r, tok = banned_positions(torch.from_numpy(w), V)
         lr = torch.from_numpy(rows.numpy()[r.numpy()])
         v = logits[lr, tok].float().numpy()
