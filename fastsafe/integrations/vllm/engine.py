@@ -260,6 +260,30 @@ class SafetyRows:
         for k in [k for k in self._states if k not in live]:
             del self._states[k]
 
+    def state(self, matcher) -> torch.Tensor:
+        """The ``[capacity, state_width]`` int64 states of ``matcher`` (device; one row per slot)."""
+        return self._state(matcher)
+
+    def mirror(self, src, dst) -> None:
+        """Make each slot ``dst[i]`` a copy of slot ``src[i]`` (host lists): the same request
+        bookkeeping (policy, request-only matcher, bias scale, request number) and interim mask, not
+        counted as a request. The automaton states are not copied: the caller sets them (Model
+        Runner V2 under speculative decoding gives each draft row such a slot, its state the owner's
+        advanced by the drafts before the row)."""
+        if not len(src):
+            return
+        for s, d in zip(src, dst):
+            self.slot_args[d] = self.slot_args[s]
+            self.slot_policy[d] = self.slot_policy[s]
+            self.slot_request_matcher[d] = self.slot_request_matcher[s]
+            self._interim_rule[d] = self._interim_rule[s]
+            self.slot_scale[d] = self.slot_scale[s]
+            self.slot_seq[d] = self.slot_seq[s]
+        s_t = to_device(list(src), torch.int64, self.device)
+        self._interim_words.index_copy_(0, to_device(list(dst), torch.int64, self.device),
+                                        self._interim_words.index_select(0, s_t))
+        self._plans.clear()
+
     # ------------------------------------------------------------------ states from histories
     def derive(self, slots, tokens: torch.Tensor, valid: torch.Tensor, matchers=None) -> None:
         """Set the states of ``slots`` (host list) from their histories.
