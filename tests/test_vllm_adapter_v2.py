@@ -477,3 +477,30 @@ def test_v2_draft_rows_of_a_declined_request_in_a_reused_slot(spec_pair):
     x = boosted(tok, 5, V, g)
     got, first = spec_step(ps, rs, [c, b], [enc(tok, " lazy dog"), enc(tok, " lazy")], x)
     assert torch.equal(got[:3], x[:3]) and torch.isneginf(got[4, enc(tok, " dog")[0]])
+
+
+def test_v2_host_regex_sees_the_drafts_before_the_row(tmp_path, monkeypatch):
+    """A regex the device DFA cannot take (``\\b``) is checked on the host over the committed ids plus the
+    row's drafts: equal to the non-speculative processor with the drafts committed one step at a time."""
+    tok = tiny_tokenizer()
+    (tmp_path / "p.toml").write_text('[policy.default]\nregexes = ["\\\\bquick fox"]\ntop_k = 5\n')
+    monkeypatch.setenv("FASTSAFE_VLLM_POLICIES", str(tmp_path / "p.toml"))
+    monkeypatch.setattr(worker, "load_tokenizer", lambda cfg: tok)
+    from fastsafe.integrations.vllm import SafetyLogitsProcessorV2
+    rs, rr = Runner(monkeypatch, tok, num_spec=2), Runner(monkeypatch, tok)
+    ps, pr = SafetyLogitsProcessorV2(rs.cfg, rs.lp_state), SafetyLogitsProcessorV2(rr.cfg, rr.lp_state)
+    assert ps.rows.built["default"].matcher().has_regexes
+    for run, proc in ((rs, ps), (rr, pr)):
+        a, _ = run.add(proc, "a", enc(tok, "over the"))
+        run.staged(proc)
+    fox = enc(tok, " fox")[0]
+    x = boosted(tok, 3, rs.rs.vocab_size, torch.Generator().manual_seed(7))
+    x[:, fox] += 20.0                                                  # the top candidate of every row
+    drafts = enc(tok, " quick fox")
+    got = ps.apply(x.clone(), rs.spec_ctx([a], [drafts]))
+    assert torch.isfinite(got[0, fox]) and torch.isneginf(got[1, fox])     # after the draft " quick"
+    for j in range(3):
+        torch.testing.assert_close(pr.apply(x[j:j + 1].clone(), rr.ctx([a])), got[j:j + 1], rtol=0, atol=0)
+        if j < 2:
+            rr.commit(a, drafts[j])
+        rr.staged(pr)
