@@ -208,7 +208,8 @@ def test_v2_validate_params(setup):
         validate(SamplingParams(extra_args={"fastsafe_policy": "lenient"}))
 
 
-def test_v2_store_hot_swap(tmp_path, monkeypatch):
+@pytest.mark.parametrize("num_spec", [0, 2])
+def test_v2_store_hot_swap(tmp_path, monkeypatch, num_spec):
     from fastsafe import RiskEntityStore
     tok = tiny_tokenizer()
     store = RiskEntityStore(tmp_path / "risk.db")
@@ -217,7 +218,7 @@ def test_v2_store_hot_swap(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSAFE_VLLM_POLICIES", str(tmp_path / "p.toml"))
     monkeypatch.setenv("FASTSAFE_VLLM_POLL_INTERVAL", "0")
     monkeypatch.setattr(worker, "load_tokenizer", lambda cfg: tok)
-    run = Runner(monkeypatch, tok)
+    run = Runner(monkeypatch, tok, num_spec=num_spec)
     from fastsafe.integrations.vllm import SafetyLogitsProcessorV2
     proc = SafetyLogitsProcessorV2(run.cfg, run.lp_state)
     a, _ = run.add(proc, "a", enc(tok, "over the"), enc(tok, " lazy"))
@@ -235,6 +236,11 @@ def test_v2_store_hot_swap(tmp_path, monkeypatch):
         follower.wait(5)
         assert time.monotonic() < deadline
     assert torch.isneginf(proc.apply(x.clone(), run.ctx([a]))[0, dog])
+    if num_spec:                                   # draft rows: from the new matcher's state of the slot
+        y = torch.zeros(3, len(tok))
+        y[:, dog] = 5.0
+        got = proc.apply(y, run.spec_ctx([a], [enc(tok, " the lazy")]))
+        assert torch.isneginf(got[0, dog]) and torch.isfinite(got[1, dog]) and torch.isneginf(got[2, dog])
 
 
 def test_v2_request_only_matcher_built_in_the_background(setup, monkeypatch):
