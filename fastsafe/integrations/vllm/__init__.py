@@ -61,8 +61,10 @@ preempted and recomputed (re-added: the state is re-derived from their ids), ``n
 request has its own state), async scheduling (V1's ``-1`` placeholders are fed once vLLM fills
 them in; V2 reads committed ids on the device). A new or re-added request's state is derived from
 its last 64 ids (``HISTORY_WINDOW``; 64 masked automaton steps for all requests added in that step
-together, between steps). Speculative decoding: V1 refuses custom logits processors with it; V2's
-processor refuses it at start (draft rows are not followed yet).
+together, between steps). Speculative decoding: V1 refuses custom logits processors with it
+(vLLM's own check); under V2 each draft row is filtered with the state after the committed ids and
+the drafts before it (computed on the device each step), the committed state follows only the ids
+vLLM accepts, and ``rejection_sample_method="synthetic"`` is refused at start (see :mod:`.v2`).
 
 **Request-only phrases**: their matcher is kept by content (the 64 most recent phrase sets; a
 repeated set costs nothing; two requests with the same set share one matcher). A *new* set is
