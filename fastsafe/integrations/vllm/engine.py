@@ -78,11 +78,13 @@ class InterimRule:
 
 class _Group:
     """The rows of one policy that one matcher checks."""
-    __slots__ = ("matcher", "key", "slots", "rows", "local", "host_rows", "seqs")
+    __slots__ = ("matcher", "key", "slots", "rows", "local", "host_rows", "seqs", "every", "index")
 
-    def __init__(self, matcher, key, slots, rows, local, host_rows, seqs):
+    def __init__(self, matcher, key, slots, rows, local, host_rows, seqs, every=False, index=0):
         self.matcher, self.key, self.slots, self.rows, self.local = matcher, key, slots, rows, local
         self.host_rows, self.seqs = host_rows, seqs
+        self.every = every          # its rows are the plan's rows 0..num_rows-1, in order
+        self.index = index          # its position in Plan.groups
 
 
 class _PolicyRows:
@@ -95,12 +97,21 @@ class Plan:
     Attributes:
         policies: per policy present, its rows, bias scale per row and matcher groups.
         num_rows: the logits rows of the layout.
+        row_slots: host list, the slot of each logits row (-1: not a request).
+        tsdi: some policy of the plan has a TSDI table (``apply`` needs ``positions``).
+
+    A plan is cached by its layout (:meth:`SafetyRows.plan`) and dropped whenever a slot's request
+    or matchers change, so everything derived from it here is computed once per layout.
     """
 
-    def __init__(self, num_rows: int):
+    def __init__(self, num_rows: int, row_slots=None):
         self.num_rows = num_rows
+        self.row_slots = list(row_slots) if row_slots is not None else [-1] * num_rows
         self.policies: list[_PolicyRows] = []
         self.groups: list[_Group] = []
+        self.tsdi = False
+        self._host_rows = None
+        self._host_slots = None
 
     @property
     def empty(self) -> bool:
@@ -108,8 +119,17 @@ class Plan:
 
     @property
     def host_rows(self) -> list:
-        """The filtered rows (host list, ascending)."""
-        return sorted(r for pr in self.policies for r in pr.host_rows)
+        """The filtered rows (host list, ascending; computed once per plan)."""
+        if self._host_rows is None:
+            self._host_rows = sorted(r for pr in self.policies for r in pr.host_rows)
+        return self._host_rows
+
+    @property
+    def host_slots(self) -> list:
+        """The slots of :attr:`host_rows` (host list, aligned with it)."""
+        if self._host_slots is None:
+            self._host_slots = [self.row_slots[r] for r in self.host_rows]
+        return self._host_slots
 
 
 class SafetyRows:
@@ -367,9 +387,10 @@ class SafetyRows:
         if hit is not None:
             return hit
         dev = self.device
-        plan = Plan(len(row_slots))
+        slot_list = row_slots.tolist()
+        plan = Plan(len(slot_list), slot_list)
         by_policy: dict = {}
-        for r, s in enumerate(row_slots.tolist()):
+        for r, s in enumerate(slot_list):
             if s < 0 or self.slot_args[s] is None or not self.filtered(s):
                 continue
             by_policy.setdefault(self.slot_policy[s], []).append((r, s))
@@ -378,6 +399,7 @@ class SafetyRows:
             pr.name = OPT_OUT if pol is None else pol
             b = self.built.get(pol) if pol is not None else None
             pr.table = None if b is None else b.table
+            plan.tsdi = plan.tsdi or pr.table is not None
             pr.top_k = min(10 if b is None else b.top_k, self.vocab_size)
             rows = [r for r, _ in members]
             pr.host_rows = rows
@@ -392,10 +414,12 @@ class SafetyRows:
                     groups.setdefault(id(m), (m, []))[1].append(i)
             for m, idx in groups.values():
                 full = len(idx) == len(members)
+                g_rows = [members[i][0] for i in idx]
                 g = _Group(m, id(m), to_device([members[i][1] for i in idx], torch.int64, dev),
-                           to_device([members[i][0] for i in idx], torch.int64, dev),
+                           to_device(g_rows, torch.int64, dev),
                            None if full else to_device(idx, torch.int64, dev),
-                           [members[i][0] for i in idx], [pr.seqs[i] for i in idx])
+                           g_rows, [pr.seqs[i] for i in idx], every=g_rows == list(range(len(slot_list))),
+                           index=len(plan.groups))
                 pr.groups.append(g)
                 plan.groups.append(g)
             plan.policies.append(pr)
@@ -405,29 +429,45 @@ class SafetyRows:
         return plan
 
     # ------------------------------------------------------------------ the step
-    def feed(self, plan: Plan, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+    def feed(self, plan: Plan, tokens: torch.Tensor, valid: torch.Tensor | None) -> list:
         """Advance the states of the plan's rows by their new tokens.
 
         Args:
             tokens: ``[num_rows, m]`` int64 on the device, aligned with the logits rows.
-            valid: ``[num_rows, m]`` bool (``False``: no token at that place).
+            valid: ``[num_rows, m]`` bool (``False``: no token at that place), or ``None`` when every
+                row of the plan has ``m`` tokens.
+
+        Returns:
+            Per group of ``plan.groups``, its rows' new states (``[b, state_width]``, the rows of the
+            group's slots; ``None`` for interim rows): :meth:`apply` takes them as ``states`` when
+            nothing changes the states in between.
         """
+        out = []
         for g in plan.groups:
             if g.matcher is self.interim:            # a mask per slot, no automaton state
+                out.append(None)
                 continue
             state = self._state(g.matcher)
             st = state.index_select(0, g.slots)
-            tok, ok = tokens.index_select(0, g.rows), valid.index_select(0, g.rows)
+            tok = tokens if g.every else tokens.index_select(0, g.rows)
+            ok = None if valid is None else (valid if g.every else valid.index_select(0, g.rows))
             for j in range(tok.shape[1]):
-                st = torch.where(ok[:, j:j + 1], g.matcher.advance(st, tok[:, j].contiguous()), st)
+                nxt = g.matcher.advance(st, tok[:, j].contiguous())
+                st = nxt if ok is None else torch.where(ok[:, j:j + 1], nxt, st)
             state.index_copy_(0, g.slots, st)
+            out.append(st)
+        return out
 
-    def apply(self, logits: torch.Tensor, plan: Plan, positions=None, host_histories=None) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, plan: Plan, positions=None, host_histories=None,
+              states=None) -> torch.Tensor:
         """Filter ``logits`` (``[num_rows, V]`` float, modified in place) under ``plan``.
 
         Args:
-            positions: ``[num_rows]`` int64 response positions on the device (needed with TSDI).
+            positions: ``[num_rows]`` int64 response positions on the device (needed with TSDI,
+                :attr:`Plan.tsdi`).
             host_histories: ``rows -> list of token lists`` (only called for regex entities).
+            states: what :meth:`feed` returned for this plan, when the states have not changed
+                since (saves reading them again); default: read from the slots.
 
         Every edit is made in place on ``logits``: bans and the fallback in the sparse form on the
         CPU, the dense one elsewhere (:mod:`.inplace`, :attr:`sparse_writes`); the candidates of the
@@ -458,10 +498,11 @@ class SafetyRows:
                 if g.matcher is self.interim:
                     st, words = None, self._interim_words.index_select(0, g.slots)
                 else:
-                    st = self._state(g.matcher).index_select(0, g.slots)
+                    st = states[g.index] if states is not None else self._state(g.matcher).index_select(0, g.slots)
                     words = g.matcher.banned_bitmask(st)
-                best, hit = ban_(logits, g.rows, words, row_max.index_select(0, g.rows), sparse=sparse)
-                if not sparse or bool(hit.any()):     # (CPU: a record only when there is an event)
+                best, hit = ban_(logits, g.rows, words, row_max if g.every else row_max.index_select(0, g.rows),
+                                 sparse=sparse)
+                if not sparse or hit.numpy().any():   # (CPU: a record only when there is an event)
                     if _device_text(g.matcher):       # the entity the banned token completes (text check of it)
                         ent = g.matcher.check_candidates(st, best[:, None])[1][:, 0].to(torch.int64)
                     else:
@@ -477,7 +518,7 @@ class SafetyRows:
                 ok = torch.isfinite(vals)
                 for g, st in text_groups:
                     c = cands if g.local is None else cands.index_select(0, g.local)
-                    okg = torch.ones_like(c, dtype=torch.bool)
+                    okg = None
                     if _device_text(g.matcher):
                         okg, ent = g.matcher.check_candidates(st, c)
                         if not sparse or bool((ent >= 0).any()):
@@ -485,15 +526,20 @@ class SafetyRows:
                                               torch.cat([c, ent.to(torch.int64)], dim=1), g.matcher)
                     if g.matcher.has_regexes:          # the host path (RE2 over recent text): reads cands back
                         okr, events = g.matcher.host_regex_check(host_histories(g.host_rows), c.cpu())
-                        okg = okg & okr.to(okg.device)
+                        okr = okr.to(c.device)
+                        okg = okr if okg is None else okg & okr
                         for e in events:
                             self.audit.count_host(pr.name, "regex")
                             self.audit.log_event(pr.name, "regex", g.seqs[e.row], g.host_rows[e.row], self.step,
                                                  e.token_id, e.entity)
+                    if okg is None:
+                        continue
                     if g.local is None:
                         ok &= okg
                     else:
                         ok.index_copy_(0, g.local, ok.index_select(0, g.local) & okg)
+                if sparse and bool(ok.all()):          # (CPU) every candidate stays: nothing to write, no row dead
+                    continue
                 kept = torch.where(ok, vals, _NEG_INF).to(logits.dtype)
                 if pr.all_rows:
                     logits.scatter_(1, cands, kept)

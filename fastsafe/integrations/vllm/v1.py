@@ -43,8 +43,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self._free = list(range(capacity - 1, -1, -1))
         self._prompt: list = [None] * capacity                      # per slot
         self._out: list = [None] * capacity
-        self._fed = np.zeros(capacity, dtype=np.int64)              # output ids the states have seen
-        self._last = np.full(capacity, -2, dtype=np.int64)          # the last of them (-2: none)
+        self._fed = [0] * capacity                                  # output ids the states have seen
+        self._last = [-2] * capacity                                # the last of them (-2: none)
         self._num_filtered = 0
 
     def is_argmax_invariant(self) -> bool:
@@ -125,6 +125,23 @@ class SafetyLogitsProcessor(LogitsProcessor):
     def _histories(self, host_rows):
         return [self._prompt[s] + self._known(s) for s in (int(self._row_slot[r]) for r in host_rows)]
 
+    def _new_ids(self, slots) -> tuple[list, list]:
+        """Per slot, the output ids its states have not seen (up to the first ``-1``), and the slots
+        whose list shrank or whose last seen id changed (to be re-derived; no new ids)."""
+        outs, fed, last = self._out, self._fed, self._last
+        new, redo = [], []
+        for s in slots:
+            out, n = outs[s], fed[s]
+            if len(out) < n or (n and out[n - 1] != last[s]):
+                redo.append(s)                 # ids were discarded / rewritten: start again from the ids
+                new.append(())
+                continue
+            tail = out[n:]
+            if -1 in tail:
+                tail = tail[:tail.index(-1)]
+            new.append(tail)
+        return new, redo
+
     # ------------------------------------------------------------------ the step
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         rows = self.rows
@@ -134,33 +151,31 @@ class SafetyLogitsProcessor(LogitsProcessor):
         plan = rows.plan(self._row_slot[:B])
         if plan.empty:
             return logits
-        host_rows = plan.host_rows
-        redo, new = [], {}
-        for r in host_rows:
-            s = int(self._row_slot[r])
-            out, n = self._out[s], int(self._fed[s])
-            if len(out) < n or (n and out[n - 1] != self._last[s]):
-                redo.append(s)                 # ids were discarded / rewritten: start again from the ids
-                continue
-            tail = out[n:]
-            if -1 in tail:
-                tail = tail[:tail.index(-1)]
-            new[r] = tail
+        host_rows, slots = plan.host_rows, plan.host_slots
+        new, redo = self._new_ids(slots)
         if redo:
             self._derive(redo)
-        m = max((len(t) for t in new.values()), default=0)
-        tok = np.full((B, max(m, 1)), -1, dtype=np.int64)
-        pos = np.zeros(B, dtype=np.int64)
-        for r in host_rows:
-            s = int(self._row_slot[r])
-            t = new.get(r, ())
-            if t:
-                tok[r, :len(t)] = t
-                self._fed[s] += len(t)
-                self._last[s] = t[-1]
-            pos[r] = self._fed[s]
+        fed, last = self._fed, self._last
+        lens = [len(t) for t in new]
+        for s, t, n in zip(slots, new, lens):
+            if n:
+                fed[s] += n
+                last[s] = t[-1]
+        m = max(lens, default=0)
+        states = None
         if m:
-            dtok = to_device(tok, torch.int64, self.device)
-            rows.feed(plan, dtok, dtok >= 0)
-        positions = to_device(pos, torch.int64, self.device)
-        return rows.apply(logits, plan, positions=positions, host_histories=self._histories)
+            if len(host_rows) == B and min(lens) == m:      # the usual step: m ids (one) in every row
+                states = rows.feed(plan, to_device(new, torch.int64, self.device), None)
+            else:
+                tok = np.full((B, m), -1, dtype=np.int64)
+                for r, t in zip(host_rows, new):
+                    if t:
+                        tok[r, :len(t)] = t
+                dtok = to_device(tok, torch.int64, self.device)
+                states = rows.feed(plan, dtok, dtok >= 0)
+        positions = None
+        if plan.tsdi:
+            pos = np.zeros(B, dtype=np.int64)
+            pos[host_rows] = [fed[s] for s in slots]
+            positions = to_device(pos, torch.int64, self.device)
+        return rows.apply(logits, plan, positions=positions, host_histories=self._histories, states=states)
