@@ -200,3 +200,30 @@ def test_no_eos_is_refused(tmp_path):
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match="eos_token_id: expected a token id"):
         SafetyRows({}, tok, vocab_size=len(tok), device="cpu", capacity=2, eos_token_id=None, logger=LOG)
+
+
+def test_a_cached_plan_is_rebuilt_when_its_slots_change_hands(tmp_path):
+    """Plans are cached by layout (the slot of each row); a slot whose request changes keeps the layout's
+    key, so admit / release must drop the cached plans (and with them the host rows / slots kept on a plan)."""
+    rows, tok, _ = make_rows(tmp_path)
+    V = rows.vocab_size
+    bomb = tok.encode(" bomb", add_special_tokens=False)[0]
+    rows.admit(0, RequestArgs("default"))            # bans " bomb" only after "make a"
+    _derive(rows, [0], [[5]])
+    layout = torch.tensor([0]).numpy()
+    plan = rows.plan(layout)
+    assert rows.plan(layout) is plan and plan.host_rows == [0] and plan.host_slots == [0]
+    got = rows.apply(torch.zeros(1, V), plan, positions=torch.zeros(1, dtype=torch.int64))
+    assert torch.isfinite(got[0, bomb])
+    rows.release(0)
+    rows.admit(0, RequestArgs("strict"))             # bans " bomb" everywhere: same slot, same layout key
+    _derive(rows, [0], [[5]])
+    plan = rows.plan(layout)
+    got = rows.apply(torch.zeros(1, V), plan, positions=torch.zeros(1, dtype=torch.int64))
+    assert torch.isneginf(got[0, bomb])
+    rows.admit(1, RequestArgs("default"))
+    _derive(rows, [1], [[5]])
+    swapped = rows.plan(torch.tensor([1, -1, 0]).numpy())
+    assert swapped.host_rows == [0, 2] and swapped.host_slots == [1, 0]
+    got = rows.apply(torch.zeros(3, V), swapped, positions=torch.zeros(3, dtype=torch.int64))
+    assert torch.isfinite(got[0, bomb]) and torch.isneginf(got[2, bomb]) and torch.equal(got[1], torch.zeros(V))

@@ -36,7 +36,8 @@ from fastsafe.ops import safe_topk
 
 from .audit import Audit
 from .built import RequestMatchers, build_policy
-from .inplace import ban_, fallback_
+from .candidates import top_candidates
+from .inplace import ban_, ban_max_, fallback_
 from .policies import OPT_OUT
 
 __all__ = ["SafetyRows", "Plan", "HISTORY_WINDOW", "to_device"]
@@ -458,6 +459,29 @@ class SafetyRows:
             out.append(st)
         return out
 
+    def _record_ban(self, pr, g, st, best, hit) -> None:
+        """The audit record of a group's bans (``best [b]`` int64, ``hit [b]`` bool; see :func:`.inplace.ban_`)."""
+        if _device_text(g.matcher):       # the entity the banned token completes (text check of it)
+            ent = g.matcher.check_candidates(st, best[:, None])[1][:, 0].to(torch.int64)
+        else:
+            ent = torch.full_like(best, -1)
+        self.audit.record("token_ban", pr.name, self.step, g.host_rows, g.seqs,
+                          torch.stack([best, hit.to(torch.int64), ent], dim=1), g.matcher)
+
+    def _record_sparse_bans(self, pr, bans, after: torch.Tensor) -> None:
+        """CPU: the policy's token-ban records from :func:`.inplace.ban_max_` results (``bans``: per
+        group ``(g, st, banned_max, banned_id)``) and the rows' maxima after every ban (``after``,
+        ``[rows of pr]``): a row's maximum before the bans is the larger of it and what was banned."""
+        before = after.float().numpy().copy()
+        for g, _, bmax, _ in bans:
+            loc = slice(None) if g.local is None else g.local.numpy()
+            before[loc] = np.maximum(before[loc], bmax.numpy())
+        for g, st, bmax, bid in bans:
+            b = bmax.numpy()
+            hit = np.isfinite(b) & (b == (before if g.local is None else before[g.local.numpy()]))
+            if hit.any():                     # a record only when there is an event
+                self._record_ban(pr, g, st, torch.from_numpy(np.where(hit, bid.numpy(), 0)), torch.from_numpy(hit))
+
     def apply(self, logits: torch.Tensor, plan: Plan, positions=None, host_histories=None,
               states=None) -> torch.Tensor:
         """Filter ``logits`` (``[num_rows, V]`` float, modified in place) under ``plan``.
@@ -491,30 +515,36 @@ class SafetyRows:
                 logits.sub_(bias)
             else:
                 logits.index_copy_(0, pr.rows, logits.index_select(0, pr.rows).sub_(bias))
-        row_max = logits.amax(dim=-1) if plan.groups else None      # [num_rows] before any ban (audit)
+        # [num_rows] maxima before any ban (audit: "the best token was banned"). The CPU form takes
+        # them from the rows' maxima after the bans (its top-k pass has them) and the banned values.
+        row_max = logits.amax(dim=-1) if plan.groups and not sparse else None
         for pr in plan.policies:
-            text_groups = []
+            text_groups, bans = [], []
             for g in pr.groups:
                 if g.matcher is self.interim:
                     st, words = None, self._interim_words.index_select(0, g.slots)
                 else:
                     st = states[g.index] if states is not None else self._state(g.matcher).index_select(0, g.slots)
                     words = g.matcher.banned_bitmask(st)
-                best, hit = ban_(logits, g.rows, words, row_max if g.every else row_max.index_select(0, g.rows),
-                                 sparse=sparse)
-                if not sparse or hit.numpy().any():   # (CPU: a record only when there is an event)
-                    if _device_text(g.matcher):       # the entity the banned token completes (text check of it)
-                        ent = g.matcher.check_candidates(st, best[:, None])[1][:, 0].to(torch.int64)
-                    else:
-                        ent = torch.full_like(best, -1)
-                    self.audit.record("token_ban", pr.name, self.step, g.host_rows, g.seqs,
-                                      torch.stack([best, hit.to(torch.int64), ent], dim=1), g.matcher)
+                if sparse:
+                    bans.append((g, st) + ban_max_(logits, g.rows, words))
+                else:
+                    best, hit = ban_(logits, g.rows, words, row_max.index_select(0, g.rows), sparse=False)
+                    self._record_ban(pr, g, st, best, hit)
                 if g.matcher.has_text_rules:
                     text_groups.append((g, st))
             x = logits if pr.all_rows else logits.index_select(0, pr.rows)
             if text_groups:
-                top = safe_topk(x, pr.top_k)
-                vals, cands = top.values, top.indices
+                if sparse:
+                    vals, cands, after = top_candidates(x, pr.top_k)
+                else:
+                    top = safe_topk(x, pr.top_k)
+                    vals, cands = top.values, top.indices
+            elif bans:
+                after = x.amax(dim=-1)
+            if bans:
+                self._record_sparse_bans(pr, bans, after)
+            if text_groups:
                 ok = torch.isfinite(vals)
                 for g, st in text_groups:
                     c = cands if g.local is None else cands.index_select(0, g.local)
@@ -547,7 +577,7 @@ class SafetyRows:
                     logits.index_put_((pr.rows[:, None].expand_as(cands), cands), kept)
                 dead = ~ok.any(dim=-1)
             else:
-                dead = torch.isneginf(x.amax(dim=-1))
+                dead = torch.isneginf(after if bans else x.amax(dim=-1))
             fallback_(logits, pr.rows, dead, self.eos_token_id, sparse=sparse, all_rows=pr.all_rows)   # never token 0
             if not sparse or bool(dead.any()):
                 self.audit.record("all_banned_fallback", pr.name, self.step, pr.host_rows, pr.seqs, dead)
