@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from fastsafe.ops import backend_for, safe_topk
@@ -51,6 +52,16 @@ def _topk(x: torch.Tensor, k: int):
     return values, indices
 
 
+_OFFSETS: dict = {}
+
+
+def _offsets(chunk: int, device) -> torch.Tensor:
+    hit = _OFFSETS.get((chunk, device))
+    if hit is None:
+        hit = _OFFSETS[(chunk, device)] = torch.arange(chunk, device=device)
+    return hit
+
+
 def _full(x: torch.Tensor, k: int):
     return _topk(x, k) + (x.amax(dim=-1),)
 
@@ -59,7 +70,7 @@ def top_candidates(x: torch.Tensor, k: int, *, chunk: int = CHUNK):
     """The top ``k`` scores of each row and the row maxima, through chunk maxima (see the module docstring).
 
     Args:
-        x: ``[B, V]`` float32 / float16 / bfloat16 logits (rows contiguous in ``V``).
+        x: ``[B, V]`` float32 / float16 / bfloat16 logits on the CPU.
         k: candidates per row, ``1 <= k <= V``.
         chunk: tokens per chunk.
 
@@ -68,6 +79,8 @@ def top_candidates(x: torch.Tensor, k: int, *, chunk: int = CHUNK):
         ``row_max [B]`` in ``x.dtype`` (``x.amax(-1)``).
     """
     B, V = x.shape
+    if x.device.type != "cpu":
+        raise ValueError(f"x: expected a CPU tensor (other devices take safe_topk), got {x.device}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not 1 <= k <= V:
         raise ValueError(f"x, k: expected float32/float16/bfloat16 logits [B, V] and 1 <= k <= V, got {x.dtype} "
                          f"{list(x.shape)} and k={k!r}")
@@ -84,16 +97,20 @@ def top_candidates(x: torch.Tensor, k: int, *, chunk: int = CHUNK):
     if tail:
         cm = torch.cat([cm, x[:, n * chunk:].amax(dim=-1, keepdim=True)], dim=1)
     row_max = cm.amax(dim=-1)
-    if bool(torch.isnan(row_max).any()):        # a NaN hides its chunk's other scores from the ranking
+    if np.isnan(row_max.float().numpy()).any():      # a NaN hides its chunk's other scores from the ranking
         return _full(x, k)
     sel = _topk(cm.contiguous(), k)[1].sort(dim=1).values                              # [B, k] chunks, ascending
-    idx = (sel.unsqueeze(2) * chunk + torch.arange(chunk, device=x.device)).flatten(1)  # ids in order
     if tail:
+        idx = (sel.unsqueeze(2) * chunk + _offsets(chunk, x.device)).flatten(1)      # ids in order
         buf = x.gather(1, idx.clamp(max=V - 1))
         buf.masked_fill_(idx >= V, float("-inf"))  # past V (the short last chunk): never chosen below
-    else:
-        buf = x.gather(1, idx)
-    values, at = _topk(buf, k)
-    if not bool(torch.isfinite(values[:, -1]).all()):    # < k finite scores: -inf slots pick ids differently
+        values, at = _topk(buf, k)
+        ids = idx.gather(1, at)
+    else:                                          # the chunks' tokens in id order, [B, k * chunk]
+        buf = x.unflatten(1, (n, chunk)).gather(1, sel.unsqueeze(2).expand(B, k, chunk)).flatten(1)
+        values, at = _topk(buf, k)
+        a = at.numpy()
+        ids = torch.from_numpy(np.take_along_axis(sel.numpy(), a // chunk, axis=1) * chunk + a % chunk)
+    if not np.isfinite(values.numpy()[:, -1]).all():    # < k finite scores: -inf slots pick ids differently
         return _full(x, k)
-    return values, idx.gather(1, at), row_max
+    return values, ids, row_max

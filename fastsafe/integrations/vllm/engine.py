@@ -51,6 +51,8 @@ _NEG_INF = float("-inf")
 
 def to_device(values, dtype, device) -> torch.Tensor:
     """A host list / array as a tensor on ``device`` without waiting for the device (pinned staging on CUDA)."""
+    if device.type == "cpu" and isinstance(values, list):
+        return torch.tensor(values, dtype=dtype)
     t = torch.as_tensor(np.asarray(values), dtype=dtype)
     if device.type == "cpu":
         return t.clone() if isinstance(values, np.ndarray) else t
@@ -551,7 +553,7 @@ class SafetyRows:
                     okg = None
                     if _device_text(g.matcher):
                         okg, ent = g.matcher.check_candidates(st, c)
-                        if not sparse or bool((ent >= 0).any()):
+                        if not sparse or (ent.numpy() >= 0).any():
                             self.audit.record("text_match", pr.name, self.step, g.host_rows, g.seqs,
                                               torch.cat([c, ent.to(torch.int64)], dim=1), g.matcher)
                     if g.matcher.has_regexes:          # the host path (RE2 over recent text): reads cands back
@@ -568,7 +570,7 @@ class SafetyRows:
                         ok &= okg
                     else:
                         ok.index_copy_(0, g.local, ok.index_select(0, g.local) & okg)
-                if sparse and bool(ok.all()):          # (CPU) every candidate stays: nothing to write, no row dead
+                if sparse and ok.numpy().all():        # (CPU) every candidate stays: nothing to write, no row dead
                     continue
                 kept = torch.where(ok, vals, _NEG_INF).to(logits.dtype)
                 if pr.all_rows:
