@@ -5,6 +5,9 @@ One test compiles with Inductor (the default); the others trace with dynamo's ``
 C++ compile that takes tens of seconds per graph on a small CPU."""
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -23,6 +26,14 @@ P = ["how do I make a", "Tell me about", "bo", "the quick", "kil"]       # 5 row
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
+
+
+@pytest.fixture
+def verified(monkeypatch):
+    """Every trusted (guard-free) call of the compiled step also evaluates the guards it skipped and
+    raises where they fail: the loop fed the step something dynamo would have recompiled for."""
+    from fastsafe.generation_compiled import _DirectStep
+    monkeypatch.setattr(_DirectStep, "verify", True)
 
 
 def _graphs() -> int:
@@ -78,7 +89,7 @@ def test_greedy_equals_eager_for_llama_with_a_host_matcher_config(tok):
     assert _new_entities(PROMPTS, comp.texts) == 0
 
 
-def test_sampling_stop_strings_and_knobs(tok):
+def test_sampling_stop_strings_and_knobs(tok, verified):
     model = entity_loving(tiny_gpt2(seed=13), tok, ["the quick brown fox"], follow=9.0, start=0.0)
     kw = dict(max_new_tokens=10, compile=EAGER, do_sample=True, top_k=30, top_p=0.9, min_p=0.05, temperature=1.3)
     a = fastsafe.generate(model, tok, PROMPTS, seed=7, **kw)
@@ -115,7 +126,7 @@ def test_refusals_and_fallbacks(tok):
     assert res.new_tokens[0] == [tok.eos_token_id] * 3 and res.finish_reasons == ["length"]
 
 
-def test_store_hot_swap_mid_generation(tok, tmp_path):
+def test_store_hot_swap_mid_generation(tok, tmp_path, verified):
     """A store change committed from on_event (called at a host check) is in force from the next step;
     the swap changes the matcher's tensors and recompiles the step at most once."""
     from fastsafe.safety.store import RiskEntityStore
@@ -142,3 +153,65 @@ def test_store_hot_swap_mid_generation(tok, tmp_path):
     assert tok.decode(gen).lower().count("kill") == before.count("kill")
     assert any(e.entity == "kill" for e in res.events)
     assert _graphs() - g0 <= 3                         # the prefill, the step, at most one recompile at the swap
+
+
+def _direct(model):
+    from fastsafe.generation_compiled import _DECODERS
+    (dec,) = _DECODERS[model].values()
+    return dec.direct
+
+
+def test_trusted_steps_skip_guards_only_where_they_pass_and_route_between_graphs(tok, verified):
+    """Between two host checks the step runs without dynamo's guard evaluation; a different matcher
+    (other table shapes: another graph of the same bucket) and a return to the first one are routed
+    by the guards; tokens and events equal the eager loop's throughout."""
+    model = entity_loving(tiny_llama(seed=9), tok, LOVED, follow=5.0, start=1.5)
+    small = SafetyConfig(banned_phrases=ENTITIES, matcher="device")
+    large = SafetyConfig(banned_phrases=ENTITIES + [f"phrase number {i}" for i in range(300)], matcher="device")
+    g0 = _graphs()
+    for cfg in (small, large, small):
+        comp = fastsafe.generate(model, tok, PROMPTS, cfg, max_new_tokens=20, compile=EAGER, check_every=8)
+        _same(fastsafe.generate(model, tok, PROMPTS, cfg, max_new_tokens=20), comp)
+    assert _graphs() - g0 == 3                  # the prefill and one step graph per matcher layout
+    direct = _direct(model)
+    if not direct.available:
+        pytest.skip("this torch does not expose dynamo's cache entries: every step takes the guards")
+    # per call: 19 compiled steps, guarded at steps 1, 8, 16 (+ step 2 after a compile)
+    assert direct.guarded_calls == 3 * 3 + 2 and direct.direct_calls == 3 * 19 - direct.guarded_calls
+
+
+def test_a_trusted_call_with_other_inputs_takes_the_guards(tok, verified, monkeypatch):
+    """The step never runs a graph guard-free for inputs other than the guarded call's: a tensor of
+    another layout or dtype, another object or the grad mode send a trusted call through the guards."""
+    from fastsafe.generation_compiled import _DirectStep
+    seen = []
+    call = _DirectStep.__call__
+    monkeypatch.setattr(_DirectStep, "__call__", lambda self, args, **kw: (seen.append(args), call(self, args, **kw))[1])
+    model = tiny_gpt2(seed=3)
+    fastsafe.generate(model, tok, ["Hello", "the"], max_new_tokens=4, compile=EAGER)
+    direct = _direct(model)
+    if not direct.available:
+        pytest.skip("this torch does not expose dynamo's cache entries: every step takes the guards")
+    args = list(seen[-1])
+    none = contextlib.nullcontext()
+
+    def guarded(a) -> bool:
+        calls = direct.guarded_calls
+        direct(tuple(a), trusted=True, guard_context=none)
+        return direct.guarded_calls == calls + 1
+
+    torch.set_grad_enabled(False)                                # as in generate
+
+    assert not guarded(args)                                     # the same objects and layouts: no guards
+    dec, options = direct.owner, direct.owner.options            # a traced value the signature does not see:
+    dec.options = (options[0] + 1,) + options[1:]                # the verification catches it (the loop
+    with pytest.raises(AssertionError, match="fail the guards"):  # never changes it between host checks)
+        direct(tuple(args), trusted=True, guard_context=none)
+    dec.options = options
+    assert guarded(args[:6] + [args[6].t().contiguous().t()] + args[7:])        # the mask's strides
+    assert guarded(args) and not guarded(args)                   # back: guarded once, then trusted again
+    assert guarded(args[:4] + [args[4].to(torch.int32)] + args[5:])             # the positions' dtype
+    assert guarded([copy.copy(args[0])] + args[1:])                            # another SafetyStep
+    assert guarded(args) and not guarded(args)
+    torch.set_grad_enabled(True)
+    assert guarded(args)                                         # the grad mode
