@@ -6,6 +6,9 @@ The rows-level tests need no vLLM; the V1 test drives SafetyLogitsProcessor with
 """
 from __future__ import annotations
 
+import os
+import sys
+import threading
 
 import pytest
 import torch
@@ -253,3 +256,24 @@ def test_worker_side_request_args_do_not_normalise_the_phrases_again(monkeypatch
     assert request_args(extra, pol, checked=True).banned_phrases == ("lazy dog", "quick brown") and calls == []
     with pytest.raises(ValueError, match="banned_phrases: at most"):
         request_args({"fastsafe": {"banned_phrases": ["x"] * 10_001}}, pol, checked=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority") or sys.platform != "linux", reason="per-thread nice is Linux")
+def test_background_build_threads_run_at_a_lower_priority():
+    """A build holds the GIL for most of its time; at a lower priority the scheduler runs the step thread first."""
+    from fastsafe.integrations.vllm import built
+    seen = {}
+
+    def job():
+        tid = threading.get_native_id()
+        seen["before"] = os.getpriority(os.PRIO_PROCESS, tid)
+        built._lower_priority()
+        built._lower_priority()                    # once per thread
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    t = threading.Thread(target=job)
+    t.start()
+    t.join()
+    assert seen["after"] == min(19, seen["before"] + built.BUILD_NICE)
+    assert seen["after"] > seen["before"] or seen["before"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == seen["before"]   # the caller's thread untouched

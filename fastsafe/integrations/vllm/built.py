@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +21,27 @@ from collections import OrderedDict
 import torch
 
 __all__ = ["BuiltPolicy", "build_policy", "StoreFollower", "RequestMatchers"]
+
+
+#: ``nice`` increment of the background build threads (Linux: per thread). A build is pure Python
+#: for most of its time and holds the GIL; the step thread then waits for a GIL switch *and* for the
+#: CPU, and with the builder at a lower priority the scheduler gives the CPU to the step thread first.
+BUILD_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Lower the calling (build) thread's scheduling priority by :data:`BUILD_NICE`, once per thread."""
+    if getattr(_niced, "done", False) or not BUILD_NICE:
+        return
+    _niced.done = True
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BUILD_NICE))
+    except (AttributeError, OSError):  # not Linux / not permitted: the build runs at the process's priority
+        pass
+
+
+_niced = threading.local()
 
 
 def _config(policy, phrases=None):
@@ -79,6 +101,7 @@ class StoreFollower:
         return self._matcher
 
     def _run(self, seen) -> None:
+        _lower_priority()
         t0 = time.perf_counter()
         try:
             m = self._build()
@@ -270,12 +293,11 @@ class RequestMatchers:
             return hit, True
         if not self.background:
             return self._build(key), True
-        self._start(key)
         with self._lock:
             im = self._interim.get(key)
             if im is not None:
                 self._interim.move_to_end(key)
-        if im is None:
+        if im is None:            # before the background build starts: it would hold the GIL meanwhile
             t0 = time.perf_counter()
             from .interim import start_rule
             im = start_rule(self.tries, key)
@@ -285,6 +307,7 @@ class RequestMatchers:
                 im = self._interim.setdefault(key, im)
                 while len(self._interim) > self.capacity:
                     self._interim.popitem(last=False)
+        self._start(key)
         return im, False
 
     def _start(self, key: tuple) -> None:
@@ -297,6 +320,7 @@ class RequestMatchers:
             self._pending[key] = self._executor.submit(self._run, key)
 
     def _run(self, key: tuple) -> None:
+        _lower_priority()
         try:
             self._build(key)
         except Exception as exc:  # noqa: BLE001 - the interim matcher stays in force (fail closed)
