@@ -29,7 +29,8 @@ def _cases():
     rank[:, 17] = 5.0                                                     # ... id 18 in the chunk of max 5
     rank[:, 18] = 1.0
     return {"rank": rank, "ties": ties, "sparse": sparse, "nan": nan, "bf16": torch.randn(5, 203, generator=g).bfloat16(),
-            "even": torch.randint(0, 3, (4, 192), generator=g).float(), "strided": torch.randn(4, 400, generator=g)[:, ::2]}
+            "even": torch.randint(0, 3, (4, 192), generator=g).float(), "strided": torch.randn(4, 400, generator=g)[:, ::2],
+            "row_strided": torch.randint(0, 3, (4, 260), generator=g).float()[:, :192]}
 
 
 @pytest.mark.parametrize("name", list(_cases()))

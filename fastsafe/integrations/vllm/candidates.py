@@ -55,10 +55,13 @@ def _topk(x: torch.Tensor, k: int):
 _OFFSETS: dict = {}
 
 
-def _offsets(chunk: int, device) -> torch.Tensor:
-    hit = _OFFSETS.get((chunk, device))
+def _offsets(n: int, device) -> torch.Tensor:
+    """``arange(n)`` on ``device`` (kept)."""
+    hit = _OFFSETS.get((n, device))
     if hit is None:
-        hit = _OFFSETS[(chunk, device)] = torch.arange(chunk, device=device)
+        if len(_OFFSETS) > 64:
+            _OFFSETS.clear()
+        hit = _OFFSETS[(n, device)] = torch.arange(n, device=device)
     return hit
 
 
@@ -107,7 +110,11 @@ def top_candidates(x: torch.Tensor, k: int, *, chunk: int = CHUNK):
         values, at = _topk(buf, k)
         ids = idx.gather(1, at)
     else:                                          # the chunks' tokens in id order, [B, k * chunk]
-        buf = x.unflatten(1, (n, chunk)).gather(1, sel.unsqueeze(2).expand(B, k, chunk)).flatten(1)
+        if x.is_contiguous():                      # whole chunks as rows of a [B * n, chunk] view (row copies)
+            buf = x.view(B * n, chunk).index_select(0, (sel + _offsets(B, x.device)[:, None] * n).flatten())
+            buf = buf.view(B, k * chunk)
+        else:
+            buf = x.unflatten(1, (n, chunk)).gather(1, sel.unsqueeze(2).expand(B, k, chunk)).flatten(1)
         values, at = _topk(buf, k)
         a = at.numpy()
         ids = torch.from_numpy(np.take_along_axis(sel.numpy(), a // chunk, axis=1) * chunk + a % chunk)
