@@ -36,8 +36,11 @@ and ``fastsafe_compiled`` (``compile=True``) with an empty config, and ``fastsaf
 ``fastsafe_compiled_filter`` with ``--entities`` (default 100,000) on the device matcher; tokens/s
 from the median of ``--repeat`` timed calls (interleaved: each round runs every configuration once,
 every other round in reverse order), relative to both HF rows, and ``compile_s`` (the first call
-minus the median: compile and warm-up) apart. ``--only`` keeps some configurations (plus the two HF
-rows, the references).
+minus the median: compile and warm-up) apart; ``relative_to_hf_compiled_per_round`` (HF compiled's
+time over the row's in the same round) and its median, steadier on a shared CPU than the ratio of
+medians, with the 1-min load average of each round. ``--only`` keeps some configurations (plus the
+two HF rows, the references); ``--compile-options`` is the JSON dict the fastsafe compiled rows pass
+as ``compile=`` (e.g. Inductor options).
 
 Run:
     python -m benchmarks.generation                      # default model, 4 prompts x 24 tokens
@@ -50,6 +53,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import sys
 import time
@@ -295,8 +300,9 @@ def _timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def compiled_runs(model, hf_compiled_model, tok, rows, new_tokens, k, entities):
-    """The runs of one batch: {name: callable returning (sequences [B, T + n], events)}."""
+def compiled_runs(model, hf_compiled_model, tok, rows, new_tokens, k, entities, compile_options=None):
+    """The runs of one batch: {name: callable returning (sequences [B, T + n], events)}
+    (``compile_options``: the dict the fastsafe compiled rows pass as ``compile=``; None: ``True``)."""
     import fastsafe
     from fastsafe import SafetyConfig
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -325,7 +331,7 @@ def compiled_runs(model, hf_compiled_model, tok, rows, new_tokens, k, entities):
     def fs(cfg, compiled):
         def go():
             res = fastsafe.generate(model, tok, rows, cfg, max_new_tokens=new_tokens, eos_token_id=[],
-                                    pad_token_id=pad, compile=compiled)
+                                    pad_token_id=pad, compile=(compile_options or True) if compiled else False)
             return res.sequences, len(res.events)
         return go
 
@@ -352,8 +358,13 @@ def main_compiled(argv=None) -> int:
     p.add_argument("--only", default=None,
                    help="comma-separated configurations of the table (default: all; hf_eager always runs: the reference)")
     p.add_argument("--device", default=None)
+    p.add_argument("--compile-options", default=None, type=json.loads,
+                   help='JSON dict the fastsafe compiled rows pass as compile= (default: compile=True), '
+                        'e.g. \'{"options": {"freezing": true}}\'')
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    if args.compile_options is not None and not isinstance(args.compile_options, dict):
+        p.error(f"--compile-options: expected a JSON object, got {args.compile_options!r}")
     from fastsafe.models import load_model
     from fastsafe.ops import backend_for
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -378,6 +389,10 @@ def main_compiled(argv=None) -> int:
                             "prompt_source": prompt_source, "new_tokens_per_prompt": args.new_tokens,
                             "repeat": args.repeat, "top_k": args.top_k, "entities": len(entities),
                             "decoding": "greedy, EOS disabled", "torch_threads": torch.get_num_threads(),
+                            "compile_options": args.compile_options,
+                            "relative_per_round": "hf_compiled's time / this row's in the same round (rounds "
+                                                  "interleave every configuration; their median is steadier "
+                                                  "under load than the ratio of medians)",
                             "backend": backend_for(torch.empty(0, device=device)),
                             "compile_s": "first call minus the median of the timed calls (compile + warm-up)",
                             "compile_per_batch": "torch._dynamo.reset() and a fresh HF peer before each batch size: "
@@ -385,7 +400,8 @@ def main_compiled(argv=None) -> int:
                "results": table}
     for B in batches:
         rows = all_rows[:B]
-        runs = compiled_runs(model, hf_peer(), tok, rows, args.new_tokens, args.top_k, entities)
+        runs = compiled_runs(model, hf_peer(), tok, rows, args.new_tokens, args.top_k, entities,
+                             args.compile_options)
         if args.only:
             keep = {"hf_eager", "hf_compiled"} | {w.strip() for w in args.only.split(",")}
             runs = {n: f for n, f in runs.items() if n in keep}
@@ -394,9 +410,11 @@ def main_compiled(argv=None) -> int:
             results[name], first[name] = _timed(fn, device)
             print(f"B={B} {name}: first call {first[name]:.1f} s", file=sys.stderr, flush=True)
         times = {n: [] for n in runs}
+        loads = []
         for r in range(args.repeat):                # interleaved, every other round in reverse order
             for name, fn in (list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]):
                 times[name].append(_timed(fn, device)[1] * 1e3)
+            loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         n_tokens = B * args.new_tokens
         ref = results["hf_eager"][0].cpu()
         base = statistics.median(times["hf_eager"])
@@ -408,12 +426,17 @@ def main_compiled(argv=None) -> int:
                    "tokens_per_s": n_tokens / (st["median_ms"] / 1e3),
                    "tokens_per_s_best": n_tokens / (st["min_ms"] / 1e3),
                    "relative_to_hf_eager": base / st["median_ms"], "relative_to_hf_compiled": peer_ms / st["median_ms"],
+                   "relative_to_hf_compiled_per_round": [h / t for h, t in zip(times["hf_compiled"], times[name])],
+                   "relative_to_hf_compiled_round_median": statistics.median(
+                       h / t for h, t in zip(times["hf_compiled"], times[name])),
+                   "load_average_1min_per_round": loads,
                    "compile_s": max(0.0, first[name] - st["median_ms"] / 1e3),
                    "matches_hf_eager": bool(seq.shape == ref.shape and torch.equal(seq, ref)),
                    "interventions": results[name][1]}
             table.append(row)
             print(f"B={B:3d} {name:26s} {row['tokens_per_s']:8.1f} tok/s  x{row['relative_to_hf_eager']:.2f} hf  "
-                  f"x{row['relative_to_hf_compiled']:.2f} hf-compiled  compile {row['compile_s']:.1f}s  "
+                  f"x{row['relative_to_hf_compiled']:.2f} hf-compiled (rounds x"
+                  f"{row['relative_to_hf_compiled_round_median']:.2f})  compile {row['compile_s']:.1f}s  "
                   f"matches_hf={row['matches_hf_eager']}", flush=True)
         write_json(out, payload)                 # after every batch: partial results survive
     print(f"wrote {out}")
