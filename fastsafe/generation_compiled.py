@@ -236,7 +236,7 @@ class _DirectStep:
 
     Built on dynamo's cache entries (``torch._C._dynamo.eval_frame._debug_get_cache_entry_list``,
     ``CacheEntry.code`` / ``.guard_manager.check``); where the installed torch lacks them, or the
-    entry's code has free variables, every call is a plain guarded ``torch.compile`` call.
+    entry's code has free variables or a graph break, every call is a plain guarded ``torch.compile`` call.
 
     ``verify`` (tests): evaluate the remembered entry's guards at every trusted call as well and
     raise ``AssertionError`` where they fail (the loop fed what the skipped guards would catch).
@@ -287,7 +287,7 @@ class _DirectStep:
         try:
             f_locals = self._locals(args)
             for e in _entries(self.code) or ():
-                if not e.code.co_freevars and e.guard_manager.check(f_locals):
+                if _runs_whole(e.code) and e.guard_manager.check(f_locals):
                     return types.FunctionType(e.code, self.globals, self.code.co_name), e.guard_manager, \
                         self.signature(args)
         except (AttributeError, TypeError):                        # another torch's cache entries
@@ -296,6 +296,12 @@ class _DirectStep:
 
     def _locals(self, args) -> dict:
         return {"self": self.owner, **dict(zip(self.names, args))}
+
+
+def _runs_whole(code) -> bool:
+    """Whether a cache entry's code can run outside dynamo as it would inside: no free variables and no
+    graph break (a resume function called outside dynamo would run eagerly, uncompiled)."""
+    return not code.co_freevars and not any(n.startswith("__resume_at") for n in code.co_names)
 
 
 def _entries(code):

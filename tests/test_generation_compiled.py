@@ -215,3 +215,27 @@ def test_a_trusted_call_with_other_inputs_takes_the_guards(tok, verified, monkey
     assert guarded(args) and not guarded(args)
     torch.set_grad_enabled(True)
     assert guarded(args)                                         # the grad mode
+
+
+def test_only_whole_graphs_run_outside_dynamo():
+    """A cache entry whose code resumes after a graph break is never called directly (its resume
+    function would run eagerly outside dynamo); an entry of one whole graph is."""
+    from fastsafe.generation_compiled import _entries, _runs_whole
+
+    def whole(x):
+        return (x * 2).sin()
+
+    def broken(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y.sin()
+
+    torch._dynamo.reset()
+    x = torch.randn(4)
+    for fn in (whole, broken):
+        torch.testing.assert_close(torch.compile(fn, backend="eager")(x), fn(x))
+    entries = {fn.__name__: _entries(fn.__code__) for fn in (whole, broken)}
+    if entries["whole"] is None:
+        pytest.skip("this torch does not expose dynamo's cache entries (the loop takes the guards every step)")
+    assert [_runs_whole(e.code) for e in entries["whole"]] == [True]
+    assert [_runs_whole(e.code) for e in entries["broken"]] == [False]
