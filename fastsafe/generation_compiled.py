@@ -34,7 +34,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import time
@@ -357,8 +356,8 @@ def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: in
     """The compiled loop behind ``fastsafe.generate(..., compile=True)``; arguments as there, already
     validated. Returns ``(sequences, new_tokens, finish, events, T, compile_seconds)``."""
     config = safety_config
-    if config.has_filter and config.matcher != "device":
-        config = dataclasses.replace(config, matcher="device")
+    if config.has_filter:
+        config = config.with_matcher("device")
     B = len(rows)
     T = max(len(r) for r in rows)
     device = next(model.parameters()).device

@@ -115,7 +115,7 @@ def _store_key(store):
 def _entities_key(config, tokenizer, vocab_size, eos_token_id) -> tuple:
     """What any matcher of ``config`` depends on: its entity lists, the tokenizer's vocabulary, ``V``, EOS."""
     eos_key = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
-    return (_freeze(config.phrases), _freeze(config.token_id_phrases), _freeze(list(config.regexes)),
+    return (config.entities_digest(), _freeze(list(config.regexes)),
             tokenizer_fingerprint(tokenizer), vocab_size, eos_key)
 
 

@@ -43,6 +43,36 @@ def test_matchers_are_shared_by_content_not_by_object(tok):
     assert build_matcher(SafetyConfig(), tok) is None
 
 
+def test_the_entity_digest_keys_content_once_per_config(tok, monkeypatch):
+    a = SafetyConfig(banned_phrases=["bomb", [5, 6]])
+    same = SafetyConfig(banned_phrases=["bomb", [5, 6]])
+    assert a.entities_digest() == same.entities_digest()
+    differ = [SafetyConfig(banned_phrases=["bomb", [5, 7]]), SafetyConfig(banned_phrases=["bomb"]),
+              SafetyConfig(banned_phrases=["bomb", "5 6"]), SafetyConfig(banned_phrases=["bom", "b", [5, 6]]),
+              SafetyConfig(banned_phrases=["bomb\u0000", [5, 6]])]
+    assert len({c.entities_digest() for c in differ} | {a.entities_digest()}) == len(differ) + 1
+    V = len(tok)
+    first = build_matcher(a, tok, vocab_size=V)
+    import json
+    calls = []
+    real = json.dumps
+    monkeypatch.setattr(json, "dumps", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    assert build_matcher(a, tok, vocab_size=V) is first and calls == []     # memoised on the config
+    assert same.entities_digest() and calls == []                           # computed above already
+    assert SafetyConfig(banned_phrases=["x"]).entities_digest() and calls == [1]
+
+
+def test_a_matcher_variant_is_made_once_and_keeps_the_rest(tok):
+    cfg = SafetyConfig(banned_phrases=["bomb"], top_k=3, matcher_options={"word_boundaries": False})
+    dev = cfg.with_matcher("device")
+    assert dev.matcher == "device" and cfg.matcher == "host"
+    assert dev is cfg.with_matcher("device") and dev.with_matcher("device") is dev and cfg.with_matcher("host") is cfg
+    assert (dev.phrases, dev.top_k, dev.matcher_options) == (cfg.phrases, 3, {"word_boundaries": False})
+    assert dev.entities_digest() == cfg.entities_digest()
+    with pytest.raises(ValueError, match="matcher"):
+        cfg.with_matcher("gpu")
+
+
 def test_a_tokenizer_with_new_tokens_gets_a_new_fingerprint_and_matcher():
     tok = copy.deepcopy(tiny_tokenizer())
     cfg = SafetyConfig(banned_phrases=["bomb"])
