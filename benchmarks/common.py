@@ -207,6 +207,31 @@ def summarize(times_ms: Sequence[float]) -> dict:
             "max_ms": s[-1], "p10_ms": pct(0.1), "p90_ms": pct(0.9), "runs": len(s)}
 
 
+def median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 4000, seed: int = 0) -> Tuple[float, float]:
+    """A bootstrap confidence interval ``(low, high)`` of the median of ``values`` (percentile method,
+    ``resamples`` resamples with replacement, seeded: the same values give the same interval).
+
+    For per-round ratios of two configurations timed side by side: an interval above 1 says the
+    difference is larger than the spread between rounds, not one lucky round.
+
+    Example:
+        >>> lo, hi = median_ci([1.02, 0.98, 1.05, 1.01, 1.03])
+        >>> lo <= 1.02 <= hi
+        True
+    """
+    import random
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("values: expected at least one value, got an empty sequence")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: expected a fraction in (0, 1), got {level}")
+    rng = random.Random(seed)
+    n = len(vals)
+    meds = sorted(statistics.median(rng.choices(vals, k=n)) for _ in range(int(resamples)))
+    tail = (1.0 - level) / 2.0
+    return meds[int(tail * (len(meds) - 1))], meds[int(round((1.0 - tail) * (len(meds) - 1)))]
+
+
 def time_cpu_interleaved(fns: Dict[str, Callable[[], object]], repeat: int, warmup: int = 2,
                          max_seconds: Optional[float] = None, primed: bool = False) -> Dict[str, List[float]]:
     """Wall-clock times (ms) of each callable, run round-robin: one run of each per round.

@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -228,8 +229,9 @@ def main(argv=None) -> int:
     base = {"model": model, "prompts": prompts, "max_tokens": args.max_tokens, "repeat": args.repeat, "bad_words": bad}
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
-    res = _subprocess(base, work, "both", env)
+    res = _subprocess(base, work, "both", env)      # a failure keeps the folder (its log) and says where
     wall = time.perf_counter() - t0
+    shutil.rmtree(work, ignore_errors=True)
 
     runs = {}
     for key, ts in res["times_s"].items():

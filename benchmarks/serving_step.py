@@ -14,7 +14,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
     V, B = len(tok), args.batch
     words, _ = word_list(128)
     folder = tempfile.mkdtemp(prefix="fastsafe-step-")
+    atexit.register(shutil.rmtree, folder, True)
     with open(os.path.join(folder, "p.toml"), "w") as fh:
         fh.write(policies_toml(words, synthetic_entities(max(args.entities, 1))))
     os.environ["FASTSAFE_VLLM_POLICIES"] = os.path.join(folder, "p.toml")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -151,3 +152,18 @@ def test_gpu_table_and_targets_render_from_rows():
     assert targets["worst_roofline_ratio_B_ge_8"]["fastsafe[triton]"] == pytest.approx(row["roofline_ratio"])
     cpu_row = dict(row, impl="fastsafe[cpp]", speedup_vs_hf=12.0)
     assert decode.summarize_targets([cpu_row], torch.device("cpu"))["cpp_speedup_vs_hf_B8_V151936"] == 12.0
+
+
+def test_median_ci_brackets_the_median_and_separates_a_real_shift():
+    from benchmarks.common import median_ci
+    vals = [1.02, 0.98, 1.05, 1.01, 1.03, 0.99, 1.04, 1.00]
+    lo, hi = median_ci(vals)
+    assert min(vals) <= lo <= statistics.median(vals) <= hi <= max(vals)
+    assert median_ci(vals) == (lo, hi)                                  # seeded
+    assert median_ci([v + 0.2 for v in vals])[0] > 1.1 and median_ci(vals)[0] < 1.0
+    assert median_ci([v - 1.0 for v in vals], level=0.5)[1] - median_ci([v - 1.0 for v in vals], level=0.5)[0] \
+        <= hi - lo
+    with pytest.raises(ValueError, match="values"):
+        median_ci([])
+    with pytest.raises(ValueError, match="level"):
+        median_ci(vals, level=1.5)
