@@ -42,7 +42,8 @@ medians, with the 1-min load average of each round, a bootstrap 95% interval of 
 (``relative_to_hf_compiled_round_ci95``) and the count of rounds at or above HF compiled; the filter
 rows add ``filter_cost_per_round`` (``1 -`` the unfiltered row's time over theirs, same round), its
 median and 95% interval. ``--only`` keeps some configurations (plus the
-two HF rows, the references); ``--compile-options`` is the JSON dict the fastsafe compiled rows pass
+two HF rows, the references, unless ``--exact``: then only the listed ones, e.g. a long paired run
+of ``fastsafe_compiled,fastsafe_compiled_filter`` for the filter's cost); ``--compile-options`` is the JSON dict the fastsafe compiled rows pass
 as ``compile=`` (e.g. Inductor options).
 
 Run:
@@ -359,7 +360,11 @@ def main_compiled(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--entities", type=int, default=100000, help="entities of the filter rows (0: no filter rows)")
     p.add_argument("--only", default=None,
-                   help="comma-separated configurations of the table (default: all; hf_eager always runs: the reference)")
+                   help="comma-separated configurations of the table (default: all; the two HF rows run too, "
+                        "the references, unless --exact)")
+    p.add_argument("--exact", action="store_true",
+                   help="--only keeps just the listed configurations (no HF reference rows): e.g. a long paired "
+                        "run of fastsafe_compiled,fastsafe_compiled_filter for the filter's cost")
     p.add_argument("--device", default=None)
     p.add_argument("--compile-options", default=None, type=json.loads,
                    help='JSON dict the fastsafe compiled rows pass as compile= (default: compile=True), '
@@ -409,7 +414,7 @@ def main_compiled(argv=None) -> int:
         runs = compiled_runs(model, hf_peer(), tok, rows, args.new_tokens, args.top_k, entities,
                              args.compile_options)
         if args.only:
-            keep = {"hf_eager", "hf_compiled"} | {w.strip() for w in args.only.split(",")}
+            keep = {w.strip() for w in args.only.split(",")} | (set() if args.exact else {"hf_eager", "hf_compiled"})
             runs = {n: f for n, f in runs.items() if n in keep}
         first, results = {}, {}
         for name, fn in runs.items():            # the first call compiles (and builds the matcher)
@@ -422,26 +427,26 @@ def main_compiled(argv=None) -> int:
                 times[name].append(_timed(fn, device)[1] * 1e3)
             loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         n_tokens = B * args.new_tokens
-        ref = results["hf_eager"][0].cpu()
-        base = statistics.median(times["hf_eager"])
-        peer_ms = statistics.median(times["hf_compiled"])
         for name in runs:
             st = summarize(times[name])
-            seq = results[name][0].cpu()
             row = {"batch": B, "config": name, "tokens": n_tokens, "stats": st,
                    "tokens_per_s": n_tokens / (st["median_ms"] / 1e3),
-                   "tokens_per_s_best": n_tokens / (st["min_ms"] / 1e3),
-                   "relative_to_hf_eager": base / st["median_ms"], "relative_to_hf_compiled": peer_ms / st["median_ms"],
-                   "relative_to_hf_compiled_per_round": [h / t for h, t in zip(times["hf_compiled"], times[name])],
-                   "relative_to_hf_compiled_round_median": statistics.median(
-                       h / t for h, t in zip(times["hf_compiled"], times[name])),
-                   "relative_to_hf_compiled_round_ci95": median_ci(
-                       [h / t for h, t in zip(times["hf_compiled"], times[name])]),
-                   "rounds_at_least_hf_compiled": sum(h >= t for h, t in zip(times["hf_compiled"], times[name])),
-                   "load_average_1min_per_round": loads,
-                   "compile_s": max(0.0, first[name] - st["median_ms"] / 1e3),
-                   "matches_hf_eager": bool(seq.shape == ref.shape and torch.equal(seq, ref)),
-                   "interventions": results[name][1]}
+                   "tokens_per_s_best": n_tokens / (st["min_ms"] / 1e3)}
+            if "hf_eager" in times:
+                row["relative_to_hf_eager"] = statistics.median(times["hf_eager"]) / st["median_ms"]
+            if "hf_compiled" in times:
+                per_round = [h / t for h, t in zip(times["hf_compiled"], times[name])]
+                row.update({"relative_to_hf_compiled": statistics.median(times["hf_compiled"]) / st["median_ms"],
+                            "relative_to_hf_compiled_per_round": per_round,
+                            "relative_to_hf_compiled_round_median": statistics.median(per_round),
+                            "relative_to_hf_compiled_round_ci95": median_ci(per_round),
+                            "rounds_at_least_hf_compiled": sum(r >= 1.0 for r in per_round)})
+            row.update({"load_average_1min_per_round": loads,
+                        "compile_s": max(0.0, first[name] - st["median_ms"] / 1e3),
+                        "interventions": results[name][1]})
+            if "hf_eager" in results:
+                seq, ref = results[name][0].cpu(), results["hf_eager"][0].cpu()
+                row["matches_hf_eager"] = bool(seq.shape == ref.shape and torch.equal(seq, ref))
             plain = name[:-len("_filter")] if name.endswith("_filter") else None
             if plain in times:               # what the filter costs: the tokens/s lost against the same loop without it
                 cost = [1.0 - p / f for p, f in zip(times[plain], times[name])]
@@ -449,17 +454,28 @@ def main_compiled(argv=None) -> int:
                 row["filter_cost_round_median"] = statistics.median(cost)
                 row["filter_cost_round_ci95"] = median_ci(cost)
             table.append(row)
-            print(f"B={B:3d} {name:26s} {row['tokens_per_s']:8.1f} tok/s  x{row['relative_to_hf_eager']:.2f} hf  "
-                  f"x{row['relative_to_hf_compiled']:.2f} hf-compiled (rounds x"
-                  f"{row['relative_to_hf_compiled_round_median']:.3f}, 95% CI "
-                  f"{row['relative_to_hf_compiled_round_ci95'][0]:.3f}-{row['relative_to_hf_compiled_round_ci95'][1]:.3f})"
-                  + (f"  filter cost {row['filter_cost_round_median']:+.1%} (CI {row['filter_cost_round_ci95'][0]:+.1%}"
-                     f" to {row['filter_cost_round_ci95'][1]:+.1%})" if "filter_cost_round_median" in row else "")
-                  + f"  compile {row['compile_s']:.1f}s  "
-                  f"matches_hf={row['matches_hf_eager']}", flush=True)
+            print(_compiled_line(row), flush=True)
         write_json(out, payload)                 # after every batch: partial results survive
     print(f"wrote {out}")
     return 0
+
+
+def _compiled_line(row: dict) -> str:
+    """One printed line of the compiled table (the fields the row has)."""
+    parts = [f"B={row['batch']:3d} {row['config']:26s} {row['tokens_per_s']:8.1f} tok/s"]
+    if "relative_to_hf_eager" in row:
+        parts.append(f"x{row['relative_to_hf_eager']:.2f} hf")
+    if "relative_to_hf_compiled" in row:
+        lo, hi = row["relative_to_hf_compiled_round_ci95"]
+        parts.append(f"x{row['relative_to_hf_compiled']:.2f} hf-compiled (rounds x"
+                     f"{row['relative_to_hf_compiled_round_median']:.3f}, 95% CI {lo:.3f}-{hi:.3f})")
+    if "filter_cost_round_median" in row:
+        lo, hi = row["filter_cost_round_ci95"]
+        parts.append(f"filter cost {row['filter_cost_round_median']:+.1%} (CI {lo:+.1%} to {hi:+.1%})")
+    parts.append(f"compile {row['compile_s']:.1f}s")
+    if "matches_hf_eager" in row:
+        parts.append(f"matches_hf={row['matches_hf_eager']}")
+    return "  ".join(parts)
 
 
 if __name__ == "__main__":

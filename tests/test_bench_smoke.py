@@ -167,3 +167,35 @@ def test_median_ci_brackets_the_median_and_separates_a_real_shift():
         median_ci([])
     with pytest.raises(ValueError, match="level"):
         median_ci(vals, level=1.5)
+
+
+def _tiny_generation_bench(monkeypatch, tmp_path, *extra):
+    from benchmarks import generation
+    import fastsafe.models
+    from tests.tiny_lm import tiny_llama, tiny_tokenizer
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(fastsafe.models, "load_model", lambda *a, **k: (tiny_llama(), tok))
+    out = tmp_path / "gen.json"
+    assert generation.main_compiled(["--compiled", "--batches", "2", "--new-tokens", "3", "--repeat", "3",
+                                     "--entities", "40", "--output", str(out), *extra]) == 0
+    return {r["config"]: r for r in _load(out)["results"]}
+
+
+def test_compiled_generation_bench_pairs_the_filter_rows_without_references(monkeypatch, tmp_path):
+    rows = _tiny_generation_bench(monkeypatch, tmp_path, "--only", "fastsafe_eager,fastsafe_eager_filter", "--exact")
+    assert set(rows) == {"fastsafe_eager", "fastsafe_eager_filter"}
+    filt = rows["fastsafe_eager_filter"]
+    assert len(filt["filter_cost_per_round"]) == 3 and filt["filter_cost_round_median"] < 1.0
+    lo, hi = filt["filter_cost_round_ci95"]
+    assert lo <= filt["filter_cost_round_median"] <= hi
+    assert "relative_to_hf_compiled" not in filt and "matches_hf_eager" not in filt
+    assert "filter_cost_per_round" not in rows["fastsafe_eager"]
+
+
+def test_compiled_generation_bench_rates_rows_against_the_hf_references(monkeypatch, tmp_path):
+    rows = _tiny_generation_bench(monkeypatch, tmp_path, "--only", "fastsafe_eager", "--entities", "0")
+    assert set(rows) == {"hf_eager", "hf_compiled", "fastsafe_eager"}
+    row = rows["fastsafe_eager"]
+    assert row["matches_hf_eager"] is True and len(row["relative_to_hf_compiled_per_round"]) == 3
+    assert 0 <= row["rounds_at_least_hf_compiled"] <= 3
+    assert rows["hf_compiled"]["relative_to_hf_compiled_round_ci95"] == [1.0, 1.0]      # itself, from the JSON
