@@ -365,6 +365,9 @@ def main_compiled(argv=None) -> int:
     p.add_argument("--exact", action="store_true",
                    help="--only keeps just the listed configurations (no HF reference rows): e.g. a long paired "
                         "run of fastsafe_compiled,fastsafe_compiled_filter for the filter's cost")
+    p.add_argument("--filter-work", type=int, default=0, metavar="N",
+                   help="also time the filter's own work in a compiled step apart from the model, N alternating "
+                        "iterations per batch (benchmarks.generation.filter_work; 0: off)")
     p.add_argument("--device", default=None)
     p.add_argument("--compile-options", default=None, type=json.loads,
                    help='JSON dict the fastsafe compiled rows pass as compile= (default: compile=True), '
@@ -455,9 +458,93 @@ def main_compiled(argv=None) -> int:
                 row["filter_cost_round_ci95"] = median_ci(cost)
             table.append(row)
             print(_compiled_line(row), flush=True)
+        if args.filter_work and entities:
+            work = filter_work(model, tok, rows, entities, args.top_k, args.filter_work)
+            for name in ("fastsafe_compiled", "hf_compiled"):      # the per-token time the extra is a share of
+                if name in times:
+                    per_token_ms = statistics.median(times[name]) / args.new_tokens
+                    work["relative_to"] = name
+                    work["step_cost"] = work["step_extra_ms"] / per_token_ms
+                    work["call_cost"] = work["per_call_extra_ms"] / statistics.median(times[name])
+                    work["tokens_per_s_cost"] = work["step_cost"] + work["call_cost"]
+                    break
+            payload.setdefault("filter_work", []).append(work)
+            print(f"B={B:3d} filter work: +{work['step_extra_ms']:.2f} ms a step (plain {work['step_ms']['plain']:.2f}, "
+                  f"filter {work['step_ms']['filter']:.2f}), +{work['per_call_extra_ms']:.1f} ms a call"
+                  + (f"; {work['tokens_per_s_cost']:.2%} of tokens/s of {work['relative_to']}"
+                     if "tokens_per_s_cost" in work else ""), flush=True)
         write_json(out, payload)                 # after every batch: partial results survive
     print(f"wrote {out}")
     return 0
+
+
+def filter_work(model, tok, rows, entities, k: int, iters: int) -> dict:
+    """What the filter adds to one step of the compiled loop, timed apart from the model: the loop's
+    safety part (the compiled ``select`` + ``choose`` + automaton advance of
+    :class:`fastsafe.generation_compiled._Decoder`, then the host's ``record`` / ``adopt``) with an
+    empty config and with ``entities`` on the device matcher, on the same ``[B, V]`` logits, the two
+    alternating ``iters`` times (adjacent runs: the machine's drift cancels), plus what each costs once
+    per call (``SafetyStep`` + ``start`` + ``flush``). Returns medians in ms."""
+    from fastsafe import SafetyConfig
+    from fastsafe.generation_compiled import _Decoder, batch_bucket
+    from fastsafe.models import logits_vocab_size
+    from fastsafe.ops.types import SafeTopK
+    from fastsafe.safety_step import SafetyStep, StepSelection
+    from types import SimpleNamespace
+    V = int(logits_vocab_size(model))
+    Bb = batch_bucket(len(rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    histories = [list(r) for r in rows] + [[pad]] * (Bb - len(rows))
+    logits = torch.randn(Bb, V, generator=torch.Generator().manual_seed(0)) * 4
+    holder = SimpleNamespace(options=(min(k, V), 1.0, False, 1.0, 0.0, None))
+    finished = torch.zeros(Bb, dtype=torch.bool)
+    eos_t, pad_t = torch.tensor([-1]), torch.tensor(pad)
+    cfgs = {"plain": SafetyConfig(), "filter": SafetyConfig(banned_phrases=entities, top_k=k, matcher="device")}
+
+    def pick(safety, matcher, state, logits, finished, position, eos, pad):
+        return _Decoder.pick(holder, safety, matcher, state, logits, finished, position, None, eos, pad)
+    compiled = torch.compile(pick, dynamic=False)
+
+    def per_call(cfg):
+        safety = SafetyStep(cfg, tok, vocab_size=V, device="cpu", eos_token_id=None)
+        safety.start(histories)
+        return safety
+
+    def step(safety, i):
+        matcher = safety.matcher()
+        res = compiled(safety, matcher, safety.state, logits, finished, torch.tensor(i), eos_t, pad_t)
+        sel = StepSelection(topk=SafeTopK(*res[4:8]), allowed=None, candidate_reward=None, ok=res[8], dead=res[9],
+                            ban_best=res[10], ban_hit=res[11], text_entity=res[12], text_tokens=res[13],
+                            ban_entity=res[14])
+        safety.record(sel, i)
+        safety.record_choice(sel, res[0], i)
+        if matcher is not None:
+            safety.adopt(res[0], res[1])
+        if i % 8 == 7:
+            safety.flush()
+            safety.events.clear()
+
+    steps = {n: per_call(c) for n, c in cfgs.items()}
+    for n in cfgs:                                      # compile + warm-up
+        for i in range(3):
+            step(steps[n], i)
+    times = {n: [] for n in cfgs}
+    calls = {n: [] for n in cfgs}
+    for i in range(int(iters)):
+        for n in (cfgs if i % 2 == 0 else list(cfgs)[::-1]):
+            t0 = time.perf_counter()
+            step(steps[n], i)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    for i in range(max(3, int(iters) // 20)):
+        for n, c in cfgs.items():
+            t0 = time.perf_counter()
+            per_call(c).flush()
+            calls[n].append((time.perf_counter() - t0) * 1e3)
+    return {"batch_bucket": Bb, "iterations": int(iters), "entities": len(entities),
+            "step_ms": {n: statistics.median(t) for n, t in times.items()},
+            "step_extra_ms": statistics.median(f - p for f, p in zip(times["filter"], times["plain"])),
+            "per_call_ms": {n: statistics.median(t) for n, t in calls.items()},
+            "per_call_extra_ms": statistics.median(calls["filter"]) - statistics.median(calls["plain"])}
 
 
 def _compiled_line(row: dict) -> str:

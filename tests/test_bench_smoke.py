@@ -182,7 +182,12 @@ def _tiny_generation_bench(monkeypatch, tmp_path, *extra):
 
 
 def test_compiled_generation_bench_pairs_the_filter_rows_without_references(monkeypatch, tmp_path):
-    rows = _tiny_generation_bench(monkeypatch, tmp_path, "--only", "fastsafe_eager,fastsafe_eager_filter", "--exact")
+    rows = _tiny_generation_bench(monkeypatch, tmp_path, "--only", "fastsafe_eager,fastsafe_eager_filter", "--exact",
+                                  "--filter-work", "4")
+    work = _load(tmp_path / "gen.json")["filter_work"]
+    assert len(work) == 1 and work[0]["iterations"] == 4 and work[0]["entities"] == 40
+    assert set(work[0]["step_ms"]) == {"plain", "filter"} and all(v > 0 for v in work[0]["step_ms"].values())
+    assert "tokens_per_s_cost" not in work[0]            # no compiled row to take a share of
     assert set(rows) == {"fastsafe_eager", "fastsafe_eager_filter"}
     filt = rows["fastsafe_eager_filter"]
     assert len(filt["filter_cost_per_round"]) == 3 and filt["filter_cost_round_median"] < 1.0
