@@ -349,6 +349,40 @@ def compiled_runs(model, hf_compiled_model, tok, rows, new_tokens, k, entities, 
     return runs
 
 
+#: Llama shapes of the ``--random-model`` presets (vocabulary: the default model's tokenizer)
+RANDOM_MODELS = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=True),
+}
+
+
+def random_model_config(name: str, vocab_size: int):
+    """The ``LlamaConfig`` of a ``--random-model`` preset (``"1b"``: Llama-3.2-1B's shapes, ~1.1B
+    parameters with a 49,152-token vocabulary), for timing a larger model without its weights."""
+    from transformers import LlamaConfig
+    if name not in RANDOM_MODELS:
+        raise ValueError(f"--random-model: expected one of {sorted(RANDOM_MODELS)}, got {name!r}")
+    return LlamaConfig(vocab_size=int(vocab_size), **RANDOM_MODELS[name])
+
+
+def _model_for(args, device):
+    """``(model, tokenizer)``: the default / ``--model`` one, or a ``--random-model`` built from its
+    config with random weights (the default model's tokenizer), in ``--dtype``."""
+    from fastsafe.models import load_model
+    dtype = getattr(torch, args.dtype)
+    if not args.random_model:
+        return load_model(args.model, device=device, dtype=dtype)
+    _, tok = load_model(args.model)
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    cfg = random_model_config(args.random_model, len(tok))
+    cfg._name_or_path = f"random-{args.random_model}"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.eval(), tok
+
+
 def main_compiled(argv=None) -> int:
     """``python -m benchmarks.generation --compiled``: the compiled-loop table (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.generation --compiled")
@@ -365,6 +399,10 @@ def main_compiled(argv=None) -> int:
     p.add_argument("--exact", action="store_true",
                    help="--only keeps just the listed configurations (no HF reference rows): e.g. a long paired "
                         "run of fastsafe_compiled,fastsafe_compiled_filter for the filter's cost")
+    p.add_argument("--random-model", default=None, choices=sorted(RANDOM_MODELS),
+                   help="time a model of these shapes built from its config with random weights instead "
+                        "(the default model's tokenizer), e.g. 1b")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--filter-work", type=int, default=0, metavar="N",
                    help="also time the filter's own work in a compiled step apart from the model, N alternating "
                         "iterations per batch (benchmarks.generation.filter_work; 0: off)")
@@ -376,10 +414,9 @@ def main_compiled(argv=None) -> int:
     args = p.parse_args(argv)
     if args.compile_options is not None and not isinstance(args.compile_options, dict):
         p.error(f"--compile-options: expected a JSON object, got {args.compile_options!r}")
-    from fastsafe.models import load_model
     from fastsafe.ops import backend_for
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tok = load_model(args.model, device=device)
+    model, tok = _model_for(args, device)
 
     def hf_peer():
         """HF's recipe: static cache + a compiled forward; compiled afresh for each batch size (after
@@ -393,13 +430,16 @@ def main_compiled(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     prompts, prompt_source = prompt_list(max(batches))
     all_rows = prompt_rows(tok, prompts)
-    out = Path(args.output) if args.output else RESULTS_DIR / f"generation-compiled-{device_slug(device)}.json"
+    tag = (f"{args.random_model}-random-" if args.random_model else "") + ("" if args.dtype == "float32" else f"{args.dtype}-")
+    out = Path(args.output) if args.output else RESULTS_DIR / f"generation-compiled-{tag}{device_slug(device)}.json"
     table = []
     payload = {"benchmark": "generation-compiled", "environment": environment(device),
                "settings": {"model": getattr(model.config, "_name_or_path", str(args.model)),
                             "prompt_source": prompt_source, "new_tokens_per_prompt": args.new_tokens,
                             "repeat": args.repeat, "top_k": args.top_k, "entities": len(entities),
                             "decoding": "greedy, EOS disabled", "torch_threads": torch.get_num_threads(),
+                            "dtype": args.dtype, "random_model": args.random_model,
+                            "parameters": sum(p.numel() for p in model.parameters()),
                             "compile_options": args.compile_options,
                             "relative_per_round": "hf_compiled's time / this row's in the same round (rounds "
                                                   "interleave every configuration; their median is steadier "

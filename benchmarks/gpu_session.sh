@@ -13,6 +13,9 @@
 #   bench  python -m benchmarks.decode and python -m benchmarks.losses (full grids); the JSON
 #          files land in benchmarks/results/ named after the device
 #   quick  the same benchmarks on their --quick grids (a first look)
+#   generation  the compiled decoding loop (issue 13) at B=1 and B=64: SmolLM2 (fp32) and a
+#          Llama-1B-shaped model with random weights (bf16), 100k entities; its own call
+#          (compiles under reduce-overhead: about a minute per configuration and batch)
 #
 # The log and the result files are copied to $OUT when it is set (the device tool's folder that
 # comes back), so the results can be committed from the machine that has the repository.
@@ -51,12 +54,17 @@ for phase in "$@"; do
             run "$PY" -m benchmarks.decode || status=1
             run "$PY" -m benchmarks.losses || status=1
             ;;
+        generation)
+            run "$PY" -m benchmarks.generation --compiled --batches 1,64 --entities 100000 --repeat 5 || status=1
+            run "$PY" -m benchmarks.generation --compiled --batches 1,64 --entities 100000 --repeat 5 \
+                --random-model 1b --dtype bfloat16 --only fastsafe_compiled,fastsafe_compiled_filter || status=1
+            ;;
         quick)
             run "$PY" -m benchmarks.decode --quick || status=1
             run "$PY" -m benchmarks.losses --quick || status=1
             ;;
         *)
-            echo "unknown phase $phase (expected build, test, bench, quick)" | tee -a "$LOG"
+            echo "unknown phase $phase (expected build, test, bench, quick, generation)" | tee -a "$LOG"
             exit 2
             ;;
     esac

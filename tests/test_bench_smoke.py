@@ -204,3 +204,15 @@ def test_compiled_generation_bench_rates_rows_against_the_hf_references(monkeypa
     assert row["matches_hf_eager"] is True and len(row["relative_to_hf_compiled_per_round"]) == 3
     assert 0 <= row["rounds_at_least_hf_compiled"] <= 3
     assert rows["hf_compiled"]["relative_to_hf_compiled_round_ci95"] == [1.0, 1.0]      # itself, from the JSON
+
+
+def test_the_random_1b_preset_has_llama_1b_shapes():
+    from transformers import AutoModelForCausalLM
+    from benchmarks.generation import random_model_config
+    cfg = random_model_config("1b", 49152)
+    with torch.device("meta"):                       # shapes only: no 4 GB of weights
+        model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert 1.0e9 < n < 1.3e9 and cfg.num_key_value_heads == 8 and cfg.vocab_size == 49152
+    with pytest.raises(ValueError, match="--random-model"):
+        random_model_config("7b", 49152)
