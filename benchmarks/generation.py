@@ -532,13 +532,14 @@ def filter_work(model, tok, rows, entities, k: int, iters: int) -> dict:
     from fastsafe.safety_step import SafetyStep, StepSelection
     from types import SimpleNamespace
     V = int(logits_vocab_size(model))
+    dev = next(model.parameters()).device
     Bb = batch_bucket(len(rows))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     histories = [list(r) for r in rows] + [[pad]] * (Bb - len(rows))
-    logits = torch.randn(Bb, V, generator=torch.Generator().manual_seed(0)) * 4
+    logits = (torch.randn(Bb, V, generator=torch.Generator().manual_seed(0)) * 4).to(dev)
     holder = SimpleNamespace(options=(min(k, V), 1.0, False, 1.0, 0.0, None))
-    finished = torch.zeros(Bb, dtype=torch.bool)
-    eos_t, pad_t = torch.tensor([-1]), torch.tensor(pad)
+    finished = torch.zeros(Bb, dtype=torch.bool, device=dev)
+    eos_t, pad_t = torch.tensor([-1], device=dev), torch.tensor(pad, device=dev)
     cfgs = {"plain": SafetyConfig(), "filter": SafetyConfig(banned_phrases=entities, top_k=k, matcher="device")}
 
     def pick(safety, matcher, state, logits, finished, position, eos, pad):
@@ -546,13 +547,13 @@ def filter_work(model, tok, rows, entities, k: int, iters: int) -> dict:
     compiled = torch.compile(pick, dynamic=False)
 
     def per_call(cfg):
-        safety = SafetyStep(cfg, tok, vocab_size=V, device="cpu", eos_token_id=None)
+        safety = SafetyStep(cfg, tok, vocab_size=V, device=dev, eos_token_id=None)
         safety.start(histories)
         return safety
 
     def step(safety, i):
         matcher = safety.matcher()
-        res = compiled(safety, matcher, safety.state, logits, finished, torch.tensor(i), eos_t, pad_t)
+        res = compiled(safety, matcher, safety.state, logits, finished, torch.tensor(i, device=dev), eos_t, pad_t)
         sel = StepSelection(topk=SafeTopK(*res[4:8]), allowed=None, candidate_reward=None, ok=res[8], dead=res[9],
                             ban_best=res[10], ban_hit=res[11], text_entity=res[12], text_tokens=res[13],
                             ban_entity=res[14])
@@ -572,14 +573,10 @@ def filter_work(model, tok, rows, entities, k: int, iters: int) -> dict:
     calls = {n: [] for n in cfgs}
     for i in range(int(iters)):
         for n in (cfgs if i % 2 == 0 else list(cfgs)[::-1]):
-            t0 = time.perf_counter()
-            step(steps[n], i)
-            times[n].append((time.perf_counter() - t0) * 1e3)
+            times[n].append(_timed(lambda: step(steps[n], i), dev)[1] * 1e3)
     for i in range(max(3, int(iters) // 20)):
         for n, c in cfgs.items():
-            t0 = time.perf_counter()
-            per_call(c).flush()
-            calls[n].append((time.perf_counter() - t0) * 1e3)
+            calls[n].append(_timed(lambda: per_call(c).flush(), dev)[1] * 1e3)
     return {"batch_bucket": Bb, "iterations": int(iters), "entities": len(entities),
             "step_ms": {n: statistics.median(t) for n, t in times.items()},
             "step_extra_ms": statistics.median(f - p for f, p in zip(times["filter"], times["plain"])),
