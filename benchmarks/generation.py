@@ -368,11 +368,11 @@ def random_model_config(name: str, vocab_size: int):
 def _model_for(args, device):
     """``(model, tokenizer)``: the default / ``--model`` one, or a ``--random-model`` built from its
     config with random weights (the default model's tokenizer), in ``--dtype``."""
-    from fastsafe.models import load_model
+    from fastsafe.models import load_model, load_tokenizer
     dtype = getattr(torch, args.dtype)
     if not args.random_model:
         return load_model(args.model, device=device, dtype=dtype)
-    _, tok = load_model(args.model)
+    tok = load_tokenizer(args.model)
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     cfg = random_model_config(args.random_model, len(tok))
@@ -521,15 +521,14 @@ def main_compiled(argv=None) -> int:
 def filter_work(model, tok, rows, entities, k: int, iters: int) -> dict:
     """What the filter adds to one step of the compiled loop, timed apart from the model: the loop's
     safety part (the compiled ``select`` + ``choose`` + automaton advance of
-    :class:`fastsafe.generation_compiled._Decoder`, then the host's ``record`` / ``adopt``) with an
+    :class:`fastsafe.generation_compiled._Decoder`, then its host part ``record_step``) with an
     empty config and with ``entities`` on the device matcher, on the same ``[B, V]`` logits, the two
     alternating ``iters`` times (adjacent runs: the machine's drift cancels), plus what each costs once
     per call (``SafetyStep`` + ``start`` + ``flush``). Returns medians in ms."""
     from fastsafe import SafetyConfig
-    from fastsafe.generation_compiled import _Decoder, batch_bucket
+    from fastsafe.generation_compiled import _Decoder, batch_bucket, record_step
     from fastsafe.models import logits_vocab_size
-    from fastsafe.ops.types import SafeTopK
-    from fastsafe.safety_step import SafetyStep, StepSelection
+    from fastsafe.safety_step import SafetyStep
     from types import SimpleNamespace
     V = int(logits_vocab_size(model))
     dev = next(model.parameters()).device
@@ -554,13 +553,7 @@ def filter_work(model, tok, rows, entities, k: int, iters: int) -> dict:
     def step(safety, i):
         matcher = safety.matcher()
         res = compiled(safety, matcher, safety.state, logits, finished, torch.tensor(i, device=dev), eos_t, pad_t)
-        sel = StepSelection(topk=SafeTopK(*res[4:8]), allowed=None, candidate_reward=None, ok=res[8], dead=res[9],
-                            ban_best=res[10], ban_hit=res[11], text_entity=res[12], text_tokens=res[13],
-                            ban_entity=res[14])
-        safety.record(sel, i)
-        safety.record_choice(sel, res[0], i)
-        if matcher is not None:
-            safety.adopt(res[0], res[1])
+        record_step(safety, matcher, res, i)
         if i % 8 == 7:
             safety.flush()
             safety.events.clear()

@@ -46,7 +46,7 @@ from .models_cache import accepts, cache_argument
 from .ops.types import SafeTopK
 from .safety_step import SafetyStep, StepSelection
 
-__all__ = ["batch_bucket", "cache_bucket", "compiled_decode", "CHECK_EVERY", "compile_stats"]
+__all__ = ["batch_bucket", "cache_bucket", "compiled_decode", "record_step", "CHECK_EVERY", "compile_stats"]
 
 #: Steps between two host checks (EOS, stop strings, events, the store's swap).
 CHECK_EVERY = 8
@@ -434,15 +434,7 @@ def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: in
             last_matcher = matcher
             if cuda:                             # CUDA graph outputs are overwritten by the next replay
                 res = tuple(None if t is None else t.clone() for t in res)
-        (nxt, new_state, new_finished, posinf, values, indices, lse, all_banned, ok, dead, ban_best, ban_hit,
-         text_entity, text_tokens, ban_entity) = res
-        sel = StepSelection(topk=SafeTopK(values, indices, lse, all_banned), allowed=None,
-                            candidate_reward=None, ok=ok, dead=dead, ban_best=ban_best, ban_hit=ban_hit, ban_entity=ban_entity,
-                            text_entity=text_entity, text_tokens=text_tokens)
-        safety.record(sel, step)
-        safety.record_choice(sel, nxt, step)
-        if matcher is not None:
-            safety.adopt(nxt, new_state)
+        nxt, new_finished, posinf, dead = record_step(safety, matcher, res, step)
         posinf_any |= posinf
         dead_any |= dead
         finished = new_finished
@@ -470,6 +462,22 @@ def compiled_decode(model, tokenizer, rows, safety_config, *, max_new_tokens: in
             gen[r, :lengths[r]] = torch.tensor(new_tokens[r], dtype=torch.long)
     sequences = torch.cat([ids[:B].cpu(), gen], dim=1).to(device)
     return sequences, new_tokens, finish, events, T, compile_seconds
+
+
+def record_step(safety: SafetyStep, matcher, res: tuple, step: int):
+    """The host's part of one compiled step, outside the graph: ``res`` (what :meth:`_Decoder.pick`
+    returns) becomes a :class:`StepSelection` recorded for its events, and the rows' automaton states
+    are adopted. Returns ``(next ids [B], finished [B], +inf rows [B], dead rows [B])``."""
+    (nxt, new_state, new_finished, posinf, values, indices, lse, all_banned, ok, dead, ban_best, ban_hit,
+     text_entity, text_tokens, ban_entity) = res
+    sel = StepSelection(topk=SafeTopK(values, indices, lse, all_banned), allowed=None,
+                        candidate_reward=None, ok=ok, dead=dead, ban_best=ban_best, ban_hit=ban_hit, ban_entity=ban_entity,
+                        text_entity=text_entity, text_tokens=text_tokens)
+    safety.record(sel, step)
+    safety.record_choice(sel, nxt, step)
+    if matcher is not None:
+        safety.adopt(nxt, new_state)
+    return nxt, new_finished, posinf, dead
 
 
 def _check(pending, new_tokens, done, finish, eos, stop_strings, max_stop, tokenizer, B, steps, do_sample,
